@@ -1,0 +1,334 @@
+"""The client: one pooled HTTP client, one concurrency limit, shared by every task."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, final
+from urllib.parse import urlsplit
+
+import attrs
+import httpx2
+import trio
+
+from ._config import Timeouts
+from ._errors import (
+    APIResponseError,
+    ConfigurationError,
+    LLMError,
+    error_from_response,
+    error_from_transport,
+)
+from ._types import ChatResponse, EmbeddingResponse, Usage
+from ._version import __version__
+from .providers._openai import Messages, OpenAIProvider
+
+__all__ = ["Client", "ClientStatistics", "open_client"]
+
+logger = logging.getLogger("trio_llm")
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ClientStatistics:
+    """A snapshot of a client's activity since it was opened.
+
+    Attributes:
+        in_flight: requests holding a concurrency slot now.
+        waiting: requests waiting for a concurrency slot now.
+        max_concurrency: the concurrency limit.
+        sent: HTTP attempts started.
+        succeeded: calls that returned a result.
+        failed: calls that raised an error (cancelled calls count in neither).
+        rate_limited: 429 responses received.
+        prompt_tokens: prompt tokens reported by the server's ``usage``.
+        completion_tokens: completion tokens reported by the server's ``usage``.
+    """
+
+    in_flight: int
+    waiting: int
+    max_concurrency: int
+    sent: int
+    succeeded: int
+    failed: int
+    rate_limited: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@final
+class Client:
+    """A connection pool and the limits shared by every task that uses it.
+
+    Create one with :func:`open_client`; it is safe to share between any number of tasks.
+    """
+
+    def __init__(
+        self,
+        *,
+        http: httpx2.AsyncClient,
+        base_url: str,
+        model: str | None,
+        max_concurrency: int,
+        provider: OpenAIProvider,
+        timeouts: Timeouts,
+    ) -> None:
+        self._http = http
+        self._timeouts = timeouts
+        self._base_url = base_url
+        self._model = model
+        self._provider = provider
+        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._sent = 0
+        self._succeeded = 0
+        self._failed = 0
+        self._rate_limited = 0
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<trio_llm.Client provider={self._provider.name!r} base_url={self._base_url!r} "
+            f"model={self._model!r} max_concurrency={self._limiter.total_tokens}>"
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The API's base URL, e.g. ``https://api.openai.com/v1``."""
+        return self._base_url
+
+    @property
+    def model(self) -> str | None:
+        """The model used by calls that name none."""
+        return self._model
+
+    @property
+    def max_concurrency(self) -> int:
+        """How many requests may be in flight at once, across all tasks."""
+        return int(self._limiter.total_tokens)
+
+    def statistics(self) -> ClientStatistics:
+        """Return a snapshot of the client's counters."""
+        limiter = self._limiter.statistics()
+        return ClientStatistics(
+            in_flight=limiter.borrowed_tokens,
+            waiting=limiter.tasks_waiting,
+            max_concurrency=int(limiter.total_tokens),
+            sent=self._sent,
+            succeeded=self._succeeded,
+            failed=self._failed,
+            rate_limited=self._rate_limited,
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+        )
+
+    def _resolve_model(self, model: str | None) -> str:
+        resolved = model or self._model
+        if not resolved:
+            raise ConfigurationError("no model given: pass model= to this call or to open_client()")
+        return resolved
+
+    async def chat(
+        self, prompt_or_messages: Messages, *, model: str | None = None, **params: Any
+    ) -> ChatResponse:
+        """Send one chat request and return the reply.
+
+        Args:
+            prompt_or_messages: a string (sent as one user message) or a list of
+                message objects (``{"role": ..., "content": ...}``).
+            model: the model; defaults to the client's.
+            **params: any other field of the request body (``temperature``,
+                ``max_tokens``, ``tools``, ``response_format``, ...), passed unchanged.
+
+        Raises:
+            APIStatusError: the server answered with an error status (a subclass names it).
+            APIConnectionError: no response arrived (``APITimeoutError`` on a timeout).
+            ConfigurationError: no model was given here or to the client.
+
+        Cancellation: the request is abandoned at once; its connection is closed (never
+        returned to the pool half-read) and its concurrency slot released.
+        """
+        body = self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params)
+        payload = await self._post_json(self._provider.chat_path, body)
+        try:
+            reply = self._provider.parse_chat(payload)
+        except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
+            self._failed += 1
+            raise APIResponseError(
+                f"unexpected chat response shape: {exc}", status_code=200, request_id=None
+            ) from exc
+        self._count_usage(reply.usage)
+        return reply
+
+    async def embed(
+        self, texts: str | Sequence[str], *, model: str | None = None, **params: Any
+    ) -> EmbeddingResponse:
+        """Embed one text or a list of texts; vectors come back in input order.
+
+        Args:
+            texts: a string or a sequence of strings.
+            model: the model; defaults to the client's.
+            **params: other request fields (``dimensions``, ``encoding_format``, ...).
+                ``encoding_format="base64"`` is decoded transparently.
+
+        Raises:
+            The same errors as :meth:`chat`.
+
+        Cancellation: as for :meth:`chat`.
+        """
+        body = self._provider.embeddings_body(texts, self._resolve_model(model), params)
+        payload = await self._post_json(self._provider.embeddings_path, body)
+        reply = self._provider.parse_embeddings(payload)
+        self._count_usage(reply.usage)
+        return reply
+
+    def _count_usage(self, usage: Usage) -> None:
+        self._succeeded += 1
+        self._prompt_tokens += usage.prompt_tokens
+        self._completion_tokens += usage.completion_tokens
+
+    async def _post_json(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST ``body`` as JSON under the concurrency limit; return the decoded reply.
+
+        This is one attempt; retries wrap it.
+        """
+        url = self._base_url + path
+        content = json.dumps(body, ensure_ascii=False).encode()
+        try:
+            async with self._limiter:
+                self._sent += 1
+                try:
+                    response = await self._http.post(url, content=content)
+                except httpx2.HTTPError as exc:
+                    raise error_from_transport(exc, method="POST", url=url) from exc
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "POST %s -> %d (%.1f ms)",
+                    url,
+                    response.status_code,
+                    response.elapsed.total_seconds() * 1000,
+                )
+            status = response.status_code
+            if status >= 400:
+                if status == 429:
+                    self._rate_limited += 1
+                raise error_from_response(
+                    status, response.headers, response.content, reason=response.reason_phrase
+                )
+            try:
+                payload = json.loads(response.content)
+            except ValueError as exc:
+                raise APIResponseError(
+                    f"HTTP {status} from POST {url} is not JSON: {response.text[:200]!r}",
+                    status_code=status,
+                    request_id=response.headers.get("x-request-id"),
+                ) from exc
+            if not isinstance(payload, dict):
+                raise APIResponseError(
+                    f"HTTP {status} from POST {url} is not a JSON object",
+                    status_code=status,
+                    request_id=response.headers.get("x-request-id"),
+                )
+            return payload
+        except LLMError:
+            self._failed += 1
+            raise
+
+
+def _resolve_base_url(base_url: str | None, provider: OpenAIProvider) -> str:
+    url = base_url or os.environ.get(provider.base_url_env) or provider.default_base_url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"base_url must be an http:// or https:// URL, not {url!r}")
+    return url.rstrip("/")
+
+
+@asynccontextmanager
+async def open_client(
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    model: str | None = None,
+    provider: str = "openai",
+    max_concurrency: int = 64,
+    timeouts: Timeouts | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> AsyncIterator[Client]:
+    """Open a client: a connection pool and the limits every task using it shares.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``. Default:
+            ``$OPENAI_BASE_URL``, else ``https://api.openai.com/v1``.
+        api_key: the API key. Default: ``$OPENAI_API_KEY``. Required unless the server
+            is on a loopback address (local servers often need none).
+        model: the model used by calls that name none.
+        provider: the wire format; ``"openai"`` (any OpenAI-compatible server).
+        max_concurrency: requests in flight at once, across all tasks; also the size
+            of the connection pool.
+        timeouts: per-phase I/O limits (:class:`Timeouts`).
+        transport: any ``httpx2.AsyncBaseTransport`` in place of httpx2's default
+            (``httpx2.MockTransport`` in tests, a proxy, HTTP/2, ...).
+        headers: extra headers sent with every request (e.g. ``OpenAI-Organization``).
+
+    Raises:
+        ConfigurationError: a bad setting, or no API key for a non-loopback server.
+
+    Leaving the block closes every connection; calls still running in other tasks must
+    have finished by then (open the client outside the nursery that uses it).
+    """
+    if provider != "openai":
+        raise ConfigurationError(f"unknown provider {provider!r}; supported: 'openai'")
+    adapter = OpenAIProvider()
+    if not isinstance(max_concurrency, int) or max_concurrency < 1:
+        raise ConfigurationError(f"max_concurrency must be an int >= 1, not {max_concurrency!r}")
+    url = _resolve_base_url(base_url, adapter)
+    key = api_key if api_key is not None else os.environ.get(adapter.api_key_env)
+    host = urlsplit(url).hostname or ""
+    if not key and not _is_loopback(host):
+        raise ConfigurationError(
+            f"no API key for {url}: pass api_key= or set ${adapter.api_key_env}"
+        )
+    default_headers = {
+        "user-agent": f"trio-llm/{__version__}",
+        "content-type": "application/json",
+        "accept": "application/json",
+    }
+    default_headers.update(adapter.auth_headers(key))
+    if headers:
+        default_headers.update(headers)
+    limits = httpx2.Limits(
+        max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+    )
+    timeouts = timeouts or Timeouts()
+    http = httpx2.AsyncClient(
+        headers=default_headers,
+        timeout=timeouts.to_httpx(),
+        limits=limits,
+        transport=transport,
+        follow_redirects=False,
+    )
+    async with http:
+        yield Client(
+            http=http,
+            base_url=url,
+            model=model,
+            max_concurrency=max_concurrency,
+            provider=adapter,
+            timeouts=timeouts,
+        )

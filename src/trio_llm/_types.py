@@ -1,0 +1,254 @@
+"""Result types: frozen attrs classes parsed from wire payloads with ``from_json``.
+
+Each keeps the decoded payload in ``raw``, so fields the model does not name (logprobs,
+system_fingerprint, provider extensions) are never lost.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, TypeVar, final
+
+import attrs
+
+__all__ = ["ChatChunk", "ChatResponse", "Choice", "EmbeddingResponse", "Result", "Usage"]
+
+T = TypeVar("T")
+
+JSONObject = dict[str, Any]
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Usage:
+    """Token counts the server reported for one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_json(cls, payload: object) -> Usage:
+        """Parse an OpenAI ``usage`` object (missing or ``null`` gives zeros)."""
+        if not isinstance(payload, Mapping):
+            return cls()
+        prompt = _int(payload.get("prompt_tokens"))
+        completion = _int(payload.get("completion_tokens"))
+        total = _int(payload.get("total_tokens")) or prompt + completion
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Choice:
+    """One alternative of a chat reply (``n`` > 1 asks for several).
+
+    Attributes:
+        index: position among the choices.
+        text: the message content (``""`` when the model only called tools).
+        message: the message object as sent: ``role``, ``content``, ``tool_calls``, ...
+        finish_reason: ``"stop"``, ``"length"``, ``"tool_calls"``, ``"content_filter"``, ...
+    """
+
+    index: int
+    text: str
+    message: JSONObject
+    finish_reason: str | None
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> Choice:
+        """Parse one element of an OpenAI ``choices`` array."""
+        message = payload.get("message")
+        if not isinstance(message, dict):
+            message = {}
+        content = message.get("content")
+        return cls(
+            index=_int(payload.get("index")),
+            text=content if isinstance(content, str) else "",
+            message=message,
+            finish_reason=payload.get("finish_reason"),
+        )
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ChatResponse:
+    """A chat completion.
+
+    Attributes:
+        id: the server's completion id.
+        model: the model that answered.
+        text: the first choice's content (``""`` if it only called tools).
+        message: the first choice's message object, tool calls included.
+        finish_reason: the first choice's finish reason.
+        usage: token counts.
+        choices: every choice, for ``n`` > 1.
+        raw: the whole decoded payload.
+    """
+
+    id: str
+    model: str
+    text: str
+    message: JSONObject
+    finish_reason: str | None
+    usage: Usage
+    choices: tuple[Choice, ...]
+    raw: JSONObject = attrs.field(repr=False)
+
+    @property
+    def tool_calls(self) -> list[JSONObject]:
+        """The first choice's tool calls (``[]`` when there are none), as sent."""
+        calls = self.message.get("tool_calls")
+        return list(calls) if isinstance(calls, list) else []
+
+    @classmethod
+    def from_json(cls, payload: JSONObject) -> ChatResponse:
+        """Parse an OpenAI ``chat.completion`` object."""
+        raw_choices = payload.get("choices")
+        choices = tuple(Choice.from_json(c) for c in (raw_choices or ()) if isinstance(c, Mapping))
+        first = choices[0] if choices else Choice(index=0, text="", message={}, finish_reason=None)
+        return cls(
+            id=str(payload.get("id", "")),
+            model=str(payload.get("model", "")),
+            text=first.text,
+            message=first.message,
+            finish_reason=first.finish_reason,
+            usage=Usage.from_json(payload.get("usage")),
+            choices=choices,
+            raw=payload,
+        )
+
+
+_NO_CALLS: tuple[JSONObject, ...] = ()
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ChatChunk:
+    """One streamed delta of one choice of a chat reply.
+
+    Attributes:
+        text: the content delta (``""`` when this delta carries none).
+        index: the choice it belongs to (``0`` unless ``n`` > 1).
+        finish_reason: set on the choice's last delta (``"stop"``, ``"length"``, ...).
+        tool_calls: tool-call deltas as sent, each with an ``index`` and parts of a call
+            (``id``, ``function.name``, a fragment of ``function.arguments``).
+        delta: the choice's ``delta`` object as sent (``role``, ``refusal``, provider
+            extensions such as ``reasoning_content``).
+        raw: the whole decoded event (shared by the chunks of one event).
+    """
+
+    text: str
+    index: int = 0
+    finish_reason: str | None = None
+    tool_calls: tuple[JSONObject, ...] = ()
+    delta: JSONObject = attrs.field(factory=dict, repr=False)
+    raw: JSONObject = attrs.field(factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, payload: JSONObject, choice: Mapping[str, Any] | None = None) -> ChatChunk:
+        """Parse a choice of an OpenAI ``chat.completion.chunk`` event.
+
+        Args:
+            payload: the decoded event.
+            choice: the element of ``payload["choices"]`` to parse; the first by default.
+        """
+        if choice is None:
+            choices = payload.get("choices")
+            first = choices[0] if isinstance(choices, list) and choices else None
+            choice = first if isinstance(first, Mapping) else {}
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = {}
+        content = delta.get("content")
+        calls = delta.get("tool_calls")
+        finish = choice.get("finish_reason")
+        return cls(
+            text=content if isinstance(content, str) else "",
+            index=_int(choice.get("index")),
+            finish_reason=finish if isinstance(finish, str) else None,
+            tool_calls=(
+                tuple(c for c in calls if isinstance(c, dict))
+                if isinstance(calls, list)
+                else _NO_CALLS
+            ),
+            delta=delta,
+            raw=payload,
+        )
+
+
+def _decode_base64_floats(data: str) -> list[float]:
+    values = array.array("f")
+    values.frombytes(base64.b64decode(data))
+    if sys.byteorder == "big":  # the wire format is little-endian float32
+        values.byteswap()
+    return values.tolist()
+
+
+@final
+@attrs.frozen(kw_only=True)
+class EmbeddingResponse:
+    """Embedding vectors, one per input text, in input order.
+
+    Attributes:
+        vectors: one list of floats per input (base64 payloads are decoded).
+        model: the model that answered.
+        usage: token counts.
+        raw: the whole decoded payload.
+    """
+
+    vectors: list[list[float]] = attrs.field(repr=lambda v: f"<{len(v)} vectors>")
+    model: str
+    usage: Usage
+    raw: JSONObject = attrs.field(repr=False)
+
+    @classmethod
+    def from_json(cls, payload: JSONObject) -> EmbeddingResponse:
+        """Parse an OpenAI embeddings ``list`` object (float or base64 encoding)."""
+        items: Sequence[Any] = payload.get("data") or ()
+        ordered = sorted(
+            (item for item in items if isinstance(item, Mapping)),
+            key=lambda item: _int(item.get("index")),
+        )
+        vectors = []
+        for item in ordered:
+            embedding = item.get("embedding")
+            if isinstance(embedding, str):
+                vectors.append(_decode_base64_floats(embedding))
+            else:
+                vectors.append([float(x) for x in embedding or ()])
+        return cls(
+            vectors=vectors,
+            model=str(payload.get("model", "")),
+            usage=Usage.from_json(payload.get("usage")),
+            raw=payload,
+        )
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Result(Generic[T]):
+    """The outcome of one item of a fan-out: a value, or the error it raised.
+
+    Attributes:
+        ok: ``True`` if the item succeeded.
+        value: the item's value when ``ok``, else ``None``.
+        error: the exception the item raised when not ``ok``, else ``None``.
+    """
+
+    ok: bool
+    value: T | None = None
+    error: Exception | None = None
+
+    def unwrap(self) -> T:
+        """Return the value, or raise the item's error."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]

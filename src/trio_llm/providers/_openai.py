@@ -1,0 +1,68 @@
+"""The OpenAI-compatible adapter: OpenAI, vLLM, Ollama, llama.cpp, Groq, ... ."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, final
+
+from .._types import ChatResponse, EmbeddingResponse
+
+__all__ = ["Messages", "OpenAIProvider", "as_messages"]
+
+Messages = str | Sequence[Mapping[str, Any]]
+
+
+def as_messages(prompt_or_messages: Messages) -> list[Mapping[str, Any]]:
+    """Return a message list; a plain string becomes one user message."""
+    if isinstance(prompt_or_messages, str):
+        return [{"role": "user", "content": prompt_or_messages}]
+    messages = list(prompt_or_messages)
+    for position, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise TypeError(
+                f"messages[{position}] must be a mapping with a 'role', not {message!r:.80}"
+            )
+    return messages
+
+
+@final
+class OpenAIProvider:
+    """Build and parse requests of the OpenAI wire format (``/chat/completions``, ...)."""
+
+    name: Final = "openai"
+    default_base_url: Final = "https://api.openai.com/v1"
+    base_url_env: Final = "OPENAI_BASE_URL"
+    api_key_env: Final = "OPENAI_API_KEY"
+    chat_path: Final = "/chat/completions"
+    embeddings_path: Final = "/embeddings"
+
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        """Return the headers that carry the API key (none without a key)."""
+        return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def chat_body(
+        self, prompt_or_messages: Messages, model: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Return the JSON body of a chat request; unknown params pass through unchanged."""
+        body: dict[str, Any] = {"model": model, "messages": as_messages(prompt_or_messages)}
+        body.update(params)
+        return body
+
+    def parse_chat(self, payload: dict[str, Any]) -> ChatResponse:
+        """Parse a chat completion payload."""
+        return ChatResponse.from_json(payload)
+
+    def embeddings_body(
+        self, texts: str | Sequence[str], model: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Return the JSON body of an embeddings request."""
+        body: dict[str, Any] = {
+            "model": model,
+            "input": [texts] if isinstance(texts, str) else list(texts),
+        }
+        body.update(params)
+        return body
+
+    def parse_embeddings(self, payload: dict[str, Any]) -> EmbeddingResponse:
+        """Parse an embeddings payload."""
+        return EmbeddingResponse.from_json(payload)

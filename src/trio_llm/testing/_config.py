@@ -1,0 +1,110 @@
+"""Configuration of the fake LLM server: timing, faults and limits."""
+
+from __future__ import annotations
+
+from typing import Any, final
+
+import attrs
+
+
+def _non_negative(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _fraction(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be between 0 and 1, got {value!r}")
+
+
+def _positive_or_none(
+    _instance: object, attribute: attrs.Attribute[Any], value: float | None
+) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0 or None, got {value!r}")
+
+
+def _error_status(_instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 400 <= value <= 599:
+        raise ValueError(f"{attribute.name} must be an HTTP error status (400-599), got {value}")
+
+
+def _api_key(_instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not value:
+        raise ValueError(f"{attribute.name} must be a non-empty string or None")
+
+
+def _models(_instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value or not all(isinstance(name, str) and name for name in value):
+        raise ValueError(f"{attribute.name} must be a non-empty sequence of model names")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class FakeLLMConfig:
+    """How the fake LLM server behaves.
+
+    Every field carries ``metadata["help"]`` (one line) and optionally ``metadata["flag"]``
+    (a short command-line flag), so a command line can be generated from
+    ``attrs.fields(FakeLLMConfig)``. Change a running server's behaviour with
+    ``server.config = attrs.evolve(server.config, ...)``: each request reads the config once,
+    when it arrives.
+    """
+
+    latency: float = attrs.field(
+        default=0.0,
+        validator=_non_negative,
+        metadata={"help": "Seconds before the first byte of a response (time to first token)."},
+    )
+    tokens_per_second: float | None = attrs.field(
+        default=None,
+        validator=_positive_or_none,
+        metadata={"help": "Generation pace in tokens per second; unset means instant replies."},
+    )
+    error_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of requests answered with error_status (0 to 1)."},
+    )
+    error_status: int = attrs.field(
+        default=500,
+        validator=_error_status,
+        metadata={"help": "HTTP status of injected errors (400-599)."},
+    )
+    requests_per_minute: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.ge(1)),
+        metadata={"help": "Server-side request limit per minute (429 beyond it).", "flag": "--rpm"},
+    )
+    tokens_per_minute: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.ge(1)),
+        metadata={"help": "Server-side token limit per minute (429 beyond it).", "flag": "--tpm"},
+    )
+    stall_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of requests accepted and never answered (0 to 1)."},
+    )
+    disconnect_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of responses cut off mid-body or mid-stream (0 to 1)."},
+    )
+    seed: int = attrs.field(
+        default=0,
+        validator=attrs.validators.instance_of(int),
+        metadata={"help": "Seed of the reply texts and of the fault decisions."},
+    )
+    api_key: str | None = attrs.field(
+        default=None,
+        validator=_api_key,
+        repr=False,
+        metadata={"help": "Require 'Authorization: Bearer KEY' on every request."},
+    )
+    models: tuple[str, ...] = attrs.field(
+        default=("fake-gpt",),
+        converter=tuple,
+        validator=_models,
+        metadata={"help": "Model names listed by /v1/models (any name is accepted)."},
+    )

@@ -1,0 +1,29 @@
+"""Shared fixtures: a fake LLM server on 127.0.0.1 and an environment with no real keys."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from trio_llm.testing import FakeLLMServer, open_fake_llm
+
+
+@pytest.fixture(autouse=True)
+def _no_real_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep a developer's real keys and URLs out of every test."""
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "TRIO_LLM_MODEL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def fake_llm() -> AsyncIterator[FakeLLMServer]:
+    """A fake LLM server with default behaviour (instant, no faults)."""
+    async with open_fake_llm() as server:
+        yield server
