@@ -80,7 +80,8 @@ def test_chat_with_unset_key_variable(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_chat_against_a_dead_server_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     """A connection failure prints one error line and exits 1, without a traceback."""
-    assert main(["chat", "--base-url", "http://127.0.0.1:9/v1", "hi"]) == 1
+    argv = ["chat", "--base-url", "http://127.0.0.1:9/v1", "--max-attempts", "1", "hi"]
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "APIConnectionError" in err
     assert "Traceback" not in err
@@ -93,6 +94,8 @@ def test_chat_against_a_dead_server_fails_cleanly(capsys: pytest.CaptureFixture[
         (["chat", "hi", "--max-tokens", "0"], "--max-tokens"),
         (["chat", "hi", "--concurrency", "many"], "--concurrency"),
         (["chat", "hi", "--bogus"], "--bogus"),
+        (["chat", "hi", "--deadline", "0"], "--deadline"),
+        (["chat", "hi", "--deadline", "-1"], "--deadline"),
         (["fake-server", "--error-rate", "2"], "error_rate"),
         (["fake-server", "--latency", "soon"], "--latency"),
         (["launch"], "invalid choice"),

@@ -290,7 +290,9 @@ async def test_max_concurrency_is_shared_by_all_tasks(autojump_clock: trio.abc.C
 
 async def test_statistics_count_tokens_and_failures(fake_llm: FakeLLMServer) -> None:
     """statistics() counts attempts, successes, failures, 429s and the usage tokens."""
-    async with trio_llm.open_client(base_url=fake_llm.base_url, model="fake-gpt") as client:
+    async with trio_llm.open_client(
+        base_url=fake_llm.base_url, model="fake-gpt", retry=None
+    ) as client:
         reply = await client.chat("Count me.")
         fake_llm.config = attrs.evolve(fake_llm.config, error_rate=1.0, error_status=429)
         with pytest.raises(trio_llm.RateLimitError):

@@ -37,7 +37,7 @@ async def test_each_status_raises_its_class(
     config = FakeLLMConfig(error_rate=1.0, error_status=status)
     async with (
         open_fake_llm(config) as server,
-        trio_llm.open_client(base_url=server.base_url, model="fake-gpt") as client,
+        trio_llm.open_client(base_url=server.base_url, model="fake-gpt", retry=None) as client,
     ):
         with pytest.raises(error_class) as caught:
             await client.chat("hello")
@@ -59,7 +59,7 @@ async def test_rate_limit_error_carries_retry_after() -> None:
     config = FakeLLMConfig(requests_per_minute=1)
     async with (
         open_fake_llm(config) as server,
-        trio_llm.open_client(base_url=server.base_url, model="fake-gpt") as client,
+        trio_llm.open_client(base_url=server.base_url, model="fake-gpt", retry=None) as client,
     ):
         await client.chat("first")
         with pytest.raises(trio_llm.RateLimitError) as caught:
@@ -93,7 +93,7 @@ async def test_connection_refused_is_a_connection_error() -> None:
     async with open_fake_llm() as server:
         url = server.base_url
     # The server is gone: its port now refuses connections.
-    async with trio_llm.open_client(base_url=url, model="m") as client:
+    async with trio_llm.open_client(base_url=url, model="m", retry=None) as client:
         with pytest.raises(trio_llm.APIConnectionError) as caught:
             await client.chat("hi")
     assert not isinstance(caught.value, trio_llm.APITimeoutError)
@@ -107,7 +107,10 @@ async def test_read_timeout_is_a_timeout_error(autojump_clock: trio.abc.Clock) -
     async with (
         open_fake_llm(FakeLLMConfig(stall_rate=1.0)) as server,
         trio_llm.open_client(
-            base_url=server.base_url, model="m", timeouts=trio_llm.Timeouts(read=5.0)
+            base_url=server.base_url,
+            model="m",
+            timeouts=trio_llm.Timeouts(read=5.0),
+            retry=None,
         ) as client,
     ):
         start = trio.current_time()
@@ -120,7 +123,7 @@ async def test_cut_connection_is_a_connection_error() -> None:
     """A connection cut mid-body raises APIConnectionError, not a parse error."""
     async with (
         open_fake_llm(FakeLLMConfig(disconnect_rate=1.0)) as server,
-        trio_llm.open_client(base_url=server.base_url, model="m") as client,
+        trio_llm.open_client(base_url=server.base_url, model="m", retry=None) as client,
     ):
         with pytest.raises(trio_llm.APIConnectionError):
             await client.chat("hi")
@@ -205,7 +208,9 @@ async def test_api_key_never_leaks(caplog: pytest.LogCaptureFixture) -> None:
             texts += [str(caught.value), repr(caught.value), repr(caught.value.body)]
             texts.append(repr(client._http.headers))
         refused_url = server.base_url
-    async with trio_llm.open_client(base_url=refused_url, api_key=SECRET, model="m") as client:
+    async with trio_llm.open_client(
+        base_url=refused_url, api_key=SECRET, model="m", retry=None
+    ) as client:
         with pytest.raises(trio_llm.APIConnectionError) as refused:
             await client.chat("hi")
     texts += [str(refused.value), repr(refused.value), str(refused.value.__cause__)]

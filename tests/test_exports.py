@@ -23,6 +23,8 @@ PUBLIC_API = {
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RetryDeadlineExceeded",
+    "RetryPolicy",
     "ServerError",
     "Timeouts",
     "UnprocessableEntityError",

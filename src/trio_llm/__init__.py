@@ -6,6 +6,7 @@ The public API is re-exported here; everything else is private and may change.
 from ._client import Client as Client
 from ._client import ClientStatistics as ClientStatistics
 from ._client import open_client as open_client
+from ._config import RetryPolicy as RetryPolicy
 from ._config import Timeouts as Timeouts
 from ._errors import APIConnectionError as APIConnectionError
 from ._errors import APIResponseError as APIResponseError
@@ -19,6 +20,7 @@ from ._errors import LLMError as LLMError
 from ._errors import NotFoundError as NotFoundError
 from ._errors import PermissionDeniedError as PermissionDeniedError
 from ._errors import RateLimitError as RateLimitError
+from ._errors import RetryDeadlineExceeded as RetryDeadlineExceeded
 from ._errors import ServerError as ServerError
 from ._errors import UnprocessableEntityError as UnprocessableEntityError
 from ._types import ChatResponse as ChatResponse
@@ -45,6 +47,8 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RetryDeadlineExceeded",
+    "RetryPolicy",
     "ServerError",
     "Timeouts",
     "UnprocessableEntityError",

@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from ._client import Client, open_client
+from ._config import RetryPolicy
 from ._errors import ConfigurationError, LLMError
 from ._version import __version__
 
@@ -63,6 +64,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument(
@@ -89,6 +97,20 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=64,
         help="requests in flight at once (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=_positive_int,
+        default=6,
+        help="attempts per request, the first included; 1 disables retries (default: %(default)s)",
+    )
+    group.add_argument(
+        "--deadline",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=120.0,
+        help="give up on a request, retries included, after this long (default: %(default)s)",
     )
     group.add_argument(
         "--simulate",
@@ -183,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 @asynccontextmanager
 async def _open_cli_client(args: argparse.Namespace) -> AsyncIterator[Client]:
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or _DEFAULT_MODEL
+    retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
     if args.simulate:
         from .testing import open_fake_llm
 
@@ -197,6 +220,7 @@ async def _open_cli_client(args: argparse.Namespace) -> AsyncIterator[Client]:
                 api_key="",
                 model=model,
                 max_concurrency=args.concurrency,
+                retry=retry,
             ) as client:
                 yield client
         return
@@ -208,6 +232,7 @@ async def _open_cli_client(args: argparse.Namespace) -> AsyncIterator[Client]:
         api_key=api_key,
         model=model,
         max_concurrency=args.concurrency,
+        retry=retry,
     ) as client:
         yield client
 

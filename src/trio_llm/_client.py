@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, final
+from typing import Any, Final, final
 from urllib.parse import urlsplit
 
 import attrs
 import httpx2
 import trio
 
-from ._config import Timeouts
+from ._config import RetryPolicy, Timeouts
 from ._errors import (
     APIResponseError,
     ConfigurationError,
@@ -23,6 +24,7 @@ from ._errors import (
     error_from_response,
     error_from_transport,
 )
+from ._retry import call_with_retries
 from ._types import ChatResponse, EmbeddingResponse, Usage
 from ._version import __version__
 from .providers._openai import Messages, OpenAIProvider
@@ -30,6 +32,15 @@ from .providers._openai import Messages, OpenAIProvider
 __all__ = ["Client", "ClientStatistics", "open_client"]
 
 logger = logging.getLogger("trio_llm")
+
+class _ClientDefault(enum.Enum):
+    """The type of :data:`CLIENT_DEFAULT`."""
+
+    CLIENT_DEFAULT = "CLIENT_DEFAULT"
+
+
+#: A per-call setting left at this value takes the client's setting.
+CLIENT_DEFAULT: Final = _ClientDefault.CLIENT_DEFAULT
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -55,6 +66,7 @@ class ClientStatistics:
         sent: HTTP attempts started.
         succeeded: calls that returned a result.
         failed: calls that raised an error (cancelled calls count in neither).
+        retried: retry attempts made (attempts after the first of a call).
         rate_limited: 429 responses received.
         prompt_tokens: prompt tokens reported by the server's ``usage``.
         completion_tokens: completion tokens reported by the server's ``usage``.
@@ -66,6 +78,7 @@ class ClientStatistics:
     sent: int
     succeeded: int
     failed: int
+    retried: int
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
@@ -87,8 +100,10 @@ class Client:
         max_concurrency: int,
         provider: OpenAIProvider,
         timeouts: Timeouts,
+        retry: RetryPolicy | None,
     ) -> None:
         self._http = http
+        self._retry = retry
         self._timeouts = timeouts
         self._base_url = base_url
         self._model = model
@@ -97,6 +112,7 @@ class Client:
         self._sent = 0
         self._succeeded = 0
         self._failed = 0
+        self._retried = 0
         self._rate_limited = 0
         self._prompt_tokens = 0
         self._completion_tokens = 0
@@ -132,6 +148,7 @@ class Client:
             sent=self._sent,
             succeeded=self._succeeded,
             failed=self._failed,
+            retried=self._retried,
             rate_limited=self._rate_limited,
             prompt_tokens=self._prompt_tokens,
             completion_tokens=self._completion_tokens,
@@ -144,7 +161,12 @@ class Client:
         return resolved
 
     async def chat(
-        self, prompt_or_messages: Messages, *, model: str | None = None, **params: Any
+        self,
+        prompt_or_messages: Messages,
+        *,
+        model: str | None = None,
+        retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        **params: Any,
     ) -> ChatResponse:
         """Send one chat request and return the reply.
 
@@ -152,19 +174,24 @@ class Client:
             prompt_or_messages: a string (sent as one user message) or a list of
                 message objects (``{"role": ..., "content": ...}``).
             model: the model; defaults to the client's.
+            retry: this call's :class:`RetryPolicy` (default: the client's); ``None``
+                makes one attempt with no deadline.
             **params: any other field of the request body (``temperature``,
                 ``max_tokens``, ``tools``, ``response_format``, ...), passed unchanged.
 
         Raises:
-            APIStatusError: the server answered with an error status (a subclass names it).
+            APIStatusError: the server answered with an error status (a subclass names
+                it), and it was not retried or the attempts ran out.
             APIConnectionError: no response arrived (``APITimeoutError`` on a timeout).
+            RetryDeadlineExceeded: the retry policy's deadline passed.
             ConfigurationError: no model was given here or to the client.
 
-        Cancellation: the request is abandoned at once; its connection is closed (never
-        returned to the pool half-read) and its concurrency slot released.
+        Cancellation: the attempt in flight is abandoned at once (its connection is
+        closed, never returned to the pool half-read; its concurrency slot released),
+        or the wait for the next attempt ends; nothing is retried after it.
         """
         body = self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params)
-        payload = await self._post_json(self._provider.chat_path, body)
+        payload = await self._call(self._provider.chat_path, body, retry)
         try:
             reply = self._provider.parse_chat(payload)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
@@ -176,13 +203,19 @@ class Client:
         return reply
 
     async def embed(
-        self, texts: str | Sequence[str], *, model: str | None = None, **params: Any
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str | None = None,
+        retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        **params: Any,
     ) -> EmbeddingResponse:
         """Embed one text or a list of texts; vectors come back in input order.
 
         Args:
             texts: a string or a sequence of strings.
             model: the model; defaults to the client's.
+            retry: this call's :class:`RetryPolicy`, as for :meth:`chat`.
             **params: other request fields (``dimensions``, ``encoding_format``, ...).
                 ``encoding_format="base64"`` is decoded transparently.
 
@@ -192,7 +225,7 @@ class Client:
         Cancellation: as for :meth:`chat`.
         """
         body = self._provider.embeddings_body(texts, self._resolve_model(model), params)
-        payload = await self._post_json(self._provider.embeddings_path, body)
+        payload = await self._call(self._provider.embeddings_path, body, retry)
         reply = self._provider.parse_embeddings(payload)
         self._count_usage(reply.usage)
         return reply
@@ -202,52 +235,67 @@ class Client:
         self._prompt_tokens += usage.prompt_tokens
         self._completion_tokens += usage.completion_tokens
 
-    async def _post_json(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST ``body`` as JSON under the concurrency limit; return the decoded reply.
+    def _note_retry(self, _error: LLMError) -> None:
+        self._retried += 1
 
-        This is one attempt; retries wrap it.
-        """
+    async def _call(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        retry: RetryPolicy | _ClientDefault | None,
+    ) -> dict[str, Any]:
+        """POST ``body`` under the retry policy; return the decoded JSON reply."""
+        policy = self._retry if retry is CLIENT_DEFAULT else retry
         url = self._base_url + path
         content = json.dumps(body, ensure_ascii=False).encode()
         try:
-            async with self._limiter:
-                self._sent += 1
-                try:
-                    response = await self._http.post(url, content=content)
-                except httpx2.HTTPError as exc:
-                    raise error_from_transport(exc, method="POST", url=url) from exc
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "POST %s -> %d (%.1f ms)",
-                    url,
-                    response.status_code,
-                    response.elapsed.total_seconds() * 1000,
-                )
-            status = response.status_code
-            if status >= 400:
-                if status == 429:
-                    self._rate_limited += 1
-                raise error_from_response(
-                    status, response.headers, response.content, reason=response.reason_phrase
-                )
-            try:
-                payload = json.loads(response.content)
-            except ValueError as exc:
-                raise APIResponseError(
-                    f"HTTP {status} from POST {url} is not JSON: {response.text[:200]!r}",
-                    status_code=status,
-                    request_id=response.headers.get("x-request-id"),
-                ) from exc
-            if not isinstance(payload, dict):
-                raise APIResponseError(
-                    f"HTTP {status} from POST {url} is not a JSON object",
-                    status_code=status,
-                    request_id=response.headers.get("x-request-id"),
-                )
-            return payload
+            return await call_with_retries(
+                lambda: self._post_json(url, content),
+                policy,
+                label=f"POST {url}",
+                on_retry=self._note_retry,
+            )
         except LLMError:
             self._failed += 1
             raise
+
+    async def _post_json(self, url: str, content: bytes) -> dict[str, Any]:
+        """Make one attempt: POST ``content`` under the concurrency limit, decode the reply."""
+        async with self._limiter:
+            self._sent += 1
+            try:
+                response = await self._http.post(url, content=content)
+            except httpx2.HTTPError as exc:
+                raise error_from_transport(exc, method="POST", url=url) from exc
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "POST %s -> %d (%.1f ms)",
+                url,
+                response.status_code,
+                response.elapsed.total_seconds() * 1000,
+            )
+        status = response.status_code
+        if status >= 400:
+            if status == 429:
+                self._rate_limited += 1
+            raise error_from_response(
+                status, response.headers, response.content, reason=response.reason_phrase
+            )
+        try:
+            payload = json.loads(response.content)
+        except ValueError as exc:
+            raise APIResponseError(
+                f"HTTP {status} from POST {url} is not JSON: {response.text[:200]!r}",
+                status_code=status,
+                request_id=response.headers.get("x-request-id"),
+            ) from exc
+        if not isinstance(payload, dict):
+            raise APIResponseError(
+                f"HTTP {status} from POST {url} is not a JSON object",
+                status_code=status,
+                request_id=response.headers.get("x-request-id"),
+            )
+        return payload
 
 
 def _resolve_base_url(base_url: str | None, provider: OpenAIProvider) -> str:
@@ -266,6 +314,7 @@ async def open_client(
     model: str | None = None,
     provider: str = "openai",
     max_concurrency: int = 64,
+    retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
     timeouts: Timeouts | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
     headers: Mapping[str, str] | None = None,
@@ -281,6 +330,8 @@ async def open_client(
         provider: the wire format; ``"openai"`` (any OpenAI-compatible server).
         max_concurrency: requests in flight at once, across all tasks; also the size
             of the connection pool.
+        retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
+            attempts within 120 s); ``None`` disables retries. Calls may override it.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
         transport: any ``httpx2.AsyncBaseTransport`` in place of httpx2's default
             (``httpx2.MockTransport`` in tests, a proxy, HTTP/2, ...).
@@ -331,4 +382,5 @@ async def open_client(
             max_concurrency=max_concurrency,
             provider=adapter,
             timeouts=timeouts,
+            retry=RetryPolicy() if retry is CLIENT_DEFAULT else retry,
         )

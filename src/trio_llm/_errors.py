@@ -4,6 +4,7 @@ The tree::
 
     LLMError
     ├── ConfigurationError          bad or missing settings (no API key, no model, bad URL)
+    ├── RetryDeadlineExceeded       the call's deadline passed (chains the last error)
     ├── APIResponseError            a success status, but a body that cannot be parsed
     ├── APIConnectionError          the request did not get an HTTP response
     │   └── APITimeoutError         ... because a connect/read/write/pool timeout expired
@@ -46,6 +47,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RetryDeadlineExceeded",
     "ServerError",
     "StreamError",
     "UnprocessableEntityError",
@@ -62,6 +64,27 @@ class LLMError(Exception):
 @final
 class ConfigurationError(LLMError, ValueError):
     """A setting is missing or invalid (no API key for a remote server, no model, ...)."""
+
+
+@final
+class RetryDeadlineExceeded(LLMError):
+    """The call's retry deadline passed before it could succeed.
+
+    The last attempt's error, if there was one, is chained as ``__cause__``.
+
+    Attributes:
+        deadline: the deadline, in seconds.
+        attempts: how many attempts were started.
+        last_error: the last attempt's error (``None`` if the first attempt was cut short).
+    """
+
+    def __init__(
+        self, message: str, *, deadline: float, attempts: int, last_error: LLMError | None
+    ) -> None:
+        super().__init__(message)
+        self.deadline = deadline
+        self.attempts = attempts
+        self.last_error = last_error
 
 
 @final
@@ -128,6 +151,9 @@ class APIStatusError(LLMError):
         request_id: the server's ``x-request-id`` (or ``request-id``), if any.
         error_type: ``error.type`` from the body, if any.
         code: ``error.code`` from the body, if any.
+        retry_after: seconds the server asked us to wait (``retry-after-ms`` or
+            ``retry-after``), if it said.
+        should_retry: the server's ``x-should-retry`` verdict (``True``/``False``), if any.
     """
 
     def __init__(
@@ -139,7 +165,11 @@ class APIStatusError(LLMError):
         request_id: str | None = None,
         error_type: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
+        self.retry_after = retry_after
+        self.should_retry = should_retry
         self.status_code = status_code
         self.message = message
         self.body = body
@@ -187,15 +217,7 @@ class UnprocessableEntityError(APIStatusError):
 
 @final
 class RateLimitError(APIStatusError):
-    """429: a rate limit or quota was exceeded.
-
-    Attributes:
-        retry_after: seconds the server asked us to wait, if it said.
-    """
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
+    """429: a rate limit or quota was exceeded (see ``retry_after``)."""
 
 
 @final
@@ -276,15 +298,18 @@ def error_from_response(
         elif isinstance(error, str) and error:
             message = error
     request_id = headers.get("x-request-id") or headers.get("request-id")
+    should_retry = {"true": True, "false": False}.get(headers.get("x-should-retry", ""))
     fields: dict[str, Any] = {
         "status_code": status_code,
         "body": body,
         "request_id": request_id,
         "error_type": error_type,
         "code": code,
+        "retry_after": parse_retry_after(headers),
+        "should_retry": should_retry,
     }
     if status_code == 429:
-        return RateLimitError(message, retry_after=parse_retry_after(headers), **fields)
+        return RateLimitError(message, **fields)
     if status_code >= 500:
         return ServerError(message, **fields)
     return _STATUS_ERRORS.get(status_code, APIStatusError)(message, **fields)

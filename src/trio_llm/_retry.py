@@ -1,0 +1,152 @@
+"""Retries through stamina, inside a trio cancel scope that enforces the deadline.
+
+The first attempt runs bare: stamina costs ~30 us per call even when nothing fails, so it is
+entered only after a retryable failure, which is then replayed into it as its first
+attempt. The policy, the waits and stamina's instrumentation are the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import stamina
+import trio
+
+from ._config import RetryPolicy
+from ._errors import APIConnectionError, APIStatusError, LLMError, RetryDeadlineExceeded
+
+__all__ = ["call_with_retries", "is_retryable"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("trio_llm.retry")
+
+# Statuses that say "try again later"; 501 and 505 are server errors no retry can fix.
+_RETRIED_STATUSES = frozenset({408, 409, 429})
+_NEVER_RETRIED_5XX = frozenset({501, 505})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed attempt may be retried (never for ``Cancelled`` or non-LLM errors)."""
+    if isinstance(exc, APIStatusError):
+        if exc.should_retry is not None:
+            return exc.should_retry
+        status = exc.status_code
+        return status in _RETRIED_STATUSES or (status >= 500 and status not in _NEVER_RETRIED_5XX)
+    return isinstance(exc, APIConnectionError)
+
+
+async def call_with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    policy: RetryPolicy | None,
+    *,
+    label: str,
+    on_retry: Callable[[LLMError], None] | None = None,
+) -> T:
+    """Run ``attempt`` under ``policy``: retried on retryable errors, within its deadline.
+
+    Args:
+        attempt: makes one attempt; raises an :class:`LLMError` on failure.
+        policy: the retry policy; ``None`` runs one attempt with no deadline.
+        label: what the call is, for log records and messages (``"POST <url>"``).
+        on_retry: called with the error each time a retry is decided.
+
+    Raises:
+        RetryDeadlineExceeded: the deadline passed, or a server-requested wait would
+            end past it; the last error is chained.
+        LLMError: the last attempt's error, when it was not retryable or the attempts
+            ran out.
+
+    Cancellation: a cancel scope of the caller cancels the attempt in flight or the wait;
+    nothing is retried after it.
+    """
+    if policy is None:
+        return await attempt()
+    deadline = policy.deadline
+    deadline_at = trio.current_time() + deadline if deadline is not None else math.inf
+    attempts = 1
+    last_error: LLMError | None = None
+    with trio.move_on_at(deadline_at):
+        try:
+            return await attempt()
+        except LLMError as exc:
+            if policy.attempts == 1 or not is_retryable(exc):
+                raise
+            pending: LLMError | None = exc
+            last_error = exc
+
+        past_deadline: list[float] = []
+
+        def decide(exc: Exception) -> bool | float:
+            nonlocal last_error
+            if not isinstance(exc, LLMError) or not is_retryable(exc):
+                return False
+            last_error = exc
+            if attempts >= policy.attempts:
+                return False
+            requested = exc.retry_after if isinstance(exc, APIStatusError) else None
+            shortest = (
+                requested
+                if requested is not None
+                else min(policy.wait_max, policy.wait_initial * 2.0 ** (attempts - 1))
+            )
+            if trio.current_time() + shortest > deadline_at:
+                past_deadline.append(shortest)
+                return False
+            if on_retry is not None:
+                on_retry(exc)
+            if logger.isEnabledFor(logging.INFO):
+                why = (
+                    f"server asked for {requested:g} s"
+                    if requested is not None
+                    else f"backoff of at least {shortest:g} s"
+                )
+                logger.info(
+                    "retrying %s: attempt %d of %d failed with %s: %s; waiting (%s)",
+                    label,
+                    attempts,
+                    policy.attempts,
+                    type(exc).__name__,
+                    exc,
+                    why,
+                )
+            return requested if requested is not None else True
+
+        try:
+            async for retry in stamina.retry_context(
+                on=decide,
+                attempts=policy.attempts,
+                timeout=None,  # stamina's timeout counts wall time; the deadline is our scope
+                wait_initial=policy.wait_initial,
+                wait_max=policy.wait_max,
+                wait_jitter=policy.wait_jitter,
+            ):
+                with retry:
+                    if pending is not None:  # replay the bare first attempt's failure
+                        error, pending = pending, None
+                        raise error
+                    attempts += 1
+                    return await attempt()
+        except LLMError as exc:
+            if past_deadline:
+                raise RetryDeadlineExceeded(
+                    f"{label}: not retried after attempt {attempts}: the wait "
+                    f"({past_deadline[0]:g} s) would pass the {deadline:g} s deadline; "
+                    f"last error: {type(exc).__name__}: {exc}",
+                    deadline=deadline or math.inf,
+                    attempts=attempts,
+                    last_error=exc,
+                ) from exc
+            raise
+    # Only reached when the deadline's cancel scope fired.
+    what = f"{type(last_error).__name__}: {last_error}" if last_error else "no response yet"
+    raise RetryDeadlineExceeded(
+        f"{label}: deadline of {deadline:g} s passed ({attempts} attempt(s) started; "
+        f"last error: {what})",
+        deadline=deadline or math.inf,
+        attempts=attempts,
+        last_error=last_error,
+    ) from last_error
