@@ -1,11 +1,26 @@
-"""A fake OpenAI-compatible (and Anthropic Messages) LLM server for tests, demos and benchmarks.
+"""A fake LLM server for tests, examples, benchmarks and offline demos.
 
->>> async with open_fake_llm(FakeLLMConfig(latency=0.2, error_rate=0.1)) as server:
-...     ...  # point a client at server.base_url; read server.stats afterwards
+A real HTTP/1.1 server (``h11`` on trio sockets) that speaks the OpenAI wire format::
 
-Replies are deterministic: the text depends only on the conversation's text, ``max_tokens``
-and the seed. Faults (errors, stalls, cut connections), pacing and rate limits come from
-``FakeLLMConfig``.
+    async with open_fake_llm(FakeLLMConfig(latency=0.2, error_rate=0.1)) as server:
+        ...  # point any OpenAI-compatible client at server.base_url
+        print(server.stats.requests_by_status)
+
+Endpoints: ``POST /v1/chat/completions`` (JSON, or SSE with ``stream: true``; ``n``,
+``max_tokens``/``max_completion_tokens``, ``tools``/``tool_choice``, ``response_format``
+``json_object``/``json_schema``, ``stream_options.include_usage``), ``POST /v1/embeddings``
+(float or base64, ``dimensions``), ``GET /v1/models`` and ``GET /v1/models/{id}``, and
+Anthropic's ``POST /v1/messages`` (JSON and SSE; base URL ``server.root_url``).
+
+Replies are deterministic: the text depends only on the conversation's text (message
+contents, strings or text parts, joined), ``max_tokens`` and the seed; never on ``stream``.
+Token counts use a documented fake tokenizer: a token is ``\\w+`` or one other non-space
+character; a prompt costs its tokens plus 3 per message plus 3.
+
+Checks and faults, in order: authentication (401, when ``api_key`` is set), validation
+(400), the server's RPM/TPM limits (429, with ``x-ratelimit-*`` headers), then drawn from a
+``random.Random(seed)``: an injected ``error_status``, a stall, latency and generation pace,
+a connection cut mid-response. ``GET /v1/models`` is never faulted or rate-limited.
 """
 
 from ._config import FakeLLMConfig as FakeLLMConfig

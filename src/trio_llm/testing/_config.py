@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, final
 
 import attrs
@@ -34,6 +35,11 @@ def _api_key(_instance: object, attribute: attrs.Attribute[Any], value: str | No
         raise ValueError(f"{attribute.name} must be a non-empty string or None")
 
 
+def _to_names(value: Iterable[str]) -> tuple[str, ...]:
+    """Accept one model name or any iterable of names."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def _models(_instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     if not value or not all(isinstance(name, str) and name for name in value):
         raise ValueError(f"{attribute.name} must be a non-empty sequence of model names")
@@ -49,6 +55,18 @@ class FakeLLMConfig:
     ``attrs.fields(FakeLLMConfig)``. Change a running server's behaviour with
     ``server.config = attrs.evolve(server.config, ...)``: each request reads the config once,
     when it arrives.
+
+    Timing: ``latency`` passes before the first byte; then a JSON reply waits
+    ``completion_tokens / tokens_per_second`` (of its longest choice), while a stream
+    waits ``1 / tokens_per_second`` before each token's chunk. Errors and 429s are immediate.
+
+    Limits: ``requests_per_minute`` and ``tokens_per_minute`` are buckets of that capacity
+    refilling continuously (``limit / 60`` per second); a request is charged one request and
+    its prompt plus completion tokens when admitted.
+
+    Faults, drawn per request from ``random.Random(seed)``: ``error_rate`` answers with
+    ``error_status``; ``stall_rate`` never answers (until the client or the server goes);
+    ``disconnect_rate`` sends half the body (or half the stream's events) and closes.
     """
 
     latency: float = attrs.field(
@@ -104,7 +122,11 @@ class FakeLLMConfig:
     )
     models: tuple[str, ...] = attrs.field(
         default=("fake-gpt",),
-        converter=tuple,
+        converter=_to_names,
         validator=_models,
         metadata={"help": "Model names listed by /v1/models (any name is accepted)."},
     )
+
+
+# Real types in attrs.fields(FakeLLMConfig)[...].type (not strings), for generated CLIs.
+attrs.resolve_types(FakeLLMConfig)

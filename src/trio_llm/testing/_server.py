@@ -70,7 +70,7 @@ class FakeLLMServer:
 class _Exchange:
     """One connection: its h11 state and what happened to the current request."""
 
-    __slots__ = ("abort", "conn", "gone", "server", "status", "stream")
+    __slots__ = ("abort", "complete", "conn", "gone", "server", "status", "stream")
 
     def __init__(self, server: FakeLLMServer, stream: trio.SocketStream) -> None:
         self.server = server
@@ -78,6 +78,7 @@ class _Exchange:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         self.gone = False
         self.abort = False
+        self.complete = False
         self.status: int | None = None
 
     def _bytes(self, event: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:
@@ -126,7 +127,7 @@ class _Exchange:
         stats.requests_by_endpoint[endpoint] = stats.requests_by_endpoint.get(endpoint, 0) + 1
         stats.in_flight += 1
         stats.peak_concurrency = max(stats.peak_concurrency, stats.in_flight)
-        self.gone = self.abort = False
+        self.gone = self.abort = self.complete = False
         self.status = None
         fault: str | None = None
         try:
@@ -240,8 +241,9 @@ class _Exchange:
                     await trio.sleep_forever()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        self.gone = True
-        scope.cancel()
+        if not self.complete:  # a client may read its whole answer and leave at once
+            self.gone = True
+            scope.cancel()
 
     async def _act(self, reply: Reply) -> None:
         stream = self.stream
@@ -255,6 +257,7 @@ class _Exchange:
                 await trio.sleep(reply.generation)
             if not reply.disconnect:
                 await self._send_whole(reply)
+                self.complete = True
                 return
             body = reply.body
             headers = [*reply.headers, (b"content-length", str(len(body)).encode())]
@@ -272,6 +275,7 @@ class _Exchange:
             self.abort = True
             return
         await stream.send_all(self._bytes(h11.EndOfMessage()))
+        self.complete = True
 
     async def reject(self, exc: h11.RemoteProtocolError) -> None:
         """Answer a malformed request with 400 (or h11's hint) and give up the connection."""
@@ -318,7 +322,7 @@ async def serve_fake_llm(
 
     Args:
         config: The server's behaviour (default: ``FakeLLMConfig()``, no faults).
-        host: The address to listen on.
+        host: The address to listen on (an IP address, or a name that resolves to one).
         port: The port to listen on; 0 picks a free one.
         task_status: Reports the ``FakeLLMServer`` once listening.
 
@@ -326,6 +330,12 @@ async def serve_fake_llm(
     every connection task has finished when this returns.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0:
+        # A name like "localhost" may give one socket per address family, each with its
+        # own free port: keep the first, the one the server reports.
+        for extra in listeners[1:]:
+            await trio.aclose_forcefully(extra)
+        del listeners[1:]
     try:
         bound_port = listeners[0].socket.getsockname()[1]
         server = FakeLLMServer(config or FakeLLMConfig(), host=host, port=bound_port)
