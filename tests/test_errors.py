@@ -59,7 +59,9 @@ async def test_rate_limit_error_carries_retry_after() -> None:
     config = FakeLLMConfig(requests_per_minute=1)
     async with (
         open_fake_llm(config) as server,
-        trio_llm.open_client(base_url=server.base_url, model="fake-gpt", retry=None) as client,
+        trio_llm.open_client(
+            base_url=server.base_url, model="fake-gpt", retry=None, rate_limit=None
+        ) as client,
     ):
         await client.chat("first")
         with pytest.raises(trio_llm.RateLimitError) as caught:

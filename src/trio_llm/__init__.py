@@ -3,6 +3,7 @@
 The public API is re-exported here; everything else is private and may change.
 """
 
+from ._client import ChatItem as ChatItem
 from ._client import Client as Client
 from ._client import ClientStatistics as ClientStatistics
 from ._client import open_client as open_client
@@ -23,9 +24,14 @@ from ._errors import RateLimitError as RateLimitError
 from ._errors import RetryDeadlineExceeded as RetryDeadlineExceeded
 from ._errors import ServerError as ServerError
 from ._errors import UnprocessableEntityError as UnprocessableEntityError
+from ._fanout import as_completed as as_completed
+from ._fanout import capture_errors as capture_errors
+from ._fanout import map_concurrently as map_concurrently
+from ._ratelimit import RateLimit as RateLimit
 from ._types import ChatResponse as ChatResponse
 from ._types import Choice as Choice
 from ._types import EmbeddingResponse as EmbeddingResponse
+from ._types import Result as Result
 from ._types import Usage as Usage
 from ._version import __version__ as __version__
 
@@ -36,6 +42,7 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "ChatItem",
     "ChatResponse",
     "Choice",
     "Client",
@@ -46,7 +53,9 @@ __all__ = [
     "LLMError",
     "NotFoundError",
     "PermissionDeniedError",
+    "RateLimit",
     "RateLimitError",
+    "Result",
     "RetryDeadlineExceeded",
     "RetryPolicy",
     "ServerError",
@@ -54,5 +63,8 @@ __all__ = [
     "UnprocessableEntityError",
     "Usage",
     "__version__",
+    "as_completed",
+    "capture_errors",
+    "map_concurrently",
     "open_client",
 ]

@@ -7,8 +7,16 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, final
 from urllib.parse import urlsplit
 
@@ -24,14 +32,17 @@ from ._errors import (
     error_from_response,
     error_from_transport,
 )
+from ._fanout import as_completed, capture_errors, map_concurrently
+from ._ratelimit import RateLimit, RateLimiter, estimate_tokens
 from ._retry import call_with_retries
-from ._types import ChatResponse, EmbeddingResponse, Usage
+from ._types import ChatResponse, EmbeddingResponse, Result, Usage
 from ._version import __version__
 from .providers._openai import Messages, OpenAIProvider
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
 
 logger = logging.getLogger("trio_llm")
+
 
 class _ClientDefault(enum.Enum):
     """The type of :data:`CLIENT_DEFAULT`."""
@@ -41,6 +52,13 @@ class _ClientDefault(enum.Enum):
 
 #: A per-call setting left at this value takes the client's setting.
 CLIENT_DEFAULT: Final = _ClientDefault.CLIENT_DEFAULT
+
+# No limit of its own: adopts the server's limits from its rate-limit headers.
+_ADAPTIVE: Final = RateLimit()
+
+#: What ``chat_many`` accepts per item: a prompt, a message list, or a request mapping
+#: (``{"messages": [...], **body_fields}``, or ``{"prompt": "...", ...}``).
+ChatItem = str | Sequence[Mapping[str, Any]] | Mapping[str, Any]
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -61,7 +79,7 @@ class ClientStatistics:
 
     Attributes:
         in_flight: requests holding a concurrency slot now.
-        waiting: requests waiting for a concurrency slot now.
+        waiting: requests waiting for a concurrency slot or for rate-limit capacity now.
         max_concurrency: the concurrency limit.
         sent: HTTP attempts started.
         succeeded: calls that returned a result.
@@ -101,9 +119,11 @@ class Client:
         provider: OpenAIProvider,
         timeouts: Timeouts,
         retry: RetryPolicy | None,
+        rate_limit: RateLimit | None,
     ) -> None:
         self._http = http
         self._retry = retry
+        self._rate = RateLimiter(rate_limit) if rate_limit is not None else None
         self._timeouts = timeouts
         self._base_url = base_url
         self._model = model
@@ -141,9 +161,10 @@ class Client:
     def statistics(self) -> ClientStatistics:
         """Return a snapshot of the client's counters."""
         limiter = self._limiter.statistics()
+        rate_waiting = self._rate.statistics().waiting if self._rate is not None else 0
         return ClientStatistics(
             in_flight=limiter.borrowed_tokens,
-            waiting=limiter.tasks_waiting,
+            waiting=limiter.tasks_waiting + rate_waiting,
             max_concurrency=int(limiter.total_tokens),
             sent=self._sent,
             succeeded=self._succeeded,
@@ -230,6 +251,84 @@ class Client:
         self._count_usage(reply.usage)
         return reply
 
+    def _chat_item(
+        self,
+        model: str | None,
+        retry: RetryPolicy | _ClientDefault | None,
+        params: Mapping[str, Any],
+    ) -> Callable[[ChatItem], Awaitable[ChatResponse]]:
+        """Return a function sending one ``chat_many`` item with the shared settings."""
+
+        async def send(item: ChatItem) -> ChatResponse:
+            if isinstance(item, Mapping):
+                fields = {**params, **item}
+                messages = fields.pop("messages", None)
+                if messages is None:
+                    messages = fields.pop("prompt", None)
+                if messages is None:
+                    raise TypeError(
+                        f"a request mapping needs 'messages' or 'prompt': {dict(item)!r:.100}"
+                    )
+                item_model = fields.pop("model", model)
+                return await self.chat(messages, model=item_model, retry=retry, **fields)
+            return await self.chat(item, model=model, retry=retry, **params)
+
+        return send
+
+    async def chat_many(
+        self,
+        items: Iterable[ChatItem] | AsyncIterable[ChatItem],
+        *,
+        limit: int | None = None,
+        model: str | None = None,
+        retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        **params: Any,
+    ) -> list[Result[ChatResponse]]:
+        """Send many chat requests concurrently; return one :class:`Result` each, in order.
+
+        One item's failure is captured in its ``Result`` (``ok=False``, ``error``) and
+        never cancels the others. Items are pulled lazily by a fixed set of ``limit``
+        worker tasks, so any iterable (a generator over a huge file, an async iterable)
+        works in O(limit) memory besides the results.
+
+        Args:
+            items: prompts, message lists, or request mappings
+                (``{"messages": [...], "temperature": 0}``; their fields override
+                ``params``).
+            limit: the most items in progress at once (default: the client's
+                ``max_concurrency``, which bounds requests in flight in any case).
+            model: the model (default: the client's).
+            retry: the retry policy for each item (default: the client's).
+            **params: body fields shared by every request.
+
+        Cancellation: every request in flight is cancelled and nothing is returned;
+        items not yet pulled stay in the iterator.
+        """
+        send = self._chat_item(model, retry, params)
+        return await map_concurrently(
+            capture_errors(send), items, limit=limit or self.max_concurrency
+        )
+
+    def chat_as_completed(
+        self,
+        items: Iterable[ChatItem] | AsyncIterable[ChatItem],
+        *,
+        limit: int | None = None,
+        model: str | None = None,
+        retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        **params: Any,
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[tuple[int, Result[ChatResponse]]]]:
+        """Send many chat requests concurrently; yield ``(index, Result)`` as each finishes.
+
+        Use ``async with client.chat_as_completed(prompts) as results:`` then
+        ``async for index, result in results:``. Arguments are as for :meth:`chat_many`.
+
+        Cancellation: leaving the block early (``break``, an exception, a cancel scope)
+        cancels every request still running at once; none keeps running or billing.
+        """
+        send = self._chat_item(model, retry, params)
+        return as_completed(capture_errors(send), items, limit=limit or self.max_concurrency)
+
     def _count_usage(self, usage: Usage) -> None:
         self._succeeded += 1
         self._prompt_tokens += usage.prompt_tokens
@@ -248,9 +347,10 @@ class Client:
         policy = self._retry if retry is CLIENT_DEFAULT else retry
         url = self._base_url + path
         content = json.dumps(body, ensure_ascii=False).encode()
+        estimate = estimate_tokens(body) if self._rate is not None else 0
         try:
             return await call_with_retries(
-                lambda: self._post_json(url, content),
+                lambda: self._post_json(url, content, estimate),
                 policy,
                 label=f"POST {url}",
                 on_retry=self._note_retry,
@@ -259,14 +359,28 @@ class Client:
             self._failed += 1
             raise
 
-    async def _post_json(self, url: str, content: bytes) -> dict[str, Any]:
-        """Make one attempt: POST ``content`` under the concurrency limit, decode the reply."""
-        async with self._limiter:
-            self._sent += 1
-            try:
-                response = await self._http.post(url, content=content)
-            except httpx2.HTTPError as exc:
-                raise error_from_transport(exc, method="POST", url=url) from exc
+    async def _post_json(self, url: str, content: bytes, estimate: int) -> dict[str, Any]:
+        """Make one attempt: POST ``content`` within the rate and concurrency limits.
+
+        ``estimate`` is the request's token cost as reserved from the rate limiter before
+        sending; the reservation is given back if nothing was sent, and corrected with the
+        reply's real ``usage`` after.
+        """
+        rate = self._rate
+        reservation = await rate.acquire(estimate) if rate is not None else None
+        try:
+            async with self._limiter:
+                self._sent += 1
+                try:
+                    response = await self._http.post(url, content=content)
+                except httpx2.HTTPError as exc:
+                    raise error_from_transport(exc, method="POST", url=url) from exc
+        except BaseException:
+            # No response: the server most likely never counted it (and if the caller
+            # cancelled, it must not cost the other tasks capacity).
+            if reservation is not None:
+                reservation.refund()
+            raise
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "POST %s -> %d (%.1f ms)",
@@ -275,26 +389,39 @@ class Client:
                 response.elapsed.total_seconds() * 1000,
             )
         status = response.status_code
+        headers = response.headers
+        if rate is not None:
+            rate.update_from_headers(headers)
         if status >= 400:
+            error = error_from_response(
+                status, headers, response.content, reason=response.reason_phrase
+            )
+            if reservation is not None:
+                reservation.refund() if status == 429 else reservation.reconcile(0)
             if status == 429:
                 self._rate_limited += 1
-            raise error_from_response(
-                status, response.headers, response.content, reason=response.reason_phrase
-            )
+                if rate is not None and error.retry_after:
+                    rate.pause(error.retry_after)  # every task of the client waits it out
+            raise error
         try:
             payload = json.loads(response.content)
         except ValueError as exc:
             raise APIResponseError(
                 f"HTTP {status} from POST {url} is not JSON: {response.text[:200]!r}",
                 status_code=status,
-                request_id=response.headers.get("x-request-id"),
+                request_id=headers.get("x-request-id"),
             ) from exc
         if not isinstance(payload, dict):
             raise APIResponseError(
                 f"HTTP {status} from POST {url} is not a JSON object",
                 status_code=status,
-                request_id=response.headers.get("x-request-id"),
+                request_id=headers.get("x-request-id"),
             )
+        if reservation is not None:
+            usage = payload.get("usage")
+            total = usage.get("total_tokens") if isinstance(usage, dict) else None
+            if isinstance(total, int):
+                reservation.reconcile(total)
         return payload
 
 
@@ -314,6 +441,7 @@ async def open_client(
     model: str | None = None,
     provider: str = "openai",
     max_concurrency: int = 64,
+    rate_limit: RateLimit | None = _ADAPTIVE,
     retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
     timeouts: Timeouts | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
@@ -330,6 +458,10 @@ async def open_client(
         provider: the wire format; ``"openai"`` (any OpenAI-compatible server).
         max_concurrency: requests in flight at once, across all tasks; also the size
             of the connection pool.
+        rate_limit: requests and tokens per minute for all the client's calls together
+            (:class:`RateLimit`). The default, ``RateLimit()``, sets no limit of its own
+            but adopts the server's from its ``x-ratelimit-*`` headers; ``None`` turns
+            rate limiting off entirely. A 429 with ``retry-after`` pauses every task.
         retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
             attempts within 120 s); ``None`` disables retries. Calls may override it.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
@@ -383,4 +515,5 @@ async def open_client(
             provider=adapter,
             timeouts=timeouts,
             retry=RetryPolicy() if retry is CLIENT_DEFAULT else retry,
+            rate_limit=rate_limit,
         )
