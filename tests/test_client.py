@@ -61,6 +61,8 @@ async def test_chat_returns_parsed_reply(fake_llm: FakeLLMServer) -> None:
     assert reply.usage.completion_tokens > 0
     assert reply.message["role"] == "assistant"
     assert reply.choices[0].text == reply.text
+    assert reply.request_id is not None
+    assert reply.request_id.startswith("req_")
 
 
 async def test_string_prompt_becomes_one_user_message() -> None:
@@ -186,6 +188,7 @@ async def test_embed_float_and_base64_agree(fake_llm: FakeLLMServer) -> None:
     assert math.isclose(math.fsum(x * x for x in floats.vectors[0]), 1.0, rel_tol=1e-5)
     assert floats.usage.prompt_tokens > 0
     assert floats.model == "fake-embed"
+    assert floats.request_id is not None
 
 
 async def test_call_without_model_is_a_configuration_error() -> None:

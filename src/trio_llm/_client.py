@@ -212,9 +212,9 @@ class Client:
         or the wait for the next attempt ends; nothing is retried after it.
         """
         body = self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params)
-        payload = await self._call(self._provider.chat_path, body, retry)
+        payload, request_id = await self._call(self._provider.chat_path, body, retry)
         try:
-            reply = self._provider.parse_chat(payload)
+            reply = self._provider.parse_chat(payload, request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             self._failed += 1
             raise APIResponseError(
@@ -246,8 +246,8 @@ class Client:
         Cancellation: as for :meth:`chat`.
         """
         body = self._provider.embeddings_body(texts, self._resolve_model(model), params)
-        payload = await self._call(self._provider.embeddings_path, body, retry)
-        reply = self._provider.parse_embeddings(payload)
+        payload, request_id = await self._call(self._provider.embeddings_path, body, retry)
+        reply = self._provider.parse_embeddings(payload, request_id)
         self._count_usage(reply.usage)
         return reply
 
@@ -342,8 +342,8 @@ class Client:
         path: str,
         body: Mapping[str, Any],
         retry: RetryPolicy | _ClientDefault | None,
-    ) -> dict[str, Any]:
-        """POST ``body`` under the retry policy; return the decoded JSON reply."""
+    ) -> tuple[dict[str, Any], str | None]:
+        """POST ``body`` under the retry policy; return the decoded reply and request id."""
         policy = self._retry if retry is CLIENT_DEFAULT else retry
         url = self._base_url + path
         content = json.dumps(body, ensure_ascii=False).encode()
@@ -359,7 +359,9 @@ class Client:
             self._failed += 1
             raise
 
-    async def _post_json(self, url: str, content: bytes, estimate: int) -> dict[str, Any]:
+    async def _post_json(
+        self, url: str, content: bytes, estimate: int
+    ) -> tuple[dict[str, Any], str | None]:
         """Make one attempt: POST ``content`` within the rate and concurrency limits.
 
         ``estimate`` is the request's token cost as reserved from the rate limiter before
@@ -422,7 +424,7 @@ class Client:
             total = usage.get("total_tokens") if isinstance(usage, dict) else None
             if isinstance(total, int):
                 reservation.reconcile(total)
-        return payload
+        return payload, headers.get("x-request-id")
 
 
 def _resolve_base_url(base_url: str | None, provider: OpenAIProvider) -> str:

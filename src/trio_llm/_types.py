@@ -91,6 +91,7 @@ class ChatResponse:
         usage: token counts.
         choices: every choice, for ``n`` > 1.
         raw: the whole decoded payload.
+        request_id: the server's ``x-request-id`` for the request, if it sent one.
     """
 
     id: str
@@ -101,6 +102,7 @@ class ChatResponse:
     usage: Usage
     choices: tuple[Choice, ...]
     raw: JSONObject = attrs.field(repr=False)
+    request_id: str | None = None
 
     @property
     def tool_calls(self) -> list[JSONObject]:
@@ -109,7 +111,7 @@ class ChatResponse:
         return list(calls) if isinstance(calls, list) else []
 
     @classmethod
-    def from_json(cls, payload: JSONObject) -> ChatResponse:
+    def from_json(cls, payload: JSONObject, *, request_id: str | None = None) -> ChatResponse:
         """Parse an OpenAI ``chat.completion`` object."""
         raw_choices = payload.get("choices")
         choices = tuple(Choice.from_json(c) for c in (raw_choices or ()) if isinstance(c, Mapping))
@@ -123,6 +125,7 @@ class ChatResponse:
             usage=Usage.from_json(payload.get("usage")),
             choices=choices,
             raw=payload,
+            request_id=request_id,
         )
 
 
@@ -202,15 +205,19 @@ class EmbeddingResponse:
         model: the model that answered.
         usage: token counts.
         raw: the whole decoded payload.
+        request_id: the server's ``x-request-id`` for the request, if it sent one.
     """
 
     vectors: list[list[float]] = attrs.field(repr=lambda v: f"<{len(v)} vectors>")
     model: str
     usage: Usage
     raw: JSONObject = attrs.field(repr=False)
+    request_id: str | None = None
 
     @classmethod
-    def from_json(cls, payload: JSONObject) -> EmbeddingResponse:
+    def from_json(
+        cls, payload: JSONObject, *, request_id: str | None = None
+    ) -> EmbeddingResponse:
         """Parse an OpenAI embeddings ``list`` object (float or base64 encoding)."""
         items: Sequence[Any] = payload.get("data") or ()
         ordered = sorted(
@@ -229,6 +236,7 @@ class EmbeddingResponse:
             model=str(payload.get("model", "")),
             usage=Usage.from_json(payload.get("usage")),
             raw=payload,
+            request_id=request_id,
         )
 
 

@@ -48,9 +48,9 @@ class OpenAIProvider:
         body.update(params)
         return body
 
-    def parse_chat(self, payload: dict[str, Any]) -> ChatResponse:
+    def parse_chat(self, payload: dict[str, Any], request_id: str | None) -> ChatResponse:
         """Parse a chat completion payload."""
-        return ChatResponse.from_json(payload)
+        return ChatResponse.from_json(payload, request_id=request_id)
 
     def embeddings_body(
         self, texts: str | Sequence[str], model: str, params: Mapping[str, Any]
@@ -63,6 +63,8 @@ class OpenAIProvider:
         body.update(params)
         return body
 
-    def parse_embeddings(self, payload: dict[str, Any]) -> EmbeddingResponse:
+    def parse_embeddings(
+        self, payload: dict[str, Any], request_id: str | None
+    ) -> EmbeddingResponse:
         """Parse an embeddings payload."""
-        return EmbeddingResponse.from_json(payload)
+        return EmbeddingResponse.from_json(payload, request_id=request_id)
