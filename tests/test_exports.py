@@ -6,6 +6,12 @@ import trio_llm
 import trio_llm.testing
 
 PUBLIC_API = {
+    "ChatChunk",
+    "StreamStatistics",
+    "StreamItem",
+    "MultiChatStream",
+    "ChatStream",
+    "StreamError",
     "Result",
     "RateLimit",
     "map_concurrently",
@@ -18,6 +24,8 @@ PUBLIC_API = {
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchInputError",
+    "BatchSummary",
     "ChatResponse",
     "Choice",
     "Client",
@@ -33,10 +41,12 @@ PUBLIC_API = {
     "RetryPolicy",
     "ServerError",
     "Timeouts",
+    "TrioTransport",
     "UnprocessableEntityError",
     "Usage",
     "__version__",
     "open_client",
+    "run_batch",
 }
 
 TESTING_API = {
@@ -76,6 +86,6 @@ def test_errors_share_one_base() -> None:
 
 def test_public_objects_claim_the_public_module() -> None:
     """Public classes live in private modules but are documented under trio_llm."""
-    for name in PUBLIC_API - {"__version__", "ChatItem"}:  # ChatItem is a type alias
+    for name in PUBLIC_API - {"__version__", "ChatItem", "StreamItem"}:  # type aliases
         module = getattr(trio_llm, name).__module__
         assert module.startswith("trio_llm."), (name, module)

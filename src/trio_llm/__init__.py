@@ -15,6 +15,7 @@ from ._errors import APIStatusError as APIStatusError
 from ._errors import APITimeoutError as APITimeoutError
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import BadRequestError as BadRequestError
+from ._errors import BatchInputError as BatchInputError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConflictError as ConflictError
 from ._errors import LLMError as LLMError
@@ -23,17 +24,26 @@ from ._errors import PermissionDeniedError as PermissionDeniedError
 from ._errors import RateLimitError as RateLimitError
 from ._errors import RetryDeadlineExceeded as RetryDeadlineExceeded
 from ._errors import ServerError as ServerError
+from ._errors import StreamError as StreamError
 from ._errors import UnprocessableEntityError as UnprocessableEntityError
 from ._fanout import as_completed as as_completed
 from ._fanout import capture_errors as capture_errors
 from ._fanout import map_concurrently as map_concurrently
 from ._ratelimit import RateLimit as RateLimit
+from ._streaming import ChatStream as ChatStream
+from ._streaming import MultiChatStream as MultiChatStream
+from ._streaming import StreamItem as StreamItem
+from ._streaming import StreamStatistics as StreamStatistics
+from ._transport import TrioTransport as TrioTransport
+from ._types import ChatChunk as ChatChunk
 from ._types import ChatResponse as ChatResponse
 from ._types import Choice as Choice
 from ._types import EmbeddingResponse as EmbeddingResponse
 from ._types import Result as Result
 from ._types import Usage as Usage
 from ._version import __version__ as __version__
+from .batch import BatchSummary as BatchSummary
+from .batch import run_batch as run_batch
 
 __all__ = [
     "APIConnectionError",
@@ -42,8 +52,12 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchInputError",
+    "BatchSummary",
+    "ChatChunk",
     "ChatItem",
     "ChatResponse",
+    "ChatStream",
     "Choice",
     "Client",
     "ClientStatistics",
@@ -51,6 +65,7 @@ __all__ = [
     "ConflictError",
     "EmbeddingResponse",
     "LLMError",
+    "MultiChatStream",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimit",
@@ -59,7 +74,11 @@ __all__ = [
     "RetryDeadlineExceeded",
     "RetryPolicy",
     "ServerError",
+    "StreamError",
+    "StreamItem",
+    "StreamStatistics",
     "Timeouts",
+    "TrioTransport",
     "UnprocessableEntityError",
     "Usage",
     "__version__",
@@ -67,4 +86,5 @@ __all__ = [
     "capture_errors",
     "map_concurrently",
     "open_client",
+    "run_batch",
 ]

@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_options(chat)
 
+    from .batch._command import add_batch_parser  # here, not at the top: it imports this module
+
+    add_batch_parser(commands)
+
     server = commands.add_parser(
         "fake-server",
         help="run the fake OpenAI-compatible LLM server (for tests and demos)",
@@ -303,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (TypeError, ValueError) as exc:
                 parser.exit(EXIT_USAGE, f"trio-llm fake-server: error: {exc}\n")
             return trio.run(_fake_server, args, config)
+        if args.command == "batch":
+            from .batch._command import run_batch_command
+
+            return run_batch_command(args)
         return trio.run(_chat, args)
     except ConfigurationError as exc:
         print(f"trio-llm {args.command}: error: {exc}", file=sys.stderr)

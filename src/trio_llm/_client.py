@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -35,6 +36,8 @@ from ._errors import (
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._ratelimit import RateLimit, RateLimiter, estimate_tokens
 from ._retry import call_with_retries
+from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
+from ._transport import DirectResponse, TrioTransport, direct_transport
 from ._types import ChatResponse, EmbeddingResponse, Result, Usage
 from ._version import __version__
 from .providers._openai import Messages, OpenAIProvider
@@ -329,6 +332,48 @@ class Client:
         send = self._chat_item(model, retry, params)
         return as_completed(capture_errors(send), items, limit=limit or self.max_concurrency)
 
+    def stream(
+        self,
+        prompt_or_messages: Messages,
+        *,
+        model: str | None = None,
+        retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        **params: Any,
+    ) -> AbstractAsyncContextManager[ChatStream]:
+        """Stream one chat reply: ``async with client.stream(prompt) as stream:``.
+
+        ``async for chunk in stream`` yields :class:`ChatChunk`; after the loop
+        ``stream.response`` is the aggregated :class:`ChatResponse`. Failures before the
+        first event are retried under ``retry`` (default: the client's) and raised from
+        ``async with``; later ones raise :class:`StreamError` from the loop. Other
+        arguments as for :meth:`chat`; ``stream_options.include_usage`` is set unless
+        given.
+
+        Cancellation: leaving the block early (break, an exception, a cancel scope)
+        closes the response and its connection at once and releases the slot.
+        """
+        policy = self._retry if retry is CLIENT_DEFAULT else retry
+        return open_chat_stream(self, prompt_or_messages, model=model, retry=policy, **params)
+
+    def stream_many(
+        self,
+        prompts: Iterable[Messages],
+        *,
+        model: str | None = None,
+        retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        **params: Any,
+    ) -> AbstractAsyncContextManager[MultiChatStream]:
+        """Stream several replies at once: ``async for index, item in streams``.
+
+        ``item`` is a :class:`ChatChunk`, then exactly one :class:`Result` per prompt
+        (its aggregated reply or its error); ``streams.results`` after the loop, in input
+        order. At most ``max_concurrency`` streams are open at once.
+
+        Cancellation: leaving the block early closes every open stream and starts no more.
+        """
+        policy = self._retry if retry is CLIENT_DEFAULT else retry
+        return open_stream_many(self, prompts, model=model, retry=policy, **params)
+
     def _count_usage(self, usage: Usage) -> None:
         self._succeeded += 1
         self._prompt_tokens += usage.prompt_tokens
@@ -370,11 +415,23 @@ class Client:
         """
         rate = self._rate
         reservation = await rate.acquire(estimate) if rate is not None else None
+        http = self._http
+        # Straight to trio-llm's own transport when httpx2's client layer would add nothing
+        # to this POST (no proxy mounts, auth or hooks): it costs as much CPU as the whole
+        # rest of the request (docs/performance.md). Other transports go through httpx2.
+        direct = direct_transport(http)
+        response: httpx2.Response | DirectResponse
         try:
             async with self._limiter:
                 self._sent += 1
+                started = time.perf_counter()
                 try:
-                    response = await self._http.post(url, content=content)
+                    if direct is not None:
+                        response = await direct.post_direct(
+                            url, http.headers.raw, content, http.timeout
+                        )
+                    else:
+                        response = await http.post(url, content=content)
                 except httpx2.HTTPError as exc:
                     raise error_from_transport(exc, method="POST", url=url) from exc
         except BaseException:
@@ -383,33 +440,33 @@ class Client:
             if reservation is not None:
                 reservation.refund()
             raise
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "POST %s -> %d (%.1f ms)",
-                url,
-                response.status_code,
-                response.elapsed.total_seconds() * 1000,
-            )
         status = response.status_code
+        if logger.isEnabledFor(logging.DEBUG):
+            elapsed = (time.perf_counter() - started) * 1000
+            logger.debug("POST %s -> %d (%.1f ms)", url, status, elapsed)
         headers = response.headers
-        if rate is not None:
-            rate.update_from_headers(headers)
+        body = response.content
         if status >= 400:
-            error = error_from_response(
-                status, headers, response.content, reason=response.reason_phrase
-            )
+            error = error_from_response(status, headers, body, reason=response.reason_phrase)
             if reservation is not None:
                 reservation.refund() if status == 429 else reservation.reconcile(0)
+            if rate is not None:
+                # After the refund: the server's remaining count is the truth from here
+                # on, and a refund on top of it would put this client ahead of the server.
+                rate.update_from_headers(headers)
             if status == 429:
                 self._rate_limited += 1
                 if rate is not None and error.retry_after:
                     rate.pause(error.retry_after)  # every task of the client waits it out
             raise error
+        if rate is not None:
+            rate.update_from_headers(headers)
         try:
-            payload = json.loads(response.content)
+            payload = json.loads(body)
         except ValueError as exc:
+            text = body[:200].decode("utf-8", "replace")
             raise APIResponseError(
-                f"HTTP {status} from POST {url} is not JSON: {response.text[:200]!r}",
+                f"HTTP {status} from POST {url} is not JSON: {text!r}",
                 status_code=status,
                 request_id=headers.get("x-request-id"),
             ) from exc
@@ -467,8 +524,10 @@ async def open_client(
         retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
             attempts within 120 s); ``None`` disables retries. Calls may override it.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
-        transport: any ``httpx2.AsyncBaseTransport`` in place of httpx2's default
-            (``httpx2.MockTransport`` in tests, a proxy, HTTP/2, ...).
+        transport: the HTTP transport. Default: a :class:`TrioTransport` with one
+            connection per concurrency slot. Any ``httpx2.AsyncBaseTransport`` works:
+            ``httpx2.AsyncHTTPTransport(...)`` for HTTP/2 or proxies,
+            ``httpx2.MockTransport`` in tests.
         headers: extra headers sent with every request (e.g. ``OpenAI-Organization``).
 
     Raises:
@@ -501,6 +560,10 @@ async def open_client(
         max_connections=max_concurrency, max_keepalive_connections=max_concurrency
     )
     timeouts = timeouts or Timeouts()
+    if transport is None:
+        # Its cost per request stays flat as requests in flight grow, where httpx2's pool
+        # rescans every connection (docs/performance.md). Timeouts reach it per request.
+        transport = TrioTransport(limits=limits)
     http = httpx2.AsyncClient(
         headers=default_headers,
         timeout=timeouts.to_httpx(),

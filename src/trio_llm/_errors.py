@@ -9,6 +9,7 @@ The tree::
     ├── APIConnectionError          the request did not get an HTTP response
     │   └── APITimeoutError         ... because a connect/read/write/pool timeout expired
     ├── StreamError                 a streamed reply failed after its first event
+    ├── BatchInputError             a batch file has an invalid line (path, line, reason)
     └── APIStatusError              the server answered with a 4xx or 5xx status
         ├── BadRequestError         400
         ├── AuthenticationError     401
@@ -41,6 +42,7 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchInputError",
     "ConfigurationError",
     "ConflictError",
     "LLMError",
@@ -139,6 +141,39 @@ class StreamError(LLMError):
         super().__init__(message)
         self.text_so_far = text_so_far
         self.error_body = error_body
+
+
+@final
+class BatchInputError(LLMError):
+    """A batch file has an invalid line; raised before any request of the batch is sent.
+
+    The attributes describe the first invalid line; the message lists the first few and
+    says how many there are in all.
+
+    Attributes:
+        path: the file (the input file, or an output file that is not batch output).
+        line: the 1-based number of the first invalid line.
+        reason: what is wrong with that line.
+        custom_id: that line's ``custom_id``, when it has a usable one.
+        invalid_lines: how many invalid lines the file holds (at least 1).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        line: int,
+        reason: str,
+        custom_id: str | None = None,
+        invalid_lines: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+        self.reason = reason
+        self.custom_id = custom_id
+        self.invalid_lines = invalid_lines
 
 
 class APIStatusError(LLMError):

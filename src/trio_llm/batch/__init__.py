@@ -1,0 +1,10 @@
+"""Batch jobs: send every line of a JSONL file once, resumably, and write each answer.
+
+``await trio_llm.run_batch(input_path, output_path, client=client)`` or, from a shell,
+``trio-llm batch INPUT.jsonl -o OUTPUT.jsonl``. See ``docs/batch.md``.
+"""
+
+from ._runner import BatchSummary as BatchSummary
+from ._runner import run_batch as run_batch
+
+__all__ = ["BatchSummary", "run_batch"]

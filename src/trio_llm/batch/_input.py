@@ -1,0 +1,443 @@
+"""Reading and checking batch input files, one streaming pass at a time.
+
+A line is a request in the OpenAI Batch API format::
+
+    {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+    {"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {...}}
+
+or in the short form ``{"custom_id": "c", "prompt": "...", ...}``: one user message, with
+any other field (``model``, ``max_tokens``, ``temperature``, ...) going to the body.
+Blank lines are ignored; line numbers count every physical line, from 1.
+
+:func:`check_input` is the first pass: it parses every line, finds every problem (with
+its line number) and duplicate ``custom_id``, and marks which lines the run must handle,
+before anything is sent. The run's own pass re-reads the file and parses only those.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Iterator
+from typing import IO, Any, Final, final
+
+import attrs
+import trio
+
+from .._errors import BatchInputError
+from ._keys import AnsweredKeys, HashSet, key_hash
+
+__all__ = [
+    "CHAT_URL",
+    "EMBEDDINGS_URL",
+    "Bits",
+    "InputPlan",
+    "Invalid",
+    "Request",
+    "check_input",
+    "parse_line",
+    "read_lines",
+]
+
+CHAT_URL: Final = "/v1/chat/completions"
+EMBEDDINGS_URL: Final = "/v1/embeddings"
+_URLS: Final = (CHAT_URL, EMBEDDINGS_URL)
+
+# Keyword arguments of Client.chat/embed other than body fields: a body field of that
+# name could not be passed through unchanged, so such a line is refused up front.
+_RESERVED_FIELDS: Final = frozenset({"retry", "prompt_or_messages", "texts"})
+
+# How many problems an error message lists; the count covers them all.
+_LISTED_PROBLEMS: Final = 10
+# Lines parsed between two checkpoints, so a long pass never starves other tasks.
+_LINES_PER_CHECKPOINT: Final = 2048
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Request:
+    """A valid input line: one request to send.
+
+    Attributes:
+        line: its line number (from 1).
+        custom_id: its ``custom_id``.
+        url: :data:`CHAT_URL` or :data:`EMBEDDINGS_URL`.
+        body: the request body, as in the file (the short form's built from its fields).
+    """
+
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Invalid:
+    """An invalid input line.
+
+    Attributes:
+        line: its line number (from 1).
+        custom_id: its ``custom_id`` if it has a usable one (a non-empty string).
+        code: a machine-readable reason (``invalid_json``, ``missing_custom_id``,
+            ``duplicate_custom_id``, ``invalid_url``, ...).
+        reason: what is wrong, for people.
+    """
+
+    line: int
+    custom_id: str | None
+    code: str
+    reason: str
+
+    @property
+    def keyed_by_line(self) -> bool:
+        """Whether its output line is found by line number (``custom_id`` null).
+
+        A line with no usable ``custom_id``, or repeating one an earlier line owns, has
+        no ``custom_id`` of its own to be recorded under.
+        """
+        return self.custom_id is None or self.code == "duplicate_custom_id"
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _check_messages(messages: object) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"body.messages must be a non-empty array of messages, not {_json_type(messages)}"
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"body.messages[{position}] must be an object, not {_json_type(message)}"
+        if not isinstance(message.get("role"), str):
+            return f"body.messages[{position}] needs a string 'role'"
+    return None
+
+
+def _check_embedding_input(value: object) -> str | None:
+    if isinstance(value, str) and value:
+        return None
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return None
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return None  # one text as token ids
+        if all(
+            isinstance(item, list) and item and all(isinstance(t, int) for t in item)
+            for item in value
+        ):
+            return None  # several texts as token ids
+    return (
+        "body.input must be a non-empty string or array of strings (or of token ids), "
+        f"not {_json_type(value)}"
+    )
+
+
+def _check_body(url: str, body: dict[str, Any], default_model: str | None) -> str | None:
+    """Return what is wrong with ``body`` for ``url``, or ``None``."""
+    reserved = _RESERVED_FIELDS.intersection(body)
+    if reserved:
+        return f"body field {sorted(reserved)[0]!r} cannot be passed through by trio-llm"
+    if "model" in body:
+        model = body["model"]
+        if not isinstance(model, str) or not model:
+            return f"body.model must be a non-empty string, not {_json_type(model)}"
+    elif not default_model:
+        return "no model: set body.model, or give a default model (--model)"
+    if body.get("stream") is True:
+        return "body.stream: streamed replies are not supported in a batch"
+    if url == CHAT_URL:
+        return _check_messages(body.get("messages"))
+    return _check_embedding_input(body.get("input"))
+
+
+def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request | Invalid:
+    """Parse and check one input line (duplicates are :func:`check_input`'s business).
+
+    Args:
+        raw: the line's bytes (UTF-8 JSON; surrounding whitespace is ignored).
+        line: its line number, for messages.
+        default_model: the model used when a body names none (``None``: a body must).
+    """
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        where = f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        return Invalid(
+            line=line, custom_id=None, code="invalid_json", reason=f"invalid JSON: {reason}{where}"
+        )
+    if not isinstance(payload, dict):
+        return Invalid(
+            line=line,
+            custom_id=None,
+            code="invalid_json",
+            reason=f"expected a JSON object, got {_json_type(payload)}",
+        )
+    if "custom_id" not in payload:
+        return Invalid(line=line, custom_id=None, code="missing_custom_id", reason="no custom_id")
+    custom_id = payload["custom_id"]
+    if not isinstance(custom_id, str) or not custom_id:
+        return Invalid(
+            line=line,
+            custom_id=None,
+            code="invalid_custom_id",
+            reason=f"custom_id must be a non-empty string, not {_json_type(custom_id)}",
+        )
+
+    def invalid(code: str, reason: str) -> Invalid:
+        return Invalid(line=line, custom_id=custom_id, code=code, reason=reason)
+
+    if "prompt" in payload:
+        if {"method", "url", "body"}.intersection(payload):
+            return invalid(
+                "invalid_request",
+                "a line has either 'prompt' (short form) or 'method', 'url' and 'body'",
+            )
+        prompt = payload["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            return invalid(
+                "invalid_prompt", f"prompt must be a non-empty string, not {_json_type(prompt)}"
+            )
+        body = {k: v for k, v in payload.items() if k not in ("custom_id", "prompt")}
+        if "messages" in body:
+            return invalid("invalid_request", "a line has either 'prompt' or 'messages'")
+        body["messages"] = [{"role": "user", "content": prompt}]
+        url = CHAT_URL
+    else:
+        method = payload.get("method")
+        if method != "POST":
+            shown = "missing" if "method" not in payload else f"{method!r}"
+            return invalid("invalid_method", f'method must be "POST" ({shown})')
+        given_url = payload.get("url")
+        if given_url not in _URLS:
+            shown = "missing" if "url" not in payload else f"{given_url!r}"
+            return invalid("invalid_url", f"unsupported url {shown}; supported: {', '.join(_URLS)}")
+        url = str(given_url)
+        given_body = payload.get("body")
+        if not isinstance(given_body, dict):
+            return invalid(
+                "invalid_body", f"body must be a JSON object, not {_json_type(given_body)}"
+            )
+        body = given_body
+    problem = _check_body(url, body, default_model)
+    if problem is not None:
+        return invalid("invalid_body", problem)
+    return Request(line=line, custom_id=custom_id, url=url, body=body)
+
+
+def read_lines(file: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line number, bytes)`` for each non-blank line of ``file``, from its start."""
+    file.seek(0)
+    for number, raw in enumerate(file, 1):
+        if raw and not raw.isspace():
+            yield number, raw
+
+
+@final
+class Bits:
+    """A growable bit per line number: 1 bit a line (125 KB for a million lines)."""
+
+    __slots__ = ("_bytes",)
+
+    def __init__(self) -> None:
+        self._bytes = bytearray()
+
+    def set(self, index: int) -> None:
+        """Set bit ``index``."""
+        byte = index >> 3
+        if byte >= len(self._bytes):
+            self._bytes.extend(bytes(byte - len(self._bytes) + 4096))
+        self._bytes[byte] |= 1 << (index & 7)
+
+    def __getitem__(self, index: int) -> bool:
+        byte = index >> 3
+        return byte < len(self._bytes) and bool(self._bytes[byte] & (1 << (index & 7)))
+
+
+@final
+@attrs.define(kw_only=True)
+class InputPlan:
+    """What the first pass found, and what the run must do.
+
+    Attributes:
+        path: the input file, as given.
+        total: non-blank lines.
+        to_send: valid lines not answered yet: the requests to send.
+        to_record: invalid lines to record as error lines (only with ``skip_invalid``).
+        answered_ok: lines already answered successfully in OUTPUT.
+        answered_failed: lines already answered with an error in OUTPUT.
+        handle: the lines the run must handle (send or record), by line number.
+        duplicates: line number -> (custom_id, line of its first occurrence), for each
+            line repeating an earlier ``custom_id``.
+        identity: the input file's (device, inode, size, mtime), to notice a change.
+    """
+
+    path: str
+    total: int = 0
+    to_send: int = 0
+    to_record: int = 0
+    answered_ok: int = 0
+    answered_failed: int = 0
+    handle: Bits = attrs.Factory(Bits)
+    duplicates: dict[int, tuple[str, int]] = attrs.Factory(dict)
+    identity: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
+    """Return ``file``'s (device, inode, size, mtime in ns)."""
+    status = os.fstat(file.fileno())
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+async def _locate_duplicates(
+    file: IO[bytes], suspects: dict[int, str]
+) -> dict[int, tuple[str, int]]:
+    """Confirm suspected duplicates exactly; return line -> (custom_id, first line).
+
+    The first pass compares 64-bit hashes; this pass compares the strings, for the few
+    hashes that collided, and finds where each repeated ``custom_id`` first appears.
+    """
+    wanted = {key_hash(custom_id) for custom_id in suspects.values()}
+    first_line: dict[str, int] = {}
+    for number, raw in read_lines(file):
+        if number % _LINES_PER_CHECKPOINT == 0:
+            await trio.lowlevel.checkpoint()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            continue
+        custom_id = payload.get("custom_id") if isinstance(payload, dict) else None
+        if isinstance(custom_id, str) and custom_id and key_hash(custom_id) in wanted:
+            first_line.setdefault(custom_id, number)
+    return {
+        line: (custom_id, first_line[custom_id])
+        for line, custom_id in suspects.items()
+        if first_line.get(custom_id, line) < line
+    }
+
+
+def _problem_message(path: str, problems: list[Invalid], count: int) -> str:
+    def describe(problem: Invalid) -> str:
+        return f"{path}:{problem.line}: {problem.reason}"
+
+    if count == 1:
+        return f"{describe(problems[0])}; nothing was sent"
+    listed = "\n".join(f"  {describe(problem)}" for problem in problems)
+    more = f"\n  ... and {count - len(problems)} more" if count > len(problems) else ""
+    return f"{path}: {count} invalid lines; nothing was sent:\n{listed}{more}"
+
+
+async def check_input(
+    file: IO[bytes],
+    path: str,
+    answered: AnsweredKeys,
+    *,
+    default_model: str | None,
+    skip_invalid: bool,
+    retry_failed: bool,
+) -> InputPlan:
+    """Run the first pass over the input: check every line, plan the run.
+
+    Args:
+        file: the input, open in binary mode.
+        path: its name, for messages.
+        answered: what OUTPUT already answers (lines found there are not handled again).
+        default_model: the model for bodies that name none.
+        skip_invalid: plan to record invalid lines as error lines instead of failing.
+        retry_failed: plan to handle again the lines OUTPUT answers with an error.
+
+    Raises:
+        BatchInputError: some lines are invalid (and not recorded in OUTPUT already), and
+            ``skip_invalid`` is false.
+
+    Memory: a 64-bit hash per ``custom_id`` (see ``_keys``) and a bit per line.
+    """
+    plan = InputPlan(path=path, identity=file_identity(file))
+    seen = HashSet()
+    suspects: dict[int, str] = {}
+    deferred: dict[int, Request | Invalid] = {}
+    problems: list[Invalid] = []
+    problem_count = 0
+    # With retry_failed, lines answered with an error count as unanswered: their error
+    # lines are removed before the run.
+    failed = HashSet() if retry_failed else answered.failed
+    failed_lines: set[int] = set() if retry_failed else answered.failed_lines
+
+    def plan_line(item: Request | Invalid) -> None:
+        nonlocal problem_count
+        if isinstance(item, Invalid):
+            if item.keyed_by_line:
+                if item.line in failed_lines:
+                    plan.answered_failed += 1
+                    return
+            elif item.custom_id is None:  # pragma: no cover - keyed_by_line covers it
+                raise AssertionError(item)
+            elif item.custom_id in answered.ok:  # answered before the line was changed
+                plan.answered_ok += 1
+                return
+            elif item.custom_id in failed:
+                plan.answered_failed += 1
+                return
+            problem_count += 1
+            if len(problems) < _LISTED_PROBLEMS or item.line < problems[-1].line:
+                # Keep the first few by line number (duplicates are decided last).
+                bisect.insort(problems, item, key=lambda problem: problem.line)
+                del problems[_LISTED_PROBLEMS:]
+            plan.to_record += 1
+            plan.handle.set(item.line)
+        elif item.custom_id in answered.ok:
+            plan.answered_ok += 1
+        elif item.custom_id in failed:
+            plan.answered_failed += 1
+        else:
+            plan.to_send += 1
+            plan.handle.set(item.line)
+
+    for number, raw in read_lines(file):
+        if number % _LINES_PER_CHECKPOINT == 0:
+            await trio.lowlevel.checkpoint()
+        plan.total += 1
+        item = parse_line(raw, number, default_model=default_model)
+        if item.custom_id is not None and not seen.add(item.custom_id):
+            # Maybe a duplicate: decided exactly once the whole file has been read.
+            suspects[number] = item.custom_id
+            deferred[number] = item
+            continue
+        plan_line(item)
+    del seen  # its memory is given back before the run starts
+    if suspects:
+        plan.duplicates = await _locate_duplicates(file, suspects)
+        for number in sorted(deferred):
+            item = deferred[number]
+            if number in plan.duplicates:
+                custom_id, first_line = plan.duplicates[number]
+                item = Invalid(
+                    line=number,
+                    custom_id=custom_id,
+                    code="duplicate_custom_id",
+                    reason=f"duplicate custom_id {custom_id!r} (first on line {first_line})",
+                )
+            plan_line(item)
+    if problem_count and not skip_invalid:
+        first = problems[0]
+        raise BatchInputError(
+            _problem_message(path, problems, problem_count),
+            path=path,
+            line=first.line,
+            reason=first.reason,
+            custom_id=first.custom_id,
+            invalid_lines=problem_count,
+        )
+    return plan

@@ -1,0 +1,385 @@
+"""The output file: locked, scanned for what it answers, repaired, and appended to.
+
+Each line is one answered input line, in the Batch API output format::
+
+    {"id": "batch_req_...", "custom_id": "a",
+     "response": {"status_code": 200, "request_id": "...", "body": {...}}, "error": null}
+
+A failed request has ``"error": {"code": ..., "message": ...}``; when the server answered
+with an error status the line also keeps that ``response`` (status code and error body),
+so ``error`` being non-null is the one test of failure. An invalid input line recorded
+with ``skip_invalid`` has ``"response": null`` and ``error.line``; when it has no usable
+``custom_id`` (or repeats one an earlier line owns) its ``custom_id`` is null and it is
+known by that line number.
+
+Files are read and written with plain blocking calls, on purpose: they are local, the
+reads are buffered (1 MB) and each line is one small ``write()`` (~1 us), while
+``trio.open_file`` would hand every call to a worker thread (tens of microseconds each).
+The long passes (scanning, rewriting) checkpoint every few thousand lines.
+
+Durability: each line is written with one ``write()`` of the whole line, unbuffered, so a
+killed process leaves at most one partial last line, which the next run repairs. The
+file is also ``fsync``\\ ed at most once a second and at the end (an ``fsync`` per line
+costs ~150 us here and milliseconds on many disks: more than the request itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from typing import IO, Any, Final, final
+
+import attrs
+import trio
+
+from .._errors import (
+    APIConnectionError,
+    APIResponseError,
+    APIStatusError,
+    APITimeoutError,
+    BatchInputError,
+    ConfigurationError,
+    LLMError,
+    RetryDeadlineExceeded,
+    StreamError,
+)
+from ._keys import AnsweredKeys
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, no second-run guard
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["OutputFile", "OutputScan", "answer_record", "error_record", "failure_record"]
+
+_SYNC_INTERVAL: Final = 1.0
+_LINES_PER_CHECKPOINT: Final = 2048
+
+
+def _dump(record: dict[str, Any]) -> bytes:
+    try:
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        return (text + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
+        return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def _new_id() -> str:
+    return "batch_req_" + secrets.token_hex(12)
+
+
+def answer_record(
+    custom_id: str, *, body: dict[str, Any], request_id: str | None, status_code: int = 200
+) -> bytes:
+    """Return the output line of a request that succeeded."""
+    return _dump(
+        {
+            "id": _new_id(),
+            "custom_id": custom_id,
+            "response": {"status_code": status_code, "request_id": request_id, "body": body},
+            "error": None,
+        }
+    )
+
+
+def error_record(
+    custom_id: str | None,
+    *,
+    code: str,
+    message: str,
+    line: int | None = None,
+    response: dict[str, Any] | None = None,
+) -> bytes:
+    """Return the output line of a request that failed, or of an invalid input line."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if line is not None:
+        error["line"] = line
+    return _dump({"id": _new_id(), "custom_id": custom_id, "response": response, "error": error})
+
+
+def _status_response(error: APIStatusError) -> dict[str, Any]:
+    return {"status_code": error.status_code, "request_id": error.request_id, "body": error.body}
+
+
+def failure_record(custom_id: str, error: LLMError) -> bytes:
+    """Return the output line of a request that ended in ``error``.
+
+    ``error.code`` is the server's error code (or type) for an error status, else
+    ``http_<status>``; ``timeout``, ``connection_error``, ``deadline_exceeded``,
+    ``invalid_response``, ``stream_error`` or ``client_error`` otherwise.
+    """
+    response: dict[str, Any] | None = None
+    if isinstance(error, APIStatusError):
+        code = error.code or error.error_type or f"http_{error.status_code}"
+        response = _status_response(error)
+    elif isinstance(error, RetryDeadlineExceeded):
+        code = "deadline_exceeded"
+        if isinstance(error.last_error, APIStatusError):
+            response = _status_response(error.last_error)
+    elif isinstance(error, APITimeoutError):
+        code = "timeout"
+    elif isinstance(error, APIConnectionError):
+        code = "connection_error"
+    elif isinstance(error, APIResponseError):
+        code = "invalid_response"
+        response = {"status_code": error.status_code, "request_id": error.request_id, "body": None}
+    elif isinstance(error, StreamError):  # pragma: no cover - a batch never streams
+        code = "stream_error"
+    else:  # ConfigurationError and any future LLMError
+        code = "client_error"
+    return error_record(custom_id, code=code, message=str(error), response=response)
+
+
+@final
+@attrs.define(kw_only=True)
+class OutputScan:
+    """What OUTPUT held when the run started.
+
+    Attributes:
+        answered: its ``custom_id``\\ s (answered OK, or with an error) and the line
+            numbers of its keyless error lines.
+        lines: complete lines.
+        failed: lines whose ``error`` is set.
+        end: the offset just past the last complete line.
+        tail: bytes after ``end`` (a partial line left by a crash), 0 if none.
+        tail_complete: whether that tail is a whole record missing only its newline.
+        repeated: ``custom_id``\\ s found on more than one line (never written by a
+            run, which skips answered ids; kept as they are).
+    """
+
+    answered: AnsweredKeys = attrs.Factory(AnsweredKeys)
+    lines: int = 0
+    failed: int = 0
+    end: int = 0
+    tail: int = 0
+    tail_complete: bool = False
+    repeated: int = 0
+
+
+def _record_key(raw: bytes) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """Parse an output line: ``(custom_id, error, problem)``; ``problem`` if it is not one."""
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:
+        return None, None, f"invalid JSON: {exc}"
+    if not isinstance(record, dict) or "custom_id" not in record:
+        return None, None, "no custom_id"
+    custom_id, error = record["custom_id"], record.get("error")
+    if not (custom_id is None or isinstance(custom_id, str)):
+        return None, None, "custom_id is not a string"
+    if not (error is None or isinstance(error, dict)):
+        return None, None, "error is neither null nor an object"
+    if error is None and not isinstance(record.get("response"), dict):
+        return None, None, "neither a response nor an error"
+    return custom_id, error, None
+
+
+@final
+class OutputFile:
+    """A batch's output file, held (locked) by one run from open to close.
+
+    Use :meth:`open`; then :meth:`scan`, :meth:`prepare`, :meth:`write` for each line,
+    and :meth:`close` (or the ``with`` block).
+    """
+
+    def __init__(self, path: str, file: IO[bytes]) -> None:
+        self.path = path
+        self._file = file
+        self._scan: OutputScan | None = None
+        self._next_sync = time.monotonic() + _SYNC_INTERVAL
+        self.lines_written = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: str) -> Iterator[OutputFile]:
+        """Open (create) ``path`` for appending, locked against a second run.
+
+        If the block fails before any line was written to a file it created, the empty
+        file is removed again: bad input leaves nothing behind.
+
+        Raises:
+            ConfigurationError: another process holds the file (a run still going).
+        """
+        created = not os.path.exists(path)
+        file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by this block
+        output = cls(path, file)
+        try:
+            _lock(file, path)
+            yield output
+        except BaseException:
+            output.close()
+            if created and output.lines_written == 0:
+                with contextlib.suppress(OSError):
+                    if os.path.getsize(path) == 0:
+                        os.unlink(path)
+            raise
+        finally:
+            output.close()
+
+    def close(self) -> None:
+        """Flush to disk and close (which releases the lock); idempotent."""
+        if not self._file.closed:
+            try:
+                self.sync()
+            finally:
+                self._file.close()
+
+    async def scan(self) -> OutputScan:
+        """Read what the file answers already (the first pass over OUTPUT).
+
+        Raises:
+            BatchInputError: a complete line is not a batch output line (the wrong file?).
+        """
+        scan = OutputScan()
+        answered = scan.answered
+        offset = 0
+        with open(self.path, "rb", buffering=1 << 20) as reader:  # noqa: ASYNC230 - see top
+            for number, raw in enumerate(reader, 1):
+                if number % _LINES_PER_CHECKPOINT == 0:
+                    await trio.lowlevel.checkpoint()
+                complete = raw.endswith(b"\n")
+                if complete and raw.isspace():
+                    offset += len(raw)
+                    continue
+                custom_id, error, problem = _record_key(raw)
+                if not complete:  # the last line, cut short (or only missing its newline)
+                    scan.tail = len(raw)
+                    scan.tail_complete = problem is None
+                    if problem is not None:
+                        break
+                elif problem is not None:
+                    raise BatchInputError(
+                        f"{self.path}:{number}: not a batch output line ({problem}); "
+                        "is this the right output file? Nothing was sent",
+                        path=self.path,
+                        line=number,
+                        reason=f"not a batch output line: {problem}",
+                    )
+                else:
+                    offset += len(raw)
+                scan.lines += 1
+                if error is not None:
+                    scan.failed += 1
+                if custom_id is None:
+                    line = error.get("line") if error is not None else None
+                    if isinstance(line, int):
+                        answered.failed_lines.add(line)
+                    continue
+                if custom_id in answered.ok or custom_id in answered.failed:
+                    scan.repeated += 1
+                (answered.ok if error is None else answered.failed).add(custom_id)
+        scan.end = offset
+        self._scan = scan
+        return scan
+
+    async def prepare(self, *, retry_failed: bool) -> list[str]:
+        """Repair the file before the run appends to it; return what was done, for people.
+
+        A partial last line is cut off (a whole record missing only its newline gets the
+        newline). With ``retry_failed`` the file is rewritten without its error lines
+        (into a temporary file, then renamed over it, so a crash leaves the old or the
+        new file, never a mix): their ``custom_id``\\ s are then unanswered, and sent
+        again, so each still ends up on exactly one line.
+        """
+        scan = self._scan
+        if scan is None:
+            raise RuntimeError("scan() first")
+        notes: list[str] = []
+        if retry_failed and scan.failed:
+            await self._drop_failed(scan)
+            notes.append(
+                f"--retry-failed: removed {scan.failed:,} error line(s) from {self.path} "
+                "to send them again"
+            )
+        elif scan.tail and scan.tail_complete:
+            self._file.write(b"\n")
+            notes.append(f"repaired {self.path}: its last line had no newline")
+        elif scan.tail:
+            os.truncate(self._file.fileno(), scan.end)
+            notes.append(
+                f"repaired {self.path}: removed a partial last line ({scan.tail:,} bytes) "
+                "left by an interrupted run"
+            )
+        return notes
+
+    async def _drop_failed(self, scan: OutputScan) -> None:
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with (
+                open(self.path, "rb", buffering=1 << 20) as reader,  # noqa: ASYNC230
+                open(temporary, "xb") as writer,  # noqa: ASYNC230
+            ):
+                for number, raw in enumerate(reader, 1):
+                    if number % _LINES_PER_CHECKPOINT == 0:
+                        await trio.lowlevel.checkpoint()
+                    if raw.isspace():
+                        continue
+                    if not raw.endswith(b"\n"):
+                        if not scan.tail_complete:
+                            break
+                        raw += b"\n"
+                    if _record_key(raw)[1] is None:
+                        writer.write(raw)
+                writer.flush()
+                os.fsync(writer.fileno())
+            replacement = open(temporary, "ab", buffering=0)  # noqa: ASYNC230, SIM115
+            try:
+                _lock(replacement, temporary)
+                os.replace(temporary, self.path)
+            except BaseException:
+                replacement.close()
+                raise
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        # The lock moves with the new file: a second run that opens the path now finds it.
+        self._file.close()
+        self._file = replacement
+        _sync_directory(self.path)
+
+    def write(self, line: bytes) -> None:
+        """Append one whole line (one ``write()``), then ``fsync`` if a second has passed."""
+        view = memoryview(line)
+        while view:
+            written = self._file.write(view)
+            view = view[written:]
+        self.lines_written += 1
+        now = time.monotonic()
+        if now >= self._next_sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make every line written so far durable (``fsync``)."""
+        os.fsync(self._file.fileno())
+        self._next_sync = time.monotonic() + _SYNC_INTERVAL
+
+
+def _lock(file: IO[bytes], path: str) -> None:
+    if fcntl is None:  # pragma: no cover - Windows
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigurationError(
+            f"{path} is being written by another 'trio-llm batch' run; "
+            "wait for it to end, or choose another output file"
+        ) from None
+
+
+def _sync_directory(path: str) -> None:
+    """Make a rename in ``path``'s directory durable (POSIX; a no-op where unsupported)."""
+    try:
+        descriptor = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(descriptor)
