@@ -48,6 +48,18 @@ def test_chat_json_and_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert payload["usage"]["completion_tokens"] == 2
 
 
+def test_chat_stream_prints_the_same_reply(capsys: pytest.CaptureFixture[str]) -> None:
+    """--stream prints the reply as it arrives: the same text as without it."""
+    assert main(["chat", "--simulate", "Tell me about rivers."]) == 0
+    plain = capsys.readouterr().out
+    assert main(["chat", "--simulate", "--stream", "Tell me about rivers."]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(["chat", "--simulate", "--stream", "--json", "Tell me about rivers."]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["choices"][0]["message"]["content"] == plain.strip()
+    assert payload["usage"]["completion_tokens"] > 0
+
+
 def test_chat_reads_the_prompt_from_stdin(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,11 +178,12 @@ def test_fake_server_command_serves_until_interrupted() -> None:
         response = httpx2.post(
             base_url + "/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
         )
         assert response.status_code == 200
         assert response.headers["x-ratelimit-limit-requests"] == "100"
     finally:
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=20)
+        _, err = process.communicate(timeout=60)
     assert "/v1/chat/completions" in err  # --verbose logs one line per request
     assert "Traceback" not in err

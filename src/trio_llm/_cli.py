@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--json", action="store_true", help="print the whole response as JSON, not just its text"
     )
+    chat.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the reply as it is generated (with --json: the aggregated response)",
+    )
     _add_connection_options(chat)
 
     from .batch._command import add_batch_parser  # here, not at the top: it imports this module
@@ -253,7 +258,17 @@ async def _chat(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         params["temperature"] = args.temperature
     async with _open_cli_client(args) as client:
-        reply = await client.chat(messages, **params)
+        if args.stream:
+            async with client.stream(messages, **params) as stream:
+                async for chunk in stream:
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+            reply = stream.response
+            if not args.json:
+                print()
+                return EXIT_OK
+        else:
+            reply = await client.chat(messages, **params)
     if args.json:
         print(json.dumps(reply.raw, indent=2, ensure_ascii=False))
     else:
