@@ -60,7 +60,9 @@ class TokenBucket:
     def wait_for(self, amount: float) -> float:
         """Seconds until the bucket holds ``amount`` (until full when it never can)."""
         missing = min(amount, self.capacity) - self.level
-        return max(0.0, missing / self.rate)
+        # Forgive float dust: a client that waits exactly the advertised time must get in,
+        # not a 1 ms retry-after for a bucket at 0.9999999.
+        return missing / self.rate if missing > 1e-6 else 0.0
 
     def reset_after(self) -> float:
         """Seconds until the bucket is full again."""
