@@ -138,6 +138,10 @@ class RateSetup:
     prompts: tuple[str, ...]
 
 
+#: A client's job: takes the base URL, returns (failed items, retries made or None).
+RateJob = Callable[[str], Awaitable[tuple[int, int | None]]]
+
+
 @attrs.frozen(kw_only=True)
 class RateRow:
     """One client's outcome in the rate-limit section."""
@@ -146,6 +150,7 @@ class RateRow:
     elapsed: float
     answered: int
     failed: int
+    retried: int | None
     responses: int
     refused: int
     tokens: int
@@ -163,8 +168,10 @@ def prompt(i: int) -> str:
     return f"Question {i}: in one sentence, why would request number {i} wait its turn?"
 
 
-async def rate_trio_llm(base_url: str, setup: RateSetup, rate_limit: trio_llm.RateLimit) -> int:
-    """trio-llm ``chat_many``; return the number of failed items.
+async def rate_trio_llm(
+    base_url: str, setup: RateSetup, rate_limit: trio_llm.RateLimit
+) -> tuple[int, int]:
+    """trio-llm ``chat_many``; return the failed items and the retries.
 
     ``RateLimit()`` is ``open_client``'s default: no limit of its own, the server's learned.
     """
@@ -172,18 +179,18 @@ async def rate_trio_llm(base_url: str, setup: RateSetup, rate_limit: trio_llm.Ra
         base_url=base_url, model=MODEL, max_concurrency=setup.concurrency, rate_limit=rate_limit
     ) as client:
         results = await client.chat_many(setup.prompts, max_tokens=setup.max_tokens)
-    return sum(not r.ok for r in results)
+    return sum(not r.ok for r in results), client.statistics().retried
 
 
-async def rate_httpx2(base_url: str, setup: RateSetup) -> int:
+async def rate_httpx2(base_url: str, setup: RateSetup) -> tuple[int, int]:
     """Hand-written: nursery + CapacityLimiter + httpx2, sleeping Retry-After on a 429."""
-    failed = 0
+    failed = retried = 0
     limiter = trio.CapacityLimiter(setup.concurrency)
     limits = httpx2.Limits(max_connections=setup.concurrency)
     async with httpx2.AsyncClient(base_url=base_url, limits=limits, timeout=60) as http:
 
         async def one(text: str) -> None:
-            nonlocal failed
+            nonlocal failed, retried
             body = {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": text}],
@@ -194,6 +201,7 @@ async def rate_httpx2(base_url: str, setup: RateSetup) -> int:
                     response = await http.post("/chat/completions", json=body)
                     if response.status_code != 429:
                         break
+                    retried += 1
                     await trio.sleep(float(response.headers.get("retry-after", "1")))
                 if response.status_code != 200:
                     failed += 1
@@ -203,10 +211,10 @@ async def rate_httpx2(base_url: str, setup: RateSetup) -> int:
         async with trio.open_nursery() as nursery:
             for text in setup.prompts:
                 nursery.start_soon(one, text)
-    return failed
+    return failed, retried
 
 
-async def rate_openai(base_url: str, setup: RateSetup) -> int:
+async def rate_openai(base_url: str, setup: RateSetup) -> tuple[int, int | None]:
     """The official AsyncOpenAI client, default retries, under a CapacityLimiter."""
     failed = 0
     limiter = trio.CapacityLimiter(setup.concurrency)
@@ -231,7 +239,7 @@ async def rate_openai(base_url: str, setup: RateSetup) -> int:
     finally:
         with trio.CancelScope(shield=True):
             await sdk.close()
-    return failed
+    return failed, None  # its retries are internal
 
 
 async def calibrate(max_tokens: int, count: int = 256) -> float:
@@ -244,15 +252,13 @@ async def calibrate(max_tokens: int, count: int = 256) -> float:
     return statistics.fmean(r.unwrap().usage.total_tokens for r in results)
 
 
-async def run_rate_client(
-    name: str, job: Callable[[str], Awaitable[int]], setup: RateSetup
-) -> RateRow:
+async def run_rate_client(name: str, job: RateJob, setup: RateSetup) -> RateRow:
     """Run one client's job against a fresh rate-limited server."""
     async with fake_server(
         latency=RATE_LATENCY, requests_per_minute=setup.rpm, tokens_per_minute=setup.tpm
     ) as server:
         start = trio.current_time()
-        failed = await job(server.base_url)
+        failed, retried = await job(server.base_url)
         elapsed = trio.current_time() - start
         stats = await server.stats()
     by_status: dict[int, int] = stats["requests_by_status"]
@@ -265,6 +271,7 @@ async def run_rate_client(
         elapsed=elapsed,
         answered=answered,
         failed=failed,
+        retried=retried,
         responses=sum(by_status.values()),
         refused=by_status.get(429, 0),
         tokens=tokens,
@@ -296,7 +303,7 @@ async def rate_section(args: argparse.Namespace) -> None:
         flush=True,
     )
     matching = trio_llm.RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
-    clients: list[tuple[str, Callable[[str], Awaitable[int]]]] = [
+    clients: list[tuple[str, RateJob]] = [
         ("trio-llm chat_many, matching RateLimit", lambda u: rate_trio_llm(u, setup, matching)),
         (
             "trio-llm chat_many, adaptive default",
@@ -318,6 +325,7 @@ async def rate_section(args: argparse.Namespace) -> None:
             "wall s",
             "answered",
             "failed",
+            "retries",
             f"throughput/limit ({binding})",
             "429s",
             "429 share",
@@ -328,6 +336,7 @@ async def rate_section(args: argparse.Namespace) -> None:
                 f"{row.elapsed:.1f}",
                 f"{row.answered}/{count}",
                 str(row.failed),
+                "n/a" if row.retried is None else str(row.retried),
                 f"{row.tokens_ratio if binding == 'tokens' else row.requests_ratio:.3f}",
                 str(row.refused),
                 f"{row.refused_share:.1%}",

@@ -44,18 +44,13 @@ async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", help="an OpenAI-compatible API (default: a fake server)")
     parser.add_argument("--model", default="gpt-4o-mini", help="the model to ask")
-    parser.add_argument("--quiet", action="store_true", help="do not log each retry")
     args = parser.parse_args(argv)
 
-    if not args.quiet:
-        # trio_llm.retry logs each retry at INFO: which request, which attempt, why, how
-        # long it waits. stamina logs a bare "stamina.retry_scheduled" warning per retry
-        # too (its details are in the record's extra fields); keep just ours.
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("  %(name)s: %(message)s"))
-        retry_log = logging.getLogger("trio_llm.retry")
-        retry_log.addHandler(handler)
-        retry_log.setLevel(logging.INFO)
+    # trio_llm.retry logs each retry at INFO: which request, which attempt, why, how long
+    # it waits. stamina also logs a bare "stamina.retry_scheduled" warning for each one
+    # (details in the record's extra fields): keep just ours.
+    logging.basicConfig(format="  %(name)s: %(message)s")
+    logging.getLogger("trio_llm.retry").setLevel(logging.INFO)
     logging.getLogger("stamina").setLevel(logging.ERROR)
 
     async with AsyncExitStack() as stack:
@@ -92,8 +87,8 @@ async def main(argv: list[str] | None = None) -> None:
         )
         if server is not None:
             print(
-                f"the server injected {server.stats.injected_errors} errors and cut "
-                f"{server.stats.injected_disconnects} replies off"
+                f"the server injected {server.stats.injected_errors} errors and cut off "
+                f"{server.stats.injected_disconnects} replies midway"
             )
 
 

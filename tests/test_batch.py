@@ -88,7 +88,8 @@ async def test_every_format_is_answered_once(tmp_path: Path, fake_llm: FakeLLMSe
     assert short["error"] is None
     assert short["response"]["status_code"] == 200
     assert short["response"]["body"]["choices"][0]["message"]["content"] == direct.text
-    assert short["response"]["request_id"] == short["response"]["body"]["id"]
+    assert short["response"]["request_id"].startswith("req_")  # the x-request-id header
+    assert records["embed"]["response"]["request_id"].startswith("req_")
     assert records["chat"]["response"]["body"]["model"] == "other-model"
     assert records["chat"]["response"]["body"]["usage"]["completion_tokens"] <= 4
     assert len(records["embed"]["response"]["body"]["data"]) == 2
@@ -473,9 +474,14 @@ async def test_second_signal_cancels_at_once(
 
 
 async def test_plain_progress_lines_when_stderr_is_not_a_terminal(
-    tmp_path: Path, autojump_clock: trio.abc.Clock, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With progress on and stderr not a terminal, plain lines report done/total and more."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
     source = write_jsonl(tmp_path / "in.jsonl", prompts(30))
     target = tmp_path / "out.jsonl"
     async with (
@@ -495,6 +501,30 @@ async def test_plain_progress_lines_when_stderr_is_not_a_terminal(
     assert len(progress) == 3  # at 2.2 and 4.4 s, and the final one (the run takes 6 s)
 
 
+async def test_progress_bar_on_a_terminal(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal, rich draws a bar with done/total, rate, ETA, failures and tokens."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    monkeypatch.delenv("TERM", raising=False)
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    target = tmp_path / "out.jsonl"
+    async with (
+        open_fake_llm(FakeLLMConfig(latency=1.0)) as server,
+        trio_llm.open_client(base_url=server.base_url, model="m", max_concurrency=5) as client,
+    ):
+        await trio_llm.run_batch(source, target, client=client, progress=True)
+    err = capsys.readouterr().err
+    assert f"30 lines in {source}; sending 30" in err
+    assert "━" in err
+    assert "10/30  33% • 5.0/s • ETA 0:04 • failed 0 • retries 0 • tokens" in err
+    assert "30/30 100%" in err
+
+
 async def test_no_progress_output_by_default(
     tmp_path: Path, fake_llm: FakeLLMServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -510,3 +540,77 @@ async def test_bad_concurrency_is_refused(tmp_path: Path, fake_llm: FakeLLMServe
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
         with pytest.raises(ValueError, match="concurrency"):
             await trio_llm.run_batch("in", "out", client=client, concurrency=0)
+
+
+async def test_encoding_problems_are_named(tmp_path: Path, fake_llm: FakeLLMServer) -> None:
+    """A byte-order mark on line 1 is accepted; bytes that are not UTF-8 are reported."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'\xef\xbb\xbf{"custom_id": "a", "prompt": "hi"}\n\xff\xfe\n')
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
+        with pytest.raises(trio_llm.BatchInputError) as caught:
+            await trio_llm.run_batch(source, tmp_path / "out.jsonl", client=client)
+    assert (caught.value.line, caught.value.reason) == (2, "not UTF-8: byte 0xff at byte 1")
+
+
+async def test_a_repeated_id_on_a_marked_first_line_is_still_a_duplicate(
+    tmp_path: Path, fake_llm: FakeLLMServer
+) -> None:
+    """Duplicates are confirmed with the same parser, byte-order mark included."""
+    source = tmp_path / "in.jsonl"
+    line = b'{"custom_id": "a", "prompt": "hi"}\n'
+    source.write_bytes(b"\xef\xbb\xbf" + line + line)
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
+        with pytest.raises(trio_llm.BatchInputError, match="first on line 1"):
+            await trio_llm.run_batch(source, tmp_path / "out.jsonl", client=client)
+
+
+async def test_hash_collisions_are_not_duplicates(
+    tmp_path: Path, fake_llm: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids whose hashes collide are told apart by the exact check, and all sent."""
+    from trio_llm.batch import _input, _keys
+
+    monkeypatch.setattr(_keys, "key_hash", lambda key: 7)
+    monkeypatch.setattr(_input, "key_hash", lambda key: 7)
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    target = tmp_path / "out.jsonl"
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
+        summary = await trio_llm.run_batch(source, target, client=client)
+    assert summary.succeeded == 5
+    assert_each_once(target, [f"r{i}" for i in range(5)])
+
+
+def test_hash_set_grows_and_answers_membership() -> None:
+    """The compact id set keeps every key through its growth, and reports repeats."""
+    from trio_llm.batch._keys import HashSet
+
+    keys = HashSet()
+    assert all(keys.add(f"id-{i}") for i in range(5000))
+    assert not keys.add("id-42")
+    assert len(keys) == 5000
+    assert "id-4999" in keys
+    assert "id-5000" not in keys
+    assert keys.nbytes() == 16384 * 8  # at most half full
+
+
+async def test_retry_failed_also_repairs_a_partial_last_line(
+    tmp_path: Path, fake_llm: FakeLLMServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dropping error lines also drops a cut-off tail; the output says what was done."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    target = tmp_path / "out.jsonl"
+    failed = {"id": "x", "custom_id": "r1", "response": None, "error": {"code": "timeout"}}
+    ok = {"id": "y", "custom_id": "r0", "response": {"status_code": 200}, "error": None}
+    write_jsonl(target, [ok, failed, ok])
+    with target.open("ab") as file:
+        file.write(b'{"id": "z", "custom_id": "r2", "respo')
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
+        summary = await trio_llm.run_batch(
+            source, target, client=client, retry_failed=True, progress=True
+        )
+    records = assert_each_once(target, ["r0", "r0", "r1", "r2", "r3"])
+    assert all(record["error"] is None for record in records)
+    assert (summary.skipped, summary.succeeded) == (1, 3)
+    err = capsys.readouterr().err
+    assert "has 1 custom_id(s) on more than one line" in err
+    assert f"--retry-failed: removed 1 error line(s) from {target}" in err

@@ -319,3 +319,18 @@ async def test_client_repr_names_the_server_not_the_key() -> None:
     assert "http://127.0.0.1:9/v1" in text
     assert "'m'" in text
     assert "sk-secret-123" not in text
+
+
+async def test_lone_surrogates_are_sent_escaped() -> None:
+    """Text with a lone surrogate (no UTF-8 form) is sent as a JSON escape, not a crash."""
+    sent: list[httpx2.Request] = []
+    async with trio_llm.open_client(
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        transport=recording_transport(sent, body=CHAT_REPLY),
+    ) as client:
+        await client.chat("half an emoji: \ud83d", temperature=0)
+        await client.chat("caf\u00e9")
+    assert b"\\ud83d" in sent[0].content
+    assert json.loads(sent[0].content)["messages"][0]["content"].endswith("\ud83d")
+    assert "café".encode() in sent[1].content

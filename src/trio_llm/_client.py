@@ -391,7 +391,7 @@ class Client:
         """POST ``body`` under the retry policy; return the decoded reply and request id."""
         policy = self._retry if retry is CLIENT_DEFAULT else retry
         url = self._base_url + path
-        content = json.dumps(body, ensure_ascii=False).encode()
+        content = _encode_json(body)
         estimate = estimate_tokens(body) if self._rate is not None else 0
         try:
             return await call_with_retries(
@@ -482,6 +482,16 @@ class Client:
             if isinstance(total, int):
                 reservation.reconcile(total)
         return payload, headers.get("x-request-id")
+
+
+def _encode_json(body: Mapping[str, Any]) -> bytes:
+    """Encode a request body as compact UTF-8 JSON."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (say, half an emoji from a bad slice) has no UTF-8 form; JSON's
+        # \u escapes carry it, and the server decides what it means.
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _resolve_base_url(base_url: str | None, provider: OpenAIProvider) -> str:

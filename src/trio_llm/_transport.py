@@ -50,7 +50,8 @@ _RESPONSE: Final = h11.Response
 _NEED_DATA: Final = h11.NEED_DATA
 _DONE: Final = h11.DONE
 _IDLE: Final = h11.IDLE
-_MAX_ROUTES: Final = 64  # URLs whose parsing post_direct remembers
+_MAX_TEMPLATES: Final = 64  # (URL, headers) pairs whose request head post_direct keeps
+_END_EVENT: Final = h11.EndOfMessage()
 
 _Origin = tuple[bytes, bytes, int | None]  # scheme, host, port
 
@@ -220,10 +221,10 @@ class _Pool:
 
 
 def _transport_error(
-    kind: type[httpx2.TransportError], message: str, exc: BaseException | None
+    kind: type[httpx2.TransportError], message: str, exc: BaseException
 ) -> httpx2.TransportError:
-    detail = f"{message}: {type(exc).__name__}: {exc}" if exc is not None else message
-    cause = exc.__cause__ if exc is not None else None
+    detail = f"{message}: {type(exc).__name__}: {exc}"
+    cause = exc.__cause__
     if cause is not None:  # trio's BrokenResourceError wraps the OSError or SSLError
         detail += f" ({type(cause).__name__}: {cause})"
     return kind(detail)
@@ -240,20 +241,6 @@ async def _receive(conn: _Connection, seconds: float | None) -> bytes:
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise _transport_error(httpx2.ReadError, "reading the response failed", exc) from exc
     raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
-
-
-async def _send(conn: _Connection, data: bytes, seconds: float | None) -> None:
-    """Write ``data`` within ``seconds``, failing with httpx2's errors."""
-    try:
-        if seconds is None:
-            await conn.stream.send_all(data)
-            return
-        with trio.move_on_after(seconds):
-            await conn.stream.send_all(data)
-            return
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise _transport_error(httpx2.WriteError, "sending the request failed", exc) from exc
-    raise httpx2.WriteTimeout(f"could not send within the write timeout ({seconds} s)")
 
 
 @final
@@ -367,6 +354,37 @@ class _ResponseStream(httpx2.AsyncByteStream):
 
 
 @final
+class _Template:
+    """How :meth:`TrioTransport.post_direct` sends to one URL with one set of headers.
+
+    Building an ``h11.Request`` (header validation included) costs more than all the
+    rest of sending it, so it is done once per URL and header set: h11 is told of this
+    bodiless request (same method, target and headers, ``Content-Length: 0``), and the
+    bytes sent are ``prefix`` + the real ``Content-Length`` + the body. What h11 does
+    with the response depends only on the request's method and connection headers,
+    which are the same.
+    """
+
+    __slots__ = ("head", "origin", "prefix")
+
+    def __init__(self, url: str, headers: list[tuple[bytes, bytes]]) -> None:
+        parsed = httpx2.URL(url)
+        self.origin: _Origin = (parsed.raw_scheme, parsed.raw_host, parsed.port)
+        lines = headers
+        names = {name.lower() for name, _ in headers}
+        if b"content-length" in names or b"transfer-encoding" in names:
+            raise httpx2.LocalProtocolError("the body's framing is this transport's to set")
+        if b"host" not in names:
+            lines = [(b"Host", parsed.netloc), *headers]
+        # Validated here, by h11, once.
+        self.head = _request_head("POST", parsed.raw_path, [*lines, (b"Content-Length", b"0")])
+        self.prefix = b"".join(
+            [b"POST %s HTTP/1.1\r\n" % parsed.raw_path]
+            + [b"%s: %s\r\n" % (name, value) for name, value in lines]
+        )
+
+
+@final
 class DirectResponse:
     """A whole response read by :meth:`TrioTransport.post_direct`.
 
@@ -431,7 +449,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         self._ssl_context = verify if isinstance(verify, ssl.SSLContext) else None
         self._limits = limits
         self._pools: dict[_Origin, _Pool] = {}
-        self._routes: dict[str, tuple[_Origin, bytes, bytes]] = {}
+        self._templates: dict[tuple[str, tuple[tuple[bytes, bytes], ...]], _Template] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -522,41 +540,32 @@ class TrioTransport(httpx2.AsyncBaseTransport):
 
         Cancellation: as for :meth:`handle_async_request`: the connection is closed.
         """
-        route = self._routes.get(url)
-        if route is None:
-            parsed = httpx2.URL(url)
-            route = (
-                (parsed.raw_scheme, parsed.raw_host, parsed.port),
-                parsed.raw_path,
-                parsed.netloc,
-            )
-            if len(self._routes) >= _MAX_ROUTES:
-                self._routes.clear()
-            self._routes[url] = route
-        origin, target, netloc = route
+        key = (url, tuple(headers))
+        template = self._templates.get(key)
+        if template is None:
+            template = _Template(url, headers)
+            if len(self._templates) >= _MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = template
+        origin = template.origin
         pool = self._pool(origin)
-        head = _request_head(
-            "POST",
-            target,
-            [(b"Host", netloc), *headers, (b"Content-Length", b"%d" % len(content))],
-        )
+        wire = b"%sContent-Length: %d\r\n\r\n%s" % (template.prefix, len(content), content)
         timeouts = _Timeouts(limits.pool, limits.connect, limits.read, limits.write)
-        conn, event = await self._start(pool, origin, head, content, None, timeouts)
+        conn, event = await self._start(pool, origin, template.head, wire, None, timeouts, True)
         parts = []
         finished = False
         while not finished:
             part, finished = await _next_body_part(pool, conn, timeouts.read)
             parts.append(part)
         body = b"".join(parts)
+        raw_headers = event.headers.raw_items()
         names: dict[str, str] = {}
-        for raw_name, raw_value in event.headers:  # names come lower-cased from h11
-            name = raw_name.decode("latin-1")
+        for raw_name, raw_value in raw_headers:
+            name = raw_name.lower().decode("latin-1")
             value = raw_value.decode("latin-1")
             names[name] = f"{names[name]}, {value}" if name in names else value
         if "content-encoding" in names:
-            body = httpx2.Response(
-                event.status_code, headers=event.headers.raw_items(), content=body
-            ).content
+            body = httpx2.Response(event.status_code, headers=raw_headers, content=body).content
         return DirectResponse(event.status_code, event.reason.decode("latin-1"), names, body)
 
     async def _start(
@@ -567,10 +576,13 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         content: bytes | None,
         stream: object,
         timeouts: _Timeouts,
+        preformatted: bool = False,
     ) -> tuple[_Connection, h11.Response]:
         """Take a connection, send the request and read up to the response head.
 
         The connection returned carries the unread body; on any failure it is closed.
+        ``preformatted``: ``content`` is the whole request, and ``head`` the bodiless
+        equivalent h11 is told of (see :class:`_Template`).
         """
         conn = await pool.acquire(timeouts.pool)
         if pool.closed:
@@ -581,7 +593,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
             if conn is None:
                 conn = await self._connect(origin, timeouts.connect)
             try:
-                event = await _exchange(conn, head, content, stream, timeouts, reused)
+                event = await _exchange(conn, head, content, stream, timeouts, reused, preformatted)
             except _StaleConnection as stale:
                 if content is None:
                     raise stale.error from stale
@@ -590,7 +602,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
                 old, conn = conn, None
                 old.close()
                 conn = await self._connect(origin, timeouts.connect)
-                event = await _exchange(conn, head, content, stream, timeouts, False)
+                event = await _exchange(conn, head, content, stream, timeouts, False, preformatted)
         except BaseException:
             pool.discard(conn)
             raise
@@ -659,66 +671,97 @@ async def _exchange(
     stream: object,
     timeouts: _Timeouts,
     reused: bool,
+    preformatted: bool,
 ) -> h11.Response:
     """Send the request on ``conn`` and read up to the response head.
+
+    ``preformatted``: ``content`` is the whole request, to send as it is, and ``head``
+    the bodiless equivalent to tell h11 of.
+
+    One cancel scope covers both phases, its deadline moved before each write (``write``
+    timeout) and each read (``read`` timeout): a scope costs more than the I/O it guards.
 
     Raises:
         _StaleConnection: ``reused``, and the connection failed before any byte of the
             response arrived.
     """
     state = conn.h11
+    io = conn.stream
     write = timeouts.write
-    try:
-        if content is not None:
-            # Head and body in one write: one system call, one TCP segment if small.
-            data = state.send(head) or b""
-            if content:
-                data += state.send(h11.Data(data=content)) or b""
-            await _send(conn, data + (state.send(h11.EndOfMessage()) or b""), write)
-        else:
-            assert isinstance(stream, httpx2.AsyncByteStream)
-            await _send(conn, state.send(head) or b"", write)
-            async for chunk in stream:
-                if chunk:
-                    await _send(conn, state.send(h11.Data(data=chunk)) or b"", write)
-            await _send(conn, state.send(h11.EndOfMessage()) or b"", write)
-    except h11.LocalProtocolError as exc:
-        raise httpx2.LocalProtocolError(f"cannot send this request: {exc}") from exc
-    except httpx2.WriteError as exc:
-        if reused:
-            raise _StaleConnection(exc) from exc
-        raise
     read = timeouts.read
+    writing = True
     received = False
-    try:
-        while True:
-            event = state.next_event()
-            if event is _NEED_DATA:
-                try:
-                    data = await _receive(conn, read)
-                except httpx2.ReadError as exc:
-                    if reused and not received:
-                        raise _StaleConnection(exc) from exc
-                    raise
-                if not data and not received:
-                    error = httpx2.RemoteProtocolError(
-                        "the server closed the connection without sending a response"
-                    )
-                    if reused:
-                        raise _StaleConnection(error)
-                    raise error
-                received = True
-                state.receive_data(data)
-            elif type(event) is _RESPONSE:
-                return event
-            elif isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue and the like: the real response follows
+    with trio.CancelScope() as scope:
+        try:
+            if preformatted:
+                assert content is not None
+                state.send(head)
+                state.send(_END_EVENT)
+                if write is not None:
+                    scope.deadline = trio.current_time() + write
+                await io.send_all(content)
+            elif content is not None:
+                # Head and body in one write: one system call, one TCP segment if small.
+                data = state.send(head) or b""
+                if content:
+                    data += state.send(h11.Data(data=content)) or b""
+                data += state.send(h11.EndOfMessage()) or b""
+                if write is not None:
+                    scope.deadline = trio.current_time() + write
+                await io.send_all(data)
             else:
-                raise httpx2.RemoteProtocolError(
-                    f"unexpected {type(event).__name__} before the response head"
-                )
-    except h11.RemoteProtocolError as exc:
-        raise httpx2.RemoteProtocolError(f"malformed response: {exc}") from exc
+                assert isinstance(stream, httpx2.AsyncByteStream)
+                if write is not None:
+                    scope.deadline = trio.current_time() + write
+                await io.send_all(state.send(head) or b"")
+                async for chunk in stream:
+                    if chunk:
+                        if write is not None:
+                            scope.deadline = trio.current_time() + write
+                        await io.send_all(state.send(h11.Data(data=chunk)) or b"")
+                        scope.deadline = math.inf  # producing the next part is not writing
+                if write is not None:
+                    scope.deadline = trio.current_time() + write
+                await io.send_all(state.send(h11.EndOfMessage()) or b"")
+            writing = False
+            # Nothing of the response can be buffered yet (a connection with bytes past
+            # its last response is never reused), so the first step is a read.
+            event: object = _NEED_DATA
+            while True:
+                if event is _NEED_DATA:
+                    if read is not None:
+                        scope.deadline = trio.current_time() + read
+                    incoming = await io.receive_some(_RECEIVE_SIZE)
+                    if not incoming and not received:
+                        error = httpx2.RemoteProtocolError(
+                            "the server closed the connection without sending a response"
+                        )
+                        raise _StaleConnection(error) if reused else error
+                    received = True
+                    state.receive_data(incoming)  # type: ignore[arg-type]  # any bytes-like
+                elif type(event) is _RESPONSE:
+                    return event
+                elif not isinstance(event, h11.InformationalResponse):
+                    # (100 Continue and the like are skipped: the real response follows.)
+                    raise httpx2.RemoteProtocolError(
+                        f"unexpected {type(event).__name__} before the response head"
+                    )
+                event = state.next_event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if writing:
+                failure = _transport_error(httpx2.WriteError, "sending the request failed", exc)
+            else:
+                failure = _transport_error(httpx2.ReadError, "reading the response failed", exc)
+            if reused and not received:
+                raise _StaleConnection(failure) from exc
+            raise failure from exc
+        except h11.LocalProtocolError as exc:
+            raise httpx2.LocalProtocolError(f"cannot send this request: {exc}") from exc
+        except h11.RemoteProtocolError as exc:
+            raise httpx2.RemoteProtocolError(f"malformed response: {exc}") from exc
+    if writing:
+        raise httpx2.WriteTimeout(f"could not send within the write timeout ({write} s)")
+    raise httpx2.ReadTimeout(f"no data within the read timeout ({read} s)")
 
 
 def direct_transport(http: httpx2.AsyncClient) -> TrioTransport | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import IO, Any, Final, final
 
@@ -36,6 +37,7 @@ __all__ = [
     "Invalid",
     "Request",
     "check_input",
+    "duplicate_line",
     "parse_line",
     "read_lines",
 ]
@@ -100,6 +102,16 @@ class Invalid:
         return self.custom_id is None or self.code == "duplicate_custom_id"
 
 
+def duplicate_line(line: int, custom_id: str, first_line: int) -> Invalid:
+    """Return the :class:`Invalid` of a line repeating the ``custom_id`` of ``first_line``."""
+    return Invalid(
+        line=line,
+        custom_id=custom_id,
+        code="duplicate_custom_id",
+        reason=f"duplicate custom_id {custom_id!r} (first on line {first_line})",
+    )
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -162,6 +174,19 @@ def _check_body(url: str, body: dict[str, Any], default_model: str | None) -> st
     return _check_embedding_input(body.get("input"))
 
 
+# A \ud800-\udfff escape: valid JSON, but alone (not as half of a pair) it decodes to a
+# string that cannot be encoded as UTF-8, so it could not be sent.
+_LONE_SURROGATE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodable(body: dict[str, Any]) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request | Invalid:
     """Parse and check one input line (duplicates are :func:`check_input`'s business).
 
@@ -171,12 +196,27 @@ def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request |
         default_model: the model used when a body names none (``None``: a body must).
     """
     try:
-        payload = json.loads(raw)
-    except ValueError as exc:  # UnicodeDecodeError included
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        where = f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
         return Invalid(
-            line=line, custom_id=None, code="invalid_json", reason=f"invalid JSON: {reason}{where}"
+            line=line,
+            custom_id=None,
+            code="invalid_json",
+            reason=f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}",
+        )
+    if line == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors write
+        text = text[1:]
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Positions count characters of the line, whose newline is no part of the JSON.
+        at_end = exc.pos >= len(text.rstrip())
+        where = "at the end of the line" if at_end else f"column {exc.pos + 1}"
+        return Invalid(
+            line=line,
+            custom_id=None,
+            code="invalid_json",
+            reason=f"invalid JSON: {exc.msg} ({where})",
         )
     if not isinstance(payload, dict):
         return Invalid(
@@ -234,6 +274,10 @@ def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request |
     problem = _check_body(url, body, default_model)
     if problem is not None:
         return invalid("invalid_body", problem)
+    if "\\u" in text and _LONE_SURROGATE.search(text) and not _encodable(body):
+        return invalid(
+            "invalid_body", "the body holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8"
+        )
     return Request(line=line, custom_id=custom_id, url=url, body=body)
 
 
@@ -302,30 +346,35 @@ def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
 
 
 async def _locate_duplicates(
-    file: IO[bytes], suspects: dict[int, str]
-) -> dict[int, tuple[str, int]]:
-    """Confirm suspected duplicates exactly; return line -> (custom_id, first line).
+    file: IO[bytes], suspects: dict[int, int], default_model: str | None
+) -> tuple[dict[int, tuple[str, int]], list[Request | Invalid]]:
+    """Confirm suspected duplicates exactly, in a second pass over the file.
 
-    The first pass compares 64-bit hashes; this pass compares the strings, for the few
-    hashes that collided, and finds where each repeated ``custom_id`` first appears.
+    The first pass compares 64-bit hashes; this one compares the strings of the lines
+    whose hashes are suspect (``suspects``: line number -> hash of its ``custom_id``).
+
+    Returns:
+        line -> (custom_id, line of its first occurrence), for each true duplicate; and
+        the suspects that were only hash collisions, parsed, to be planned as usual.
     """
-    wanted = {key_hash(custom_id) for custom_id in suspects.values()}
+    wanted = set(suspects.values())
     first_line: dict[str, int] = {}
+    duplicates: dict[int, tuple[str, int]] = {}
+    collided: list[Request | Invalid] = []
     for number, raw in read_lines(file):
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
-        try:
-            payload = json.loads(raw)
-        except ValueError:
+        parsed = parse_line(raw, number, default_model=default_model)
+        custom_id = parsed.custom_id
+        if custom_id is None or key_hash(custom_id) not in wanted:
             continue
-        custom_id = payload.get("custom_id") if isinstance(payload, dict) else None
-        if isinstance(custom_id, str) and custom_id and key_hash(custom_id) in wanted:
-            first_line.setdefault(custom_id, number)
-    return {
-        line: (custom_id, first_line[custom_id])
-        for line, custom_id in suspects.items()
-        if first_line.get(custom_id, line) < line
-    }
+        first = first_line.setdefault(custom_id, number)
+        if number in suspects:
+            if first < number:
+                duplicates[number] = (custom_id, first)
+            else:
+                collided.append(parsed)
+    return duplicates, collided
 
 
 def _problem_message(path: str, problems: list[Invalid], count: int) -> str:
@@ -366,8 +415,7 @@ async def check_input(
     """
     plan = InputPlan(path=path, identity=file_identity(file))
     seen = HashSet()
-    suspects: dict[int, str] = {}
-    deferred: dict[int, Request | Invalid] = {}
+    suspects: dict[int, int] = {}
     problems: list[Invalid] = []
     problem_count = 0
     # With retry_failed, lines answered with an error count as unanswered: their error
@@ -412,23 +460,15 @@ async def check_input(
         item = parse_line(raw, number, default_model=default_model)
         if item.custom_id is not None and not seen.add(item.custom_id):
             # Maybe a duplicate: decided exactly once the whole file has been read.
-            suspects[number] = item.custom_id
-            deferred[number] = item
+            suspects[number] = key_hash(item.custom_id)
             continue
         plan_line(item)
     del seen  # its memory is given back before the run starts
     if suspects:
-        plan.duplicates = await _locate_duplicates(file, suspects)
-        for number in sorted(deferred):
-            item = deferred[number]
-            if number in plan.duplicates:
-                custom_id, first_line = plan.duplicates[number]
-                item = Invalid(
-                    line=number,
-                    custom_id=custom_id,
-                    code="duplicate_custom_id",
-                    reason=f"duplicate custom_id {custom_id!r} (first on line {first_line})",
-                )
+        plan.duplicates, collided = await _locate_duplicates(file, suspects, default_model)
+        for number, (custom_id, first_line) in plan.duplicates.items():
+            plan_line(duplicate_line(number, custom_id, first_line))
+        for item in collided:
             plan_line(item)
     if problem_count and not skip_invalid:
         first = problems[0]

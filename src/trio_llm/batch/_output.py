@@ -289,6 +289,12 @@ class OutputFile:
         if scan is None:
             raise RuntimeError("scan() first")
         notes: list[str] = []
+        if scan.repeated:
+            notes.append(
+                f"{self.path} has {scan.repeated:,} custom_id(s) on more than one line "
+                "(no run writes an id twice; an answer without error counts, and the lines "
+                "are kept)"
+            )
         if retry_failed and scan.failed:
             await self._drop_failed(scan)
             notes.append(

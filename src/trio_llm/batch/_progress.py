@@ -198,7 +198,7 @@ class _TerminalReporter(Reporter):
 
     def start(self, text: str) -> None:
         self._samples.append((trio.current_time(), 0))
-        self._console.print(f"trio-llm batch: {text}", highlight=False)
+        self._console.print(f"trio-llm batch: {text}", highlight=False, soft_wrap=True)
         self._task = self._progress.add_task(
             "batch", total=self._total, completed=self._before, stats=""
         )
@@ -206,7 +206,7 @@ class _TerminalReporter(Reporter):
         self._redraw()
 
     def note(self, text: str) -> None:
-        self._console.print(f"trio-llm batch: {text}", highlight=False)
+        self._console.print(f"trio-llm batch: {text}", highlight=False, soft_wrap=True)
 
     async def run(self) -> None:
         while True:
@@ -241,7 +241,8 @@ def open_reporter(watched: Watched, *, enabled: bool, interval: float) -> Report
     if not enabled:
         return Reporter(watched)
     console = _stderr_console()
-    if console.is_terminal and not console.is_dumb_terminal:
+    # rich's own test: a terminal, not TERM=dumb, and TTY_INTERACTIVE=0 not set.
+    if console.is_interactive:
         return _TerminalReporter(watched, console=console)
     return _PlainReporter(watched, interval=interval)
 

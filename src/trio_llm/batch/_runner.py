@@ -32,6 +32,7 @@ from ._input import (
     Invalid,
     Request,
     check_input,
+    duplicate_line,
     file_identity,
     parse_line,
     read_lines,
@@ -145,13 +146,7 @@ class _Run:
                 continue
             duplicate = plan.duplicates.get(number)
             if duplicate is not None:
-                custom_id, first = duplicate
-                yield Invalid(
-                    line=number,
-                    custom_id=custom_id,
-                    code="duplicate_custom_id",
-                    reason=f"duplicate custom_id {custom_id!r} (first on line {first})",
-                )
+                yield duplicate_line(number, *duplicate)
             else:
                 yield parse_line(raw, number, default_model=self._default_model)
 
@@ -176,10 +171,10 @@ class _Run:
         try:
             if item.url == CHAT_URL:
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                body, request_id, usage = chat.raw, chat.id or None, chat.usage
+                body, request_id, usage = chat.raw, chat.request_id, chat.usage
             else:
                 vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-                body, request_id, usage = vectors.raw, None, vectors.usage
+                body, request_id, usage = vectors.raw, vectors.request_id, vectors.usage
         except LLMError as exc:
             # The answer is the error: written like any other, so the line is not resent
             # (unless --retry-failed). Anything else is a bug and ends the run.
@@ -211,15 +206,21 @@ class _Run:
     async def watch_signals(
         self, grace: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """On SIGINT or SIGTERM, stop gently; on a second one, cancel at once."""
+        """On SIGINT or SIGTERM, stop gently; on a second one, cancel at once.
+
+        The receiver stays open until the run ends (this task is cancelled then), so a
+        third Ctrl-C cannot raise ``KeyboardInterrupt`` in the middle of the clean-up.
+        """
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if self.scope.cancel_called:
+                    continue  # stopping at once already
                 if self._stopping:
                     self.scope.cancel()
                     self._reporter.note(f"{name} again: cancelling the requests in flight")
-                    return
+                    continue
                 self.stop(grace)
                 in_flight = self._client.statistics().in_flight
                 self._reporter.note(
