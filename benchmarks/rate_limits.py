@@ -1,6 +1,6 @@
 """Benchmark rate limits and the sliding window: does a job run at the limit, and no faster?
 
-    .venv/bin/python benchmarks/rate_limits.py              # full run (~8 minutes)
+    .venv/bin/python benchmarks/rate_limits.py              # full run (~20 minutes)
     .venv/bin/python benchmarks/rate_limits.py --quick      # smoke run (~1.5 minutes)
     .venv/bin/python benchmarks/rate_limits.py --section latency
 
@@ -15,13 +15,15 @@ to last ``--duration`` seconds at the limit after the free initial bucket. For e
   allows in the time taken, ``(W - capacity) / (rate * (elapsed - latency))``, for the
   binding limit (goal >= 0.95);
 - ``429 share``: 429 responses over all responses the server sent (goal <= 1%);
-- ``failed``: items that ended in an error.
+- ``failed``: items that ended in an error; ``retries``: attempts after an item's first.
+
+Each row is the median trial (by throughput/limit) of ``--rate-trials``, with the range.
 
 The clients: trio-llm ``chat_many`` with the matching ``RateLimit``; trio-llm with the
 default adaptive limiter (no ``RateLimit`` given, it learns the limits from the
 ``x-ratelimit-*`` headers); and two baselines written the way users write them by hand:
 a trio nursery with a ``CapacityLimiter`` around plain ``httpx2`` calls that sleep for
-``Retry-After`` and try again after a 429 (so every item eventually succeeds), and the
+``Retry-After`` and try again after a 429 (up to 20 attempts per item), and the
 official ``openai.AsyncOpenAI`` client (default ``max_retries=2``, which honours
 ``retry-after-ms``) under the same limiter. All use the same concurrency.
 
@@ -156,6 +158,10 @@ class RateRow:
     tokens: int
     requests_ratio: float
     tokens_ratio: float
+
+    def ratio(self, binding: str) -> float:
+        """Throughput over the ``binding`` limit (``"tokens"`` or ``"requests"``)."""
+        return self.tokens_ratio if binding == "tokens" else self.requests_ratio
 
     @property
     def refused_share(self) -> float:
@@ -312,13 +318,38 @@ async def rate_section(args: argparse.Namespace) -> None:
         ("httpx2 + CapacityLimiter, sleep Retry-After", lambda u: rate_httpx2(u, setup)),
         ("openai AsyncOpenAI (max_retries=2) + limiter", lambda u: rate_openai(u, setup)),
     ]
+    chosen = [(name, job) for name, job in clients if not args.only or args.only in name]
+    runs: dict[str, list[RateRow]] = {name: [] for name, _ in chosen}
+    # Trials interleaved (every client once, then again), so a change in the machine's
+    # load hits all clients alike.
+    for trial in range(args.rate_trials):
+        for name, job in chosen:
+            row = await run_rate_client(name, job, setup)
+            runs[name].append(row)
+            print(
+                f"  trial {trial + 1}: {name}: {row.elapsed:.1f} s, {row.ratio(binding):.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = []
-    for name, job in clients:
-        if args.only and args.only not in name:
-            continue
-        row = await run_rate_client(name, job, setup)
-        rows.append(row)
-        print(f"  done: {name} in {row.elapsed:.1f} s", file=sys.stderr, flush=True)
+    for name, _ in chosen:
+        # The median trial by throughput, so that each row's figures belong together.
+        trials = sorted(runs[name], key=lambda row: row.ratio(binding))
+        row = trials[(len(trials) - 1) // 2]
+        spread = f" ({trials[0].ratio(binding):.3f}-{trials[-1].ratio(binding):.3f})"
+        rows.append(
+            [
+                row.client,
+                f"{row.elapsed:.1f}",
+                f"{row.answered}/{count}",
+                str(row.failed),
+                "n/a" if row.retried is None else str(row.retried),
+                f"{row.ratio(binding):.3f}" + (spread if len(trials) > 1 else ""),
+                str(row.refused),
+                f"{row.refused_share:.1%}",
+            ]
+        )
+    print(f"median of {args.rate_trials} trial(s); range in brackets\n")
     print_table(
         [
             "client",
@@ -330,19 +361,7 @@ async def rate_section(args: argparse.Namespace) -> None:
             "429s",
             "429 share",
         ],
-        [
-            [
-                row.client,
-                f"{row.elapsed:.1f}",
-                f"{row.answered}/{count}",
-                str(row.failed),
-                "n/a" if row.retried is None else str(row.retried),
-                f"{row.tokens_ratio if binding == 'tokens' else row.requests_ratio:.3f}",
-                str(row.refused),
-                f"{row.refused_share:.1%}",
-            ]
-            for row in rows
-        ],
+        rows,
     )
 
 
@@ -499,6 +518,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="max_tokens of rate requests")
     parser.add_argument("--concurrency", type=int, default=64, help="rate section concurrency")
     parser.add_argument("--only", help="run only the rate clients whose name contains this")
+    parser.add_argument("--rate-trials", type=int, default=3, help="rate section trials")
     parser.add_argument("--requests", type=int, default=1000, help="latency section N")
     parser.add_argument("--latency-concurrency", type=int, default=50, help="latency section C")
     parser.add_argument("--latency", type=float, default=0.5, help="latency section L, seconds")
@@ -507,7 +527,7 @@ async def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.duration = 10.0
         args.requests = 500
-        args.trials = 1
+        args.trials = args.rate_trials = 1
     pin_client()
     # stamina logs a bare "stamina.retry_scheduled" warning per retry; Python's last-resort
     # handler would print each one. The 429 counts in the table say the same.

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_parser(commands)
 
+    from .serve._command import add_serve_parser  # here, not at the top: it imports this module
+
+    add_serve_parser(commands)
+
     server = commands.add_parser(
         "fake-server",
         help="run the fake OpenAI-compatible LLM server (for tests and demos)",
@@ -326,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .batch._command import run_batch_command
 
             return run_batch_command(args)
+        if args.command == "serve":
+            from .serve._command import run_serve_command
+
+            return run_serve_command(args)
         return trio.run(_chat, args)
     except ConfigurationError as exc:
         print(f"trio-llm {args.command}: error: {exc}", file=sys.stderr)

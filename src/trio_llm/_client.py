@@ -40,7 +40,9 @@ from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stre
 from ._transport import DirectResponse, TrioTransport, direct_transport
 from ._types import ChatResponse, EmbeddingResponse, Result, Usage
 from ._version import __version__
-from .providers._openai import Messages, OpenAIProvider
+from .providers._anthropic import AnthropicProvider
+from .providers._base import Messages, Provider
+from .providers._openai import OpenAIProvider
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
 
@@ -119,7 +121,7 @@ class Client:
         base_url: str,
         model: str | None,
         max_concurrency: int,
-        provider: OpenAIProvider,
+        provider: Provider,
         timeouts: Timeouts,
         retry: RetryPolicy | None,
         rate_limit: RateLimit | None,
@@ -494,7 +496,7 @@ def _encode_json(body: Mapping[str, Any]) -> bytes:
         return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _resolve_base_url(base_url: str | None, provider: OpenAIProvider) -> str:
+def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
     url = base_url or os.environ.get(provider.base_url_env) or provider.default_base_url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -520,11 +522,15 @@ async def open_client(
 
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``. Default:
-            ``$OPENAI_BASE_URL``, else ``https://api.openai.com/v1``.
-        api_key: the API key. Default: ``$OPENAI_API_KEY``. Required unless the server
-            is on a loopback address (local servers often need none).
+            ``$OPENAI_BASE_URL``, else ``https://api.openai.com/v1``; for Anthropic
+            ``$ANTHROPIC_BASE_URL``, else ``https://api.anthropic.com`` (no ``/v1``).
+        api_key: the API key. Default: ``$OPENAI_API_KEY`` (``$ANTHROPIC_API_KEY`` for
+            Anthropic). Required unless the server is on a loopback address (local
+            servers often need none).
         model: the model used by calls that name none.
-        provider: the wire format; ``"openai"`` (any OpenAI-compatible server).
+        provider: the wire format; ``"openai"`` (any OpenAI-compatible server) or
+            ``"anthropic"`` (the Messages API: same calls and result types, requests and
+            replies translated; ``embed`` raises :class:`ConfigurationError`).
         max_concurrency: requests in flight at once, across all tasks; also the size
             of the connection pool.
         rate_limit: requests and tokens per minute for all the client's calls together
@@ -546,9 +552,13 @@ async def open_client(
     Leaving the block closes every connection; calls still running in other tasks must
     have finished by then (open the client outside the nursery that uses it).
     """
-    if provider != "openai":
-        raise ConfigurationError(f"unknown provider {provider!r}; supported: 'openai'")
-    adapter = OpenAIProvider()
+    adapter: Provider
+    if provider == "openai":
+        adapter = OpenAIProvider()
+    elif provider == "anthropic":
+        adapter = AnthropicProvider()
+    else:
+        raise ConfigurationError(f"unknown provider {provider!r}; supported: 'openai', 'anthropic'")
     if not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise ConfigurationError(f"max_concurrency must be an int >= 1, not {max_concurrency!r}")
     url = _resolve_base_url(base_url, adapter)

@@ -45,7 +45,7 @@ from ._types import ChatChunk, ChatResponse, JSONObject, Result
 
 if TYPE_CHECKING:
     from ._client import Client
-    from .providers._openai import Messages
+    from .providers._base import Messages
 
 __all__ = [
     "ChatStream",
@@ -301,6 +301,7 @@ class _Exchange:
         "_response",
         "_saw_done",
         "_slot",
+        "_translator",
         "_url",
         "chunks_received",
         "error",
@@ -328,6 +329,8 @@ class _Exchange:
         self._saw_done = False
         self._finished = trio.Event()  # run() has returned
         self._aggregate = _Aggregate()
+        # Non-OpenAI events become chunk payloads through it (None for OpenAI's own).
+        self._translator = client._provider.stream_translator()
         self.chunks_received = 0
         self.error: StreamError | None = None
         self.response: ChatResponse | None = None
@@ -360,6 +363,8 @@ class _Exchange:
         scheduled (measured: 0.1 to 0.2 ms sooner). Stops at anything the reader must
         handle (``[DONE]``, an error, a malformed event) and when the channel is full.
         """
+        if self._translator is not None:
+            return  # events of another API: the reader translates them
         room = _BUFFER - channel.statistics().current_buffer_used
         while self._events:
             event = self._events[0]
@@ -479,11 +484,12 @@ class _Exchange:
         idle: float | None,
     ) -> bool:
         """Parse and send the chunks of ``events``; return whether ``[DONE]`` came."""
+        translator = self._translator
         for event in events:
             data = event.data
             if data == "[DONE]":
                 return True
-            if not data or event.event not in ("message", "error"):
+            if not data or (translator is None and event.event not in ("message", "error")):
                 continue  # empty pings and event types this API does not define
             try:
                 payload = json.loads(data)
@@ -498,17 +504,23 @@ class _Exchange:
                     f"the server reported an error mid-stream: {_error_message(error)}",
                     error_body=error,
                 )
-            for chunk in self._aggregate.add(payload):
-                self.chunks_received += 1
-                item = chunk if index is None else (index, chunk)
-                try:
-                    channel.send_nowait(item)
-                except trio.WouldBlock:
-                    # Waiting for the consumer is back-pressure, not server idleness.
-                    idle_scope.deadline = math.inf
-                    await channel.send(item)
-                    if idle is not None:
-                        idle_scope.deadline = trio.current_time() + idle
+            payloads = (
+                (payload,) if translator is None else translator.translate(event.event, payload)
+            )
+            for translated in payloads:
+                for chunk in self._aggregate.add(translated):
+                    self.chunks_received += 1
+                    item = chunk if index is None else (index, chunk)
+                    try:
+                        channel.send_nowait(item)
+                    except trio.WouldBlock:
+                        # Waiting for the consumer is back-pressure, not server idleness.
+                        idle_scope.deadline = math.inf
+                        await channel.send(item)
+                        if idle is not None:
+                            idle_scope.deadline = trio.current_time() + idle
+            if translator is not None and translator.done:
+                return True  # the API's own end of stream (Anthropic's message_stop)
         return False
 
     async def drain(self) -> None:
@@ -666,13 +678,8 @@ async def _start_with_retries(
 def _request(
     client: Client, prompt_or_messages: Messages, model: str | None, params: Mapping[str, Any]
 ) -> JSONObject:
-    body = client._provider.chat_body(prompt_or_messages, client._resolve_model(model), params)
-    body["stream"] = True
-    # Usage is asked for by default, so stream.response.usage is filled; the caller's own
-    # stream_options keys win.
-    options = params.get("stream_options")
-    body["stream_options"] = {"include_usage": True, **(options or {})}
-    return body
+    # The provider asks for usage in its own way (OpenAI: stream_options.include_usage).
+    return client._provider.stream_body(prompt_or_messages, client._resolve_model(model), params)
 
 
 def _encode(body: JSONObject) -> bytes:

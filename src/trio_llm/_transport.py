@@ -7,29 +7,31 @@ taking one and giving it back are O(1), whatever the number of connections.
 
 The shape of one exchange::
 
-    handle_async_request
+    handle_async_request (httpx2's interface) or post_direct (trio-llm's hot path)
       ├─ pool: pop an idle connection (closed by the server? expired? drop it, pop again),
       │        or reserve a slot for a new one, or wait (FIFO) for one to be handed over
       ├─ connect (TCP, TLS) if needed                              ConnectError/ConnectTimeout
-      ├─ send the request head and body                                WriteError/WriteTimeout
-      ├─ read up to the response head                ReadError/ReadTimeout/RemoteProtocolError
+      ├─ send the request head and body (h11)                          WriteError/WriteTimeout
+      ├─ read up to the response head (h11)          ReadError/ReadTimeout/RemoteProtocolError
       │    └─ a reused connection that ends before one byte arrives is stale: close it and
       │       send once more on a fresh connection (only if the body can be sent again)
-      └─ return an httpx2.Response whose stream reads the body from the connection;
-         reading it to the end hands the connection back, anything else closes it
+      └─ read the body (_Body: content-length, chunked, until close): to the end, and the
+         connection goes back to the pool; a body not read to its end closes it
 
 No task is started per connection, and no background task at all: everything happens in
 the task that makes the request. Content decoding (gzip, deflate, ...) is left to httpx2,
-which does it from the ``content-encoding`` header.
+which does it from the ``content-encoding`` header. Measurements: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import select
 import ssl
 from collections import deque
-from typing import Final, final
+from collections.abc import AsyncGenerator
+from typing import Final, Protocol, final
 
 import h11
 import httpx2
@@ -43,13 +45,12 @@ _DEFAULT_LIMITS: Final = httpx2.Limits(
     max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0
 )
 
-# h11 event types, looked up once: the hot loops compare types by identity.
-_DATA: Final = h11.Data
-_END: Final = h11.EndOfMessage
+_MAX_LINE: Final = 4096  # the longest chunk-size line accepted
+_CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+# h11 values, looked up once: the hot loops compare by identity.
 _RESPONSE: Final = h11.Response
 _NEED_DATA: Final = h11.NEED_DATA
-_DONE: Final = h11.DONE
-_IDLE: Final = h11.IDLE
 _MAX_TEMPLATES: Final = 64  # (URL, headers) pairs whose request head post_direct keeps
 _END_EVENT: Final = h11.EndOfMessage()
 
@@ -65,15 +66,194 @@ class _StaleConnection(Exception):
 
 
 @final
+class _Body:
+    """The body of one response, decoded from its framing as the bytes arrive.
+
+    h11 reads the response head; from there on this takes over, because h11 spends
+    about 6 us on each chunk of a chunked body (its state machine runs for every event),
+    and a streamed reply is hundreds of small chunks: here a chunk costs about 1 us.
+    The framing follows RFC 9112 section 6.3, as h11 would: no body for HEAD, 1xx, 204
+    and 304; chunked when ``Transfer-Encoding`` says so (h11 has checked it is the only
+    coding); ``Content-Length`` bytes; otherwise everything until the server closes.
+    """
+
+    __slots__ = ("_buffer", "_framing", "_left", "_trailer", "done", "reusable")
+
+    _LENGTH = 0
+    _CHUNKED = 1
+    _UNTIL_CLOSE = 2
+
+    def __init__(self, event: h11.Response, method: bytes, state: h11.Connection) -> None:
+        """Start decoding the body of ``event``, the answer to a ``method`` request.
+
+        ``state`` is the h11 connection that read the head; the bytes it holds past the
+        head are the start of the body.
+        """
+        self._buffer = state.trailing_data[0]
+        self._trailer = 0
+        length: int | None = None
+        chunked = False
+        for name, value in event.headers.raw_items():
+            name = name.lower()
+            if name == b"transfer-encoding":
+                chunked = True  # h11 accepts no other coding than chunked
+            elif name == b"content-length":
+                length = int(value)  # h11 has checked it
+        if method == b"HEAD" or event.status_code in (204, 304):
+            length, chunked = 0, False
+        #: Whether the connection may carry another request once the body is done: h11
+        #: has judged the request's and the response's Connection headers and versions.
+        self.reusable = state.our_state is h11.DONE
+        if chunked:
+            self._framing = self._CHUNKED
+            self._left = 0  # > 0: data left in this chunk; 0: a size line; -1: CRLF; -2: trailer
+        elif length is not None:
+            self._framing = self._LENGTH
+            self._left = length
+        else:
+            self._framing = self._UNTIL_CLOSE
+            self._left = 0
+            self.reusable = False
+        #: Whether the whole body has been decoded.
+        self.done = self._framing == self._LENGTH and length == 0
+        if self.done and self._buffer:
+            self.reusable = False  # bytes after a body-less response: the server is confused
+
+    def take(self) -> list[bytes]:
+        """Decode what is buffered; return the body bytes found (maybe none)."""
+        if self.done or not self._buffer:
+            return []
+        if self._framing == self._CHUNKED:
+            return self._take_chunked()
+        buffer = self._buffer
+        self._buffer = b""
+        if self._framing == self._UNTIL_CLOSE:
+            return [buffer]
+        left = self._left
+        if len(buffer) > left:
+            buffer = buffer[:left]
+            self.reusable = False  # bytes past the response: never reuse the connection
+        self._left = left - len(buffer)
+        self.done = self._left == 0
+        return [buffer]
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes read from the connection (``b""``: the server closed it); decode them.
+
+        Raises:
+            httpx2.RemoteProtocolError: the body was cut short, or its framing is broken.
+        """
+        if not data:
+            if self._framing != self._UNTIL_CLOSE:
+                raise httpx2.RemoteProtocolError(
+                    "the server closed the connection before the end of the body"
+                )
+            self.done = True
+            return []
+        self._buffer = self._buffer + data if self._buffer else data
+        return self.take()
+
+    def _take_chunked(self) -> list[bytes]:
+        buffer = self._buffer
+        size = len(buffer)
+        at = 0
+        parts = []
+        left = self._left
+        while True:
+            if left > 0:  # inside a chunk's data
+                end = min(at + left, size)
+                if end == at:
+                    break
+                parts.append(buffer[at:end])
+                left -= end - at
+                at = end
+                if left:
+                    break
+                left = -1
+            elif left == -1:  # the CRLF after a chunk's data
+                if size - at < 2:
+                    break
+                if buffer[at : at + 2] != b"\r\n":
+                    raise httpx2.RemoteProtocolError("chunk data not followed by CRLF")
+                at += 2
+                left = 0
+            else:  # a chunk-size line (0), or a trailer line (-2)
+                end = buffer.find(b"\r\n", at)
+                if end < 0:
+                    if size - at > _MAX_LINE:
+                        raise httpx2.RemoteProtocolError("chunk-size or trailer line too long")
+                    break
+                line = buffer[at:end]
+                at = end + 2
+                if left == 0:
+                    digits = line.split(b";", 1)[0].rstrip(b" \t")
+                    if not _CHUNK_SIZE.fullmatch(digits):
+                        raise httpx2.RemoteProtocolError(f"bad chunk-size line {line[:40]!r}")
+                    left = int(digits, 16) or -2
+                elif line:
+                    self._trailer += len(line)
+                    if self._trailer > _MAX_HEAD:
+                        raise httpx2.RemoteProtocolError("trailer section too large")
+                else:  # the empty line that ends the trailer section: the body is done
+                    self.done = True
+                    if at < size:
+                        self.reusable = False  # bytes past the response
+                    break
+        self._left = left
+        self._buffer = buffer[at:] if at < size else b""
+        return parts
+
+
+class _ByteStream(Protocol):
+    """What a connection reads and writes through: a trio stream's two methods."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
+
+
+@final
+class _SocketIO:
+    """Plain-TCP I/O straight on the trio socket.
+
+    ``trio.SocketStream`` wraps each call in context managers (error translation,
+    conflict detection, a memoryview) that cost more than the system call; the errors
+    they would translate are handled where the calls are made.
+    """
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, socket: trio.socket.SocketType) -> None:
+        self._socket = socket
+
+    async def send_all(self, data: bytes) -> None:
+        """Send all of ``data`` (``OSError`` on failure)."""
+        sent = await self._socket.send(data)
+        if sent < len(data):
+            view = memoryview(data)
+            while sent < len(data):
+                sent += await self._socket.send(view[sent:])
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Receive at most ``max_bytes`` (``b""`` at EOF; ``OSError`` on failure)."""
+        return await self._socket.recv(max_bytes)
+
+
+@final
 class _Connection:
-    """One HTTP/1.1 connection: a trio stream, its socket and its h11 state machine."""
+    """One HTTP/1.1 connection: a trio stream, its socket, and the exchange under way.
 
-    __slots__ = ("h11", "idle_since", "socket", "stream")
+    ``h11`` is a fresh state machine for each exchange: it writes the request and reads
+    the response head; ``body`` then decodes the body.
+    """
 
-    def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType) -> None:
+    __slots__ = ("body", "h11", "idle_since", "socket", "stream")
+
+    def __init__(self, stream: _ByteStream, socket: trio.socket.SocketType) -> None:
         self.stream = stream
         self.socket = socket
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
+        self.body: _Body | None = None
         self.idle_since = 0.0
 
     def usable_after_idle(self) -> bool:
@@ -174,17 +354,13 @@ class _Pool:
         return True
 
     def release(self, conn: _Connection) -> None:
-        """Take back a connection whose exchange is complete; keep it if it is reusable."""
-        state = conn.h11
-        if (
-            self.closed
-            or state.our_state is not _DONE
-            or state.their_state is not _DONE
-            or state.trailing_data[0]  # bytes past the response: the server is confused
-        ):
+        """Take back a connection whose body was read to its end; keep it if reusable."""
+        body = conn.body
+        if self.closed or body is None or not body.reusable:
             self.discard(conn)  # Connection: close, HTTP/1.0, or the transport is closed
             return
-        state.start_next_cycle()
+        conn.body = None
+        conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
         if self._hand_over(conn):
             return
         idle = self._idle
@@ -232,15 +408,18 @@ def _transport_error(
 
 async def _receive(conn: _Connection, seconds: float | None) -> bytes:
     """Read some bytes (``b""`` at EOF) within ``seconds``, failing with httpx2's errors."""
-    # trio may return a bytearray: h11 takes any bytes-like object, so it is not copied.
     try:
         if seconds is None:
-            return await conn.stream.receive_some(_RECEIVE_SIZE)  # type: ignore[return-value]
-        with trio.move_on_after(seconds):
-            return await conn.stream.receive_some(_RECEIVE_SIZE)  # type: ignore[return-value]
+            data = await conn.stream.receive_some(_RECEIVE_SIZE)
+        else:
+            data = b""
+            with trio.move_on_after(seconds) as scope:
+                data = await conn.stream.receive_some(_RECEIVE_SIZE)
+            if scope.cancelled_caught:
+                raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise _transport_error(httpx2.ReadError, "reading the response failed", exc) from exc
-    raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
+    return data if type(data) is bytes else bytes(data)  # trio may give a bytearray
 
 
 @final
@@ -267,35 +446,24 @@ class _Timeouts:
 async def _next_body_part(
     pool: _Pool, conn: _Connection, seconds: float | None
 ) -> tuple[bytes, bool]:
-    """Return the body bytes already received (reading only if there are none), and
-    whether that is the end of the body.
+    """Return the next body bytes, and whether they end the body.
 
-    At the end, the connection has gone back to the pool. Any failure, cancellation
-    included, closes the connection instead.
+    Takes every byte already received, and reads only when there is none. At the end,
+    the connection has gone back to the pool. Any failure, cancellation included,
+    closes the connection instead.
     """
-    state = conn.h11
-    parts: list[bytes] = []
+    body = conn.body
+    assert body is not None
     try:
-        while True:
-            event = state.next_event()
-            kind = type(event)
-            if kind is _DATA:
-                parts.append(event.data)  # type: ignore[union-attr]
-            elif kind is _END:
-                pool.release(conn)
-                return b"".join(parts), True
-            elif event is _NEED_DATA:
-                if parts:
-                    return b"".join(parts), False
-                state.receive_data(await _receive(conn, seconds))
-            else:
-                raise httpx2.RemoteProtocolError(f"unexpected {kind.__name__} in a body")
-    except h11.RemoteProtocolError as exc:
-        pool.discard(conn)
-        raise httpx2.RemoteProtocolError(f"malformed response body: {exc}") from exc
+        parts = body.take()
+        while not parts and not body.done:
+            parts = body.feed(await _receive(conn, seconds))
     except BaseException:
         pool.discard(conn)
         raise
+    if body.done:
+        pool.release(conn)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), body.done
 
 
 @final
@@ -606,6 +774,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         except BaseException:
             pool.discard(conn)
             raise
+        conn.body = _Body(event, head.method, conn.h11)
         return conn, event
 
     async def _connect(self, origin: _Origin, seconds: float | None) -> _Connection:
@@ -623,7 +792,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
                     httpx2.ConnectError, f"cannot connect to {hostname}", exc
                 ) from exc
             if not tls:
-                return _Connection(tcp, tcp.socket)
+                return _Connection(_SocketIO(tcp.socket), tcp.socket)
             stream = trio.SSLStream(
                 tcp, self._context(), server_hostname=hostname, https_compatible=True
             )
@@ -680,6 +849,7 @@ async def _exchange(
 
     One cancel scope covers both phases, its deadline moved before each write (``write``
     timeout) and each read (``read`` timeout): a scope costs more than the I/O it guards.
+    (The deadline of the first write is set when the scope is made, to move it less.)
 
     Raises:
         _StaleConnection: ``reused``, and the connection failed before any byte of the
@@ -691,14 +861,15 @@ async def _exchange(
     read = timeouts.read
     writing = True
     received = False
-    with trio.CancelScope() as scope:
+    # Created with the write deadline: each change of a scope's deadline costs a few us.
+    with trio.CancelScope(
+        deadline=math.inf if write is None else trio.current_time() + write
+    ) as scope:
         try:
             if preformatted:
                 assert content is not None
                 state.send(head)
                 state.send(_END_EVENT)
-                if write is not None:
-                    scope.deadline = trio.current_time() + write
                 await io.send_all(content)
             elif content is not None:
                 # Head and body in one write: one system call, one TCP segment if small.
@@ -706,20 +877,21 @@ async def _exchange(
                 if content:
                     data += state.send(h11.Data(data=content)) or b""
                 data += state.send(h11.EndOfMessage()) or b""
-                if write is not None:
-                    scope.deadline = trio.current_time() + write
                 await io.send_all(data)
             else:
                 assert isinstance(stream, httpx2.AsyncByteStream)
-                if write is not None:
-                    scope.deadline = trio.current_time() + write
                 await io.send_all(state.send(head) or b"")
-                async for chunk in stream:
-                    if chunk:
-                        if write is not None:
-                            scope.deadline = trio.current_time() + write
-                        await io.send_all(state.send(h11.Data(data=chunk)) or b"")
-                        scope.deadline = math.inf  # producing the next part is not writing
+                parts = stream.__aiter__()
+                try:
+                    async for chunk in parts:
+                        if chunk:
+                            if write is not None:
+                                scope.deadline = trio.current_time() + write
+                            await io.send_all(state.send(h11.Data(data=chunk)) or b"")
+                            scope.deadline = math.inf  # producing the next part is not writing
+                finally:
+                    if isinstance(parts, AsyncGenerator):
+                        await parts.aclose()  # at once, not by the garbage collector
                 if write is not None:
                     scope.deadline = trio.current_time() + write
                 await io.send_all(state.send(h11.EndOfMessage()) or b"")

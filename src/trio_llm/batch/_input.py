@@ -5,9 +5,10 @@ A line is a request in the OpenAI Batch API format::
     {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
     {"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {...}}
 
-or in the short form ``{"custom_id": "c", "prompt": "...", ...}``: one user message, with
-any other field (``model``, ``max_tokens``, ``temperature``, ...) going to the body.
-Blank lines are ignored; line numbers count every physical line, from 1.
+``"url": "/v1/messages"`` takes an Anthropic Messages body (for a client opened with
+``provider="anthropic"``). Or the short form ``{"custom_id": "c", "prompt": "...", ...}``:
+one user message, with any other field (``model``, ``max_tokens``, ``temperature``, ...)
+going to the body. Blank lines are ignored; line numbers count every physical line, from 1.
 
 :func:`check_input` is the first pass: it parses every line, finds every problem (with
 its line number) and duplicate ``custom_id``, and marks which lines the run must handle,
@@ -32,6 +33,7 @@ from ._keys import AnsweredKeys, HashSet, key_hash
 __all__ = [
     "CHAT_URL",
     "EMBEDDINGS_URL",
+    "MESSAGES_URL",
     "Bits",
     "InputPlan",
     "Invalid",
@@ -44,7 +46,8 @@ __all__ = [
 
 CHAT_URL: Final = "/v1/chat/completions"
 EMBEDDINGS_URL: Final = "/v1/embeddings"
-_URLS: Final = (CHAT_URL, EMBEDDINGS_URL)
+MESSAGES_URL: Final = "/v1/messages"  # Anthropic's Messages API
+_URLS: Final = (CHAT_URL, EMBEDDINGS_URL, MESSAGES_URL)
 
 # Keyword arguments of Client.chat/embed other than body fields: a body field of that
 # name could not be passed through unchanged, so such a line is refused up front.
@@ -64,7 +67,7 @@ class Request:
     Attributes:
         line: its line number (from 1).
         custom_id: its ``custom_id``.
-        url: :data:`CHAT_URL` or :data:`EMBEDDINGS_URL`.
+        url: :data:`CHAT_URL`, :data:`EMBEDDINGS_URL` or :data:`MESSAGES_URL`.
         body: the request body, as in the file (the short form's built from its fields).
     """
 
@@ -169,7 +172,7 @@ def _check_body(url: str, body: dict[str, Any], default_model: str | None) -> st
         return "no model: set body.model, or give a default model (--model)"
     if body.get("stream") is True:
         return "body.stream: streamed replies are not supported in a batch"
-    if url == CHAT_URL:
+    if url in (CHAT_URL, MESSAGES_URL):
         return _check_messages(body.get("messages"))
     return _check_embedding_input(body.get("input"))
 

@@ -28,6 +28,7 @@ from .._fanout import as_completed
 from .._types import Usage
 from ._input import (
     CHAT_URL,
+    MESSAGES_URL,
     InputPlan,
     Invalid,
     Request,
@@ -169,7 +170,12 @@ class _Run:
         model = fields.pop("model", None)
         usage: Usage
         try:
-            if item.url == CHAT_URL:
+            if item.url == MESSAGES_URL and self._client._provider.name != "anthropic":
+                raise ConfigurationError(
+                    f"{MESSAGES_URL} lines need a client opened with provider='anthropic'"
+                )
+            if item.url in (CHAT_URL, MESSAGES_URL):
+                # An Anthropic body passes the anthropic adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
                 body, request_id, usage = chat.raw, chat.request_id, chat.usage
             else:

@@ -6,10 +6,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
 from .._types import ChatResponse, EmbeddingResponse
+from ._base import Messages
 
 __all__ = ["Messages", "OpenAIProvider", "as_messages"]
-
-Messages = str | Sequence[Mapping[str, Any]]
 
 
 def as_messages(prompt_or_messages: Messages) -> list[Mapping[str, Any]]:
@@ -51,6 +50,22 @@ class OpenAIProvider:
     def parse_chat(self, payload: dict[str, Any], request_id: str | None) -> ChatResponse:
         """Parse a chat completion payload."""
         return ChatResponse.from_json(payload, request_id=request_id)
+
+    def stream_body(
+        self, prompt_or_messages: Messages, model: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Return the body of a streamed chat request, asking for usage in the last chunk.
+
+        The caller's own ``stream_options`` keys win.
+        """
+        body = self.chat_body(prompt_or_messages, model, params)
+        body["stream"] = True
+        options = params.get("stream_options")
+        body["stream_options"] = {"include_usage": True, **(options or {})}
+        return body
+
+    def stream_translator(self) -> None:
+        """Return ``None``: the events are ``chat.completion.chunk`` payloads already."""
 
     def embeddings_body(
         self, texts: str | Sequence[str], model: str, params: Mapping[str, Any]

@@ -1,0 +1,97 @@
+"""The interface every provider adapter satisfies.
+
+An adapter builds request bodies and turns replies into trio-llm types; the client owns
+the HTTP side (connections, limits, retries). Streams are normalised to OpenAI-shaped
+``chat.completion.chunk`` payloads, so one aggregation serves every provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from .._types import ChatResponse, EmbeddingResponse, JSONObject
+
+__all__ = ["Provider", "StreamTranslator"]
+
+Messages = str | Sequence[Mapping[str, Any]]
+
+
+class StreamTranslator(Protocol):
+    """Turn one stream's events into OpenAI-shaped chunk payloads (stateful, one per stream)."""
+
+    @property
+    def done(self) -> bool:
+        """Whether the event that ends the stream has been seen."""
+        ...
+
+    def translate(self, event: str, payload: JSONObject) -> list[JSONObject]:
+        """Return the ``chat.completion.chunk`` payloads ``event`` stands for (maybe none).
+
+        Error events never reach it: the caller raises :class:`StreamError` for those.
+        """
+        ...
+
+
+class Provider(Protocol):
+    """Build and parse the requests of one wire format."""
+
+    @property
+    def name(self) -> str:
+        """The provider's name, as given to ``open_client(provider=...)``."""
+        ...
+
+    @property
+    def default_base_url(self) -> str: ...
+
+    @property
+    def base_url_env(self) -> str: ...
+
+    @property
+    def api_key_env(self) -> str: ...
+
+    @property
+    def chat_path(self) -> str: ...
+
+    @property
+    def embeddings_path(self) -> str: ...
+
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        """Return the headers every request carries (the key's, and any version header)."""
+        ...
+
+    def chat_body(
+        self, prompt_or_messages: Messages, model: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Return the JSON body of a chat request."""
+        ...
+
+    def parse_chat(self, payload: dict[str, Any], request_id: str | None) -> ChatResponse:
+        """Parse a chat reply."""
+        ...
+
+    def stream_body(
+        self, prompt_or_messages: Messages, model: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Return the JSON body of a streamed chat request."""
+        ...
+
+    def stream_translator(self) -> StreamTranslator | None:
+        """Return a translator for one stream, or ``None`` if its events are OpenAI chunks."""
+        ...
+
+    def embeddings_body(
+        self, texts: str | Sequence[str], model: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Return the JSON body of an embeddings request.
+
+        Raises:
+            ConfigurationError: the provider has no embeddings endpoint.
+        """
+        ...
+
+    def parse_embeddings(
+        self, payload: dict[str, Any], request_id: str | None
+    ) -> EmbeddingResponse:
+        """Parse an embeddings reply."""
+        ...

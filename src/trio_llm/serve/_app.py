@@ -1,0 +1,558 @@
+"""The gateway's ASGI app: OpenAI-compatible routes in front of one :class:`Client`.
+
+The app runs on Trio (Hypercorn's Trio worker, see ``_runner.py``): streamed replies and
+the background log worker use trio directly. Every error the app answers with has the
+OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, so OpenAI clients raise
+their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, Final, final
+
+import attrs
+import trio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._client import Client
+from .._errors import (
+    APIConnectionError,
+    APIResponseError,
+    APIStatusError,
+    APITimeoutError,
+    ConfigurationError,
+    LLMError,
+    RetryDeadlineExceeded,
+    StreamError,
+)
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "GenerationRecord", "create_app"]
+
+DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+# Log records waiting for the background worker; beyond this they are dropped (and
+# counted in /metrics) rather than slowing requests down.
+_LOG_BUFFER: Final = 1024
+
+logger = logging.getLogger("trio_llm.serve")
+
+_ROUTES: Final = (
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/generate",
+    "/healthz",
+    "/metrics",
+)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class GenerationRecord:
+    """What the gateway logs, in the background, about each request it sent upstream.
+
+    Attributes:
+        route: the gateway route (``"/v1/chat/completions"``, ``"/generate"``, ...).
+        model: the model asked for (``""`` if none was named).
+        status: the HTTP status the gateway answered with (200 for a stream that started).
+        seconds: time from the request's arrival to its last byte.
+        prompt_tokens: prompt tokens the upstream reported (0 if unknown).
+        completion_tokens: completion tokens the upstream reported (0 if unknown).
+        stream: whether the reply was streamed.
+        error: the error's message, for failed requests.
+    """
+
+    route: str
+    model: str
+    status: int
+    seconds: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stream: bool = False
+    error: str | None = None
+
+
+class _GatewayError(Exception):
+    """An error the gateway answers with itself (bad request, auth, body too large)."""
+
+    def __init__(
+        self, status: int, message: str, *, kind: str = "invalid_request_error", code: str | None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.code = code
+
+
+def _error_body(
+    message: str, kind: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _upstream_error(exc: LLMError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Return (status, OpenAI-style body, headers) for an error of the upstream call."""
+    if isinstance(exc, APIStatusError):
+        headers = {}
+        if exc.retry_after is not None:
+            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
+            return exc.status_code, exc.body, headers
+        kind = exc.error_type or "upstream_error"
+        return exc.status_code, _error_body(exc.message, kind, exc.code), headers
+    if isinstance(exc, (APITimeoutError, RetryDeadlineExceeded)):
+        return 504, _error_body(f"upstream timed out: {exc}", "upstream_error", "timeout"), {}
+    if isinstance(exc, ConfigurationError):
+        return 400, _error_body(str(exc), "invalid_request_error", None), {}
+    if isinstance(exc, (APIConnectionError, APIResponseError)):
+        return 502, _error_body(f"upstream failed: {exc}", "upstream_error", "bad_gateway"), {}
+    return 502, _error_body(f"upstream failed: {exc}", "upstream_error", None), {}
+
+
+@final
+class _RequestCounter:
+    """Pure ASGI middleware: count responses by route and status for ``/metrics``."""
+
+    def __init__(self, app: ASGIApp, *, counts: Counter[tuple[str, int]]) -> None:
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in _ROUTES else "other"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.counts[route, int(message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+@final
+class _State:
+    """What the lifespan owns: the log channel, and counters for /metrics."""
+
+    def __init__(self) -> None:
+        self.log_send: trio.MemorySendChannel[GenerationRecord] | None = None
+        self.logged = 0
+        self.log_dropped = 0
+        self.counts: Counter[tuple[str, int]] = Counter()
+
+    def record(self, record: GenerationRecord) -> None:
+        """Queue ``record`` for the background worker; never blocks."""
+        if self.log_send is None:  # pragma: no cover - routes only run inside the lifespan
+            self.log_dropped += 1
+            return
+        try:
+            self.log_send.send_nowait(record)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.log_dropped += 1
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """Read the body (at most ``limit`` bytes) and decode a JSON object from it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _GatewayError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    parts = []
+    size = 0
+    # aclosing: leaving early (413) must close Starlette's generator here, not in the GC.
+    async with aclosing(request.stream()) as stream:
+        async for part in stream:
+            size += len(part)
+            if size > limit:
+                raise _GatewayError(
+                    413, f"request body exceeds {limit} bytes", code="request_too_large"
+                )
+            parts.append(part)
+    try:
+        body = json.loads(b"".join(parts))
+    except ValueError as exc:
+        raise _GatewayError(400, f"request body is not valid JSON: {exc}", code=None) from None
+    if not isinstance(body, dict):
+        raise _GatewayError(400, "request body must be a JSON object", code=None)
+    return body
+
+
+def _require(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what: str) -> Any:
+    value = body.get(name)
+    if not check(value):
+        message = f"'{name}' is required" if value is None else f"'{name}' must be {what}"
+        raise _GatewayError(422, message, code="invalid_value")
+    return value
+
+
+def _check_model(body: Mapping[str, Any]) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _GatewayError(422, "'model' must be a string", code="invalid_value")
+    return model
+
+
+def create_app(
+    client: Client,
+    *,
+    require_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    on_generation: Callable[[GenerationRecord], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """Return a FastAPI app that serves the OpenAI API in front of ``client``.
+
+    Routes: ``POST /v1/chat/completions`` (JSON, or SSE relayed chunk by chunk with
+    ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, ``POST /generate``
+    (``{"prompt"}`` to ``{"generated_text"}``), ``GET /healthz`` and ``GET /metrics``
+    (Prometheus text). Every upstream call goes through ``client``, so its concurrency
+    cap, rate limit and retry policy hold across all the gateway's callers.
+
+    The app must run on Trio (e.g. :func:`trio_llm.serve.serve`), and ``client`` must stay
+    open while it serves. Its lifespan owns a nursery where one worker logs a
+    :class:`GenerationRecord` per upstream call (logger ``trio_llm.serve``) and awaits
+    ``on_generation``; records queued before shutdown are all handled before the
+    lifespan ends.
+
+    Args:
+        client: the client every upstream call goes through.
+        require_key: if set, every route but ``/healthz`` requires the header
+            ``Authorization: Bearer <require_key>`` (401 otherwise).
+        max_body_bytes: larger request bodies are refused with 413.
+        on_generation: an async hook awaited, in the background worker, with each record.
+    """
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, not {max_body_bytes!r}")
+    state = _State()
+
+    async def log_worker(receive: trio.MemoryReceiveChannel[GenerationRecord]) -> None:
+        async with receive:
+            async for record in receive:
+                logger.info(
+                    "%s model=%s status=%d seconds=%.3f prompt_tokens=%d completion_tokens=%d%s",
+                    record.route,
+                    record.model,
+                    record.status,
+                    record.seconds,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    f" error={record.error}" if record.error else "",
+                )
+                if on_generation is not None:
+                    try:
+                        await on_generation(record)
+                    except Exception:
+                        logger.exception("on_generation hook failed")
+                state.logged += 1
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        send, receive = trio.open_memory_channel[GenerationRecord](_LOG_BUFFER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log_worker, receive)
+            async with send:
+                state.log_send = send
+                try:
+                    yield
+                finally:
+                    state.log_send = None
+            # The channel is closed: the worker handles what is queued, then returns.
+
+    app = FastAPI(
+        title="trio-llm gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_middleware(_RequestCounter, counts=state.counts)
+
+    @app.exception_handler(_GatewayError)
+    async def gateway_error(_request: Request, exc: _GatewayError) -> Response:
+        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(
+            _error_body(exc.message, exc.kind, exc.code), status_code=exc.status, headers=headers
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(_error_body(str(exc.detail), kind, None), status_code=exc.status_code)
+
+    def authorize(request: Request) -> None:
+        if require_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {require_key}":
+            raise _GatewayError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def call_upstream(
+        route: str, model: str | None, call: Callable[[], Awaitable[Any]]
+    ) -> Response:
+        """Await ``call``, record it, and answer with its ``raw`` (or the error)."""
+        started = trio.current_time()
+        try:
+            reply = await call()
+        except LLMError as exc:
+            status, body, headers = _upstream_error(exc)
+            state.record(
+                GenerationRecord(
+                    route=route,
+                    model=model or "",
+                    status=status,
+                    seconds=trio.current_time() - started,
+                    error=str(exc),
+                )
+            )
+            return JSONResponse(body, status_code=status, headers=headers)
+        state.record(
+            GenerationRecord(
+                route=route,
+                model=model or "",
+                status=200,
+                seconds=trio.current_time() - started,
+                prompt_tokens=reply.usage.prompt_tokens,
+                completion_tokens=reply.usage.completion_tokens,
+            )
+        )
+        if route == "/generate":
+            return JSONResponse({"generated_text": reply.text})
+        return JSONResponse(reply.raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await _read_json(request, max_body_bytes)
+        messages = _require(
+            body, "messages", lambda v: isinstance(v, list) and bool(v), "a non-empty array"
+        )
+        model = _check_model(body)
+        stream = body.get("stream") is True
+        params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
+        if stream:
+            return _RelayedStream(client, state, messages, model, params)
+        return await call_upstream(
+            "/v1/chat/completions",
+            model,
+            lambda: client.chat(messages, model=model, **params),
+        )
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        authorize(request)
+        body = await _read_json(request, max_body_bytes)
+        texts = _require(
+            body,
+            "input",
+            lambda v: isinstance(v, str) or (isinstance(v, list) and bool(v)),
+            "a string or a non-empty array",
+        )
+        model = _check_model(body)
+        params = {k: v for k, v in body.items() if k not in ("input", "model")}
+        return await call_upstream(
+            "/v1/embeddings", model, lambda: client.embed(texts, model=model, **params)
+        )
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        authorize(request)
+        body = await _read_json(request, max_body_bytes)
+        prompt = _require(body, "prompt", lambda v: isinstance(v, str), "a string")
+        model = _check_model(body)
+        params = {k: v for k, v in body.items() if k not in ("prompt", "model", "stream")}
+        return await call_upstream(
+            "/generate", model, lambda: client.chat(prompt, model=model, **params)
+        )
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        authorize(request)
+        data = []
+        if client.model:
+            data.append(
+                {"id": client.model, "object": "model", "created": 0, "owned_by": "trio-llm"}
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        authorize(request)
+        return PlainTextResponse(_prometheus(client, state), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+_STAT_HELP: Final = {
+    "in_flight": ("gauge", "Upstream requests holding a concurrency slot."),
+    "waiting": ("gauge", "Upstream requests waiting for a slot or rate-limit capacity."),
+    "max_concurrency": ("gauge", "The upstream concurrency limit."),
+    "sent": ("counter", "Upstream HTTP attempts started."),
+    "succeeded": ("counter", "Upstream calls that returned a result."),
+    "failed": ("counter", "Upstream calls that raised an error."),
+    "retried": ("counter", "Upstream retry attempts."),
+    "rate_limited": ("counter", "429 responses received from upstream."),
+    "prompt_tokens": ("counter", "Prompt tokens reported by upstream."),
+    "completion_tokens": ("counter", "Completion tokens reported by upstream."),
+}
+
+
+def _prometheus(client: Client, state: _State) -> str:
+    """Render the client's statistics and the gateway's counters as Prometheus text."""
+    lines = []
+    stats = attrs.asdict(client.statistics())
+    for name, (kind, help_text) in _STAT_HELP.items():
+        metric = f"trio_llm_client_{name}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        lines.append(f"{metric} {stats[name]}")
+    lines += [
+        "# HELP trio_llm_serve_requests_total Gateway responses by route and status.",
+        "# TYPE trio_llm_serve_requests_total counter",
+    ]
+    for (route, status), count in sorted(state.counts.items()):
+        lines.append(f'trio_llm_serve_requests_total{{route="{route}",status="{status}"}} {count}')
+    lines += [
+        "# HELP trio_llm_serve_generations_logged_total Records the background logger handled.",
+        "# TYPE trio_llm_serve_generations_logged_total counter",
+        f"trio_llm_serve_generations_logged_total {state.logged}",
+        "# HELP trio_llm_serve_generations_dropped_total Records dropped: log queue full.",
+        "# TYPE trio_llm_serve_generations_dropped_total counter",
+        f"trio_llm_serve_generations_dropped_total {state.log_dropped}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sse(payload: object) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+@final
+class _RelayedStream(Response):
+    """An SSE response that relays an upstream stream as it arrives.
+
+    One task does everything, so the upstream stream's ``async with`` is entered and left
+    in the same frame: a failure before the first event becomes an ordinary error response
+    with the upstream's status; a client that disconnects cancels the relay, which leaves
+    the block and closes the upstream request.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        state: _State,
+        messages: list[Any],
+        model: str | None,
+        params: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self._state = state
+        self._messages = messages
+        self._model = model
+        self._params = params
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = trio.current_time()
+        record: dict[str, Any] = {"status": 200}
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        record.update(status=499, error="client disconnected")
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_disconnect)
+            await self._relay(scope, send, record)
+            nursery.cancel_scope.cancel()
+        self._state.record(
+            GenerationRecord(
+                route="/v1/chat/completions",
+                model=self._model or "",
+                seconds=trio.current_time() - started,
+                stream=True,
+                **record,
+            )
+        )
+
+    async def _relay(self, scope: Scope, send: Send, record: dict[str, Any]) -> None:
+        options = self._params.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        try:
+            stream_cm = self._client.stream(self._messages, model=self._model, **self._params)
+            async with stream_cm as stream:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no"),
+                        ],
+                    }
+                )
+                # Chunks of one event share its raw payload (n > 1): send each event once.
+                previous: object = None
+                try:
+                    async for chunk in stream:
+                        if chunk.raw is previous:
+                            continue
+                        previous = chunk.raw
+                        await _send_body(send, _sse(chunk.raw))
+                except StreamError as exc:
+                    record.update(status=502, error=str(exc))
+                    body = exc.error_body if isinstance(exc.error_body, dict) else None
+                    if body is None or "error" not in body:
+                        body = _error_body(str(exc), "upstream_error", "stream_error")
+                    await _send_body(send, _sse(body), more=False)
+                    return
+                response = stream.response
+        except LLMError as exc:
+            status, body, headers = _upstream_error(exc)
+            record.update(status=status, error=str(exc))
+            await JSONResponse(body, status_code=status, headers=headers)(scope, _no_receive, send)
+            return
+        record.update(
+            prompt_tokens=response.usage.prompt_tokens,
+            completion_tokens=response.usage.completion_tokens,
+        )
+        if wants_usage:
+            head: dict[str, Any] = {
+                k: response.raw[k] for k in ("id", "created", "model") if k in response.raw
+            }
+            usage_chunk: dict[str, Any] = {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": response.raw.get("usage"),
+            }
+            await _send_body(send, _sse(usage_chunk))
+        await _send_body(send, b"data: [DONE]\n\n", more=False)
+
+
+async def _send_body(send: Send, data: bytes, *, more: bool = True) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never receives
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")

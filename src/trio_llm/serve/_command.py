@@ -1,0 +1,164 @@
+"""The ``trio-llm serve`` command: flags, the client, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from .. import _cli
+from .._client import open_client
+from .._config import RetryPolicy
+from .._errors import ConfigurationError
+from .._ratelimit import RateLimit
+
+__all__ = ["add_serve_parser", "run_serve_command"]
+
+_DESCRIPTION = """\
+Serve an OpenAI-compatible gateway in front of UPSTREAM: POST /v1/chat/completions
+(JSON and SSE), POST /v1/embeddings, GET /v1/models, POST /generate, GET /healthz and
+GET /metrics. Every caller shares one concurrency cap, one rate limit and one retry
+policy towards the upstream. SIGINT or SIGTERM stops accepting connections and gives
+requests in flight --grace seconds. Needs the 'serve' extra: pip install 'trio-llm[serve]'.
+Example: trio-llm serve --upstream https://api.openai.com/v1 --port 8000 --rpm 500"""
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``serve`` subcommand to the ``trio-llm`` parser's ``subparsers``."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run an OpenAI-compatible gateway with shared limits in front of an API",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    upstream = parser.add_argument_group("upstream")
+    upstream.add_argument(
+        "--upstream", metavar="URL", required=True, help="the upstream API root, e.g. .../v1"
+    )
+    upstream.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the upstream API key (default: %(default)s)",
+    )
+    upstream.add_argument(
+        "--model",
+        metavar="MODEL",
+        help=f"model for requests that name none (default: $TRIO_LLM_MODEL or "
+        f"{_cli._DEFAULT_MODEL})",
+    )
+    upstream.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_cli._positive_int,
+        default=64,
+        help="upstream requests in flight at once (default: %(default)s)",
+    )
+    upstream.add_argument(
+        "--rpm", metavar="N", type=_cli._positive_float, help="upstream requests per minute"
+    )
+    upstream.add_argument(
+        "--tpm", metavar="N", type=_cli._positive_float, help="upstream tokens per minute"
+    )
+    upstream.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=_cli._positive_int,
+        default=3,
+        help="attempts per upstream call, the first included (default: %(default)s)",
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    server.add_argument(
+        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    server.add_argument(
+        "--require-key-env",
+        metavar="NAME",
+        help="environment variable holding the key callers must send as "
+        "'Authorization: Bearer KEY' (default: no inbound auth)",
+    )
+    server.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=_cli._non_negative_float,
+        default=30.0,
+        help="after SIGINT or SIGTERM, how long requests in flight may finish "
+        "(default: %(default)s)",
+    )
+
+
+def _env(name: str, flag: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigurationError(f"${name} is not set (named by {flag})")
+    return value
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from ._app import create_app
+    from ._runner import serve
+
+    require_key = _env(args.require_key_env, "--require-key-env") if args.require_key_env else None
+    api_key = os.environ.get(args.api_key_env) or None
+    if args.api_key_env != "OPENAI_API_KEY" and api_key is None:
+        raise ConfigurationError(f"${args.api_key_env} is not set (named by --api-key-env)")
+    model = args.model or os.environ.get("TRIO_LLM_MODEL") or _cli._DEFAULT_MODEL
+    async with open_client(
+        base_url=args.upstream,
+        api_key=api_key,
+        model=model,
+        max_concurrency=args.concurrency,
+        retry=RetryPolicy(attempts=args.max_attempts),
+        rate_limit=RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
+    ) as client:
+        app = create_app(client, require_key=require_key)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def wait_for_signal() -> None:
+                async for signum in signals:
+                    print(
+                        f"trio-llm serve: {signal.Signals(signum).name}: stopping "
+                        f"(in-flight requests get {args.grace:g} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return
+
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(
+                    functools.partial(
+                        serve,
+                        app,
+                        host=args.host,
+                        port=args.port,
+                        shutdown_trigger=wait_for_signal,
+                        grace=args.grace,
+                    )
+                )
+                print(
+                    f"trio-llm serve: gateway to {client.base_url} listening on {url} "
+                    "(Ctrl-C to stop)",
+                    flush=True,
+                )
+    print("trio-llm serve: stopped", file=sys.stderr, flush=True)
+    return _cli.EXIT_OK
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    """Run ``trio-llm serve`` with parsed ``args``; return the exit status."""
+    try:
+        import fastapi  # noqa: F401
+        import hypercorn.trio  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the test environment has the extra
+        raise ConfigurationError(
+            f"{exc}: 'trio-llm serve' needs the serve extra: pip install 'trio-llm[serve]'"
+        ) from None
+    return trio.run(_serve, args)
