@@ -480,10 +480,15 @@ class Client:
             )
         if reservation is not None:
             usage = payload.get("usage")
-            total = usage.get("total_tokens") if isinstance(usage, dict) else None
-            if isinstance(total, int):
-                reservation.reconcile(total)
-        return payload, headers.get("x-request-id")
+            if isinstance(usage, dict):
+                total = usage.get("total_tokens")
+                if total is None:  # Anthropic reports input and output tokens only
+                    parts = (usage.get("input_tokens"), usage.get("output_tokens"))
+                    total = sum(p for p in parts if isinstance(p, int))
+                if isinstance(total, int):
+                    reservation.reconcile(total)
+        # OpenAI says x-request-id; Anthropic says request-id.
+        return payload, headers.get("x-request-id") or headers.get("request-id")
 
 
 def _encode_json(body: Mapping[str, Any]) -> bytes:

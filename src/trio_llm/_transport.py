@@ -227,7 +227,10 @@ class _SocketIO:
         self._socket = socket
 
     async def send_all(self, data: bytes) -> None:
-        """Send all of ``data`` (``OSError`` on failure)."""
+        """Send all of ``data`` (``OSError`` on failure).
+
+        Cancellation: part of ``data`` may have been sent; the caller closes the socket.
+        """
         sent = await self._socket.send(data)
         if sent < len(data):
             view = memoryview(data)
@@ -235,7 +238,10 @@ class _SocketIO:
                 sent += await self._socket.send(view[sent:])
 
     async def receive_some(self, max_bytes: int) -> bytes:
-        """Receive at most ``max_bytes`` (``b""`` at EOF; ``OSError`` on failure)."""
+        """Receive at most ``max_bytes`` (``b""`` at EOF; ``OSError`` on failure).
+
+        Cancellation: nothing was received.
+        """
         return await self._socket.recv(max_bytes)
 
 
@@ -407,7 +413,10 @@ def _transport_error(
 
 
 async def _receive(conn: _Connection, seconds: float | None) -> bytes:
-    """Read some bytes (``b""`` at EOF) within ``seconds``, failing with httpx2's errors."""
+    """Read some bytes (``b""`` at EOF) within ``seconds``, failing with httpx2's errors.
+
+    Cancellation: nothing was read.
+    """
     try:
         if seconds is None:
             data = await conn.stream.receive_some(_RECEIVE_SIZE)
@@ -748,7 +757,8 @@ class TrioTransport(httpx2.AsyncBaseTransport):
     ) -> tuple[_Connection, h11.Response]:
         """Take a connection, send the request and read up to the response head.
 
-        The connection returned carries the unread body; on any failure it is closed.
+        The connection returned carries the unread body. On any failure, cancellation
+        included, the connection is closed and its slot freed.
         ``preformatted``: ``content`` is the whole request, and ``head`` the bodiless
         equivalent h11 is told of (see :class:`_Template`).
         """
@@ -778,7 +788,10 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         return conn, event
 
     async def _connect(self, origin: _Origin, seconds: float | None) -> _Connection:
-        """Open a connection (TCP, then TLS for https) within ``seconds``."""
+        """Open a connection (TCP, then TLS for https) within ``seconds``.
+
+        Cancellation: any socket opened so far is closed.
+        """
         scheme, host, port = origin
         tls = scheme == b"https"
         if not tls and scheme != b"http":
@@ -854,6 +867,8 @@ async def _exchange(
     Raises:
         _StaleConnection: ``reused``, and the connection failed before any byte of the
             response arrived.
+
+    Cancellation: the connection is left mid-exchange; the caller closes it.
     """
     state = conn.h11
     io = conn.stream
