@@ -22,8 +22,8 @@ in this process on the other CPUs. For each client, in the same run, median of
 Clients: trio-llm ``client.chat_many`` (its fixed set of C workers; the client's default
 transport, and again with ``transport=httpx2.AsyncHTTPTransport(...)``), and raw httpx2
 on trio written the best way by hand (C worker tasks pulling from one iterator,
-pre-encoded JSON body, ``json.loads`` of the reply, no retries, no rate limiter, no parsing
-into types, httpx2's default connection pool with C connections). trio-llm runs with
+``json.dumps`` of the body, ``json.loads`` of the reply, no retries, no rate limiter, no
+parsing into types, httpx2's default connection pool with C connections). trio-llm runs with
 ``retry=None`` and its default (adaptive) rate limiter, which stays idle here.
 """
 

@@ -34,6 +34,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -709,6 +710,8 @@ def driver(argv: list[str]) -> None:
         "(other work on the machine disturbs wall times, not CPU times)",
         flush=True,
     )
+    # A terminated run must still stop its server (finally blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     server, port = start_server()
     started = time.perf_counter()
     try:

@@ -47,6 +47,12 @@ PUBLIC_API = {
     "__version__",
     "open_client",
     "run_batch",
+    "Prompt",
+    "map_reduce",
+    "MapReduceResult",
+    "chat_structured",
+    "json_schema_for",
+    "StructuredOutputError",
 }
 
 TESTING_API = {

@@ -25,15 +25,21 @@ from ._errors import RateLimitError as RateLimitError
 from ._errors import RetryDeadlineExceeded as RetryDeadlineExceeded
 from ._errors import ServerError as ServerError
 from ._errors import StreamError as StreamError
+from ._errors import StructuredOutputError as StructuredOutputError
 from ._errors import UnprocessableEntityError as UnprocessableEntityError
 from ._fanout import as_completed as as_completed
 from ._fanout import capture_errors as capture_errors
 from ._fanout import map_concurrently as map_concurrently
+from ._mapreduce import MapReduceResult as MapReduceResult
+from ._mapreduce import map_reduce as map_reduce
+from ._prompt import Prompt as Prompt
 from ._ratelimit import RateLimit as RateLimit
 from ._streaming import ChatStream as ChatStream
 from ._streaming import MultiChatStream as MultiChatStream
 from ._streaming import StreamItem as StreamItem
 from ._streaming import StreamStatistics as StreamStatistics
+from ._structured import chat_structured as chat_structured
+from ._structured import json_schema_for as json_schema_for
 from ._transport import TrioTransport as TrioTransport
 from ._types import ChatChunk as ChatChunk
 from ._types import ChatResponse as ChatResponse
@@ -65,9 +71,11 @@ __all__ = [
     "ConflictError",
     "EmbeddingResponse",
     "LLMError",
+    "MapReduceResult",
     "MultiChatStream",
     "NotFoundError",
     "PermissionDeniedError",
+    "Prompt",
     "RateLimit",
     "RateLimitError",
     "Result",
@@ -77,6 +85,7 @@ __all__ = [
     "StreamError",
     "StreamItem",
     "StreamStatistics",
+    "StructuredOutputError",
     "Timeouts",
     "TrioTransport",
     "UnprocessableEntityError",
@@ -84,7 +93,10 @@ __all__ = [
     "__version__",
     "as_completed",
     "capture_errors",
+    "chat_structured",
+    "json_schema_for",
     "map_concurrently",
+    "map_reduce",
     "open_client",
     "run_batch",
 ]

@@ -10,6 +10,7 @@ The tree::
     │   └── APITimeoutError         ... because a connect/read/write/pool timeout expired
     ├── StreamError                 a streamed reply failed after its first event
     ├── BatchInputError             a batch file has an invalid line (path, line, reason)
+    ├── StructuredOutputError       a reply still did not match its schema after repairs
     └── APIStatusError              the server answered with a 4xx or 5xx status
         ├── BadRequestError         400
         ├── AuthenticationError     401
@@ -52,6 +53,7 @@ __all__ = [
     "RetryDeadlineExceeded",
     "ServerError",
     "StreamError",
+    "StructuredOutputError",
     "UnprocessableEntityError",
     "error_from_response",
     "error_from_transport",
@@ -174,6 +176,21 @@ class BatchInputError(LLMError):
         self.reason = reason
         self.custom_id = custom_id
         self.invalid_lines = invalid_lines
+
+
+@final
+class StructuredOutputError(LLMError):
+    """A structured reply did not parse or match its schema, even after the repair attempts.
+
+    Attributes:
+        raw_text: the last reply's text, as the model sent it.
+        errors: the problem found in each attempt's reply, in order.
+    """
+
+    def __init__(self, message: str, *, raw_text: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.raw_text = raw_text
+        self.errors = errors
 
 
 class APIStatusError(LLMError):
