@@ -24,6 +24,7 @@ import trio
 from ._client import Client, open_client
 from ._config import RetryPolicy
 from ._errors import ConfigurationError, LLMError
+from ._ratelimit import RateLimit
 from ._version import __version__
 
 __all__ = ["main"]
@@ -34,6 +35,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 _DEFAULT_MODEL = "gpt-4o-mini"
+# open_client's default: no limit of its own, the server's advertised limits adopted.
+_ADAPTIVE_RATE_LIMIT = RateLimit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,17 +219,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @asynccontextmanager
-async def _open_cli_client(args: argparse.Namespace) -> AsyncIterator[Client]:
+async def _open_cli_client(
+    args: argparse.Namespace,
+    *,
+    rate_limit: RateLimit | None = _ADAPTIVE_RATE_LIMIT,
+    simulate_latency: float = 0.0,
+    simulate_tokens_per_second: float | None = None,
+) -> AsyncIterator[Client]:
+    """Open the client the connection flags describe (or the in-process fake server's).
+
+    ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model.
+    """
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or _DEFAULT_MODEL
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
     if args.simulate:
-        from .testing import open_fake_llm
+        from .testing import FakeLLMConfig, open_fake_llm
 
-        async with open_fake_llm() as server:
+        config = FakeLLMConfig(
+            latency=simulate_latency, tokens_per_second=simulate_tokens_per_second
+        )
+        pace = (
+            f", paced like a model: {simulate_latency:g} s + "
+            f"{simulate_tokens_per_second:g} tokens/s"
+            if simulate_tokens_per_second
+            else ""
+        )
+        async with open_fake_llm(config) as server:
             print(
-                f"trio-llm: --simulate: answering from the built-in fake LLM server at "
-                f"{server.base_url} (offline, replies are generated text)",
+                f"trio-llm {args.command}: --simulate: answering from the built-in fake LLM "
+                f"server at {server.base_url} (offline; replies are generated text{pace})",
                 file=sys.stderr,
+                flush=True,
             )
             async with open_client(
                 base_url=server.base_url,
@@ -234,6 +257,7 @@ async def _open_cli_client(args: argparse.Namespace) -> AsyncIterator[Client]:
                 model=model,
                 max_concurrency=args.concurrency,
                 retry=retry,
+                rate_limit=rate_limit,
             ) as client:
                 yield client
         return
@@ -246,6 +270,7 @@ async def _open_cli_client(args: argparse.Namespace) -> AsyncIterator[Client]:
         model=model,
         max_concurrency=args.concurrency,
         retry=retry,
+        rate_limit=rate_limit,
     ) as client:
         yield client
 

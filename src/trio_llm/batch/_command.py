@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 import trio
 
 from .. import _cli
-from .._client import Client, open_client
-from .._config import RetryPolicy
+from .._client import Client
 from .._errors import BatchInputError, ConfigurationError, LLMError
 from .._ratelimit import RateLimit
 from ._progress import print_summary
@@ -89,48 +86,14 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
 
 
-@asynccontextmanager
-async def _open_batch_client(args: argparse.Namespace) -> AsyncIterator[Client]:
-    """Open the client the flags describe (as ``chat`` does, plus --rpm and --tpm)."""
-    model = args.model or os.environ.get("TRIO_LLM_MODEL") or _cli._DEFAULT_MODEL
-    retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
+def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
     rate_limit = RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
-    if args.simulate:
-        from ..testing import FakeLLMConfig, open_fake_llm
-
-        config = FakeLLMConfig(
-            latency=_SIMULATED_LATENCY, tokens_per_second=_SIMULATED_TOKENS_PER_SECOND
-        )
-        async with open_fake_llm(config) as server:
-            print(
-                f"trio-llm batch: --simulate: answering from the built-in fake LLM server at "
-                f"{server.base_url} (offline; replies are generated text, paced like a "
-                f"model: {_SIMULATED_LATENCY:g} s + {_SIMULATED_TOKENS_PER_SECOND:g} tokens/s)",
-                file=sys.stderr,
-                flush=True,
-            )
-            async with open_client(
-                base_url=server.base_url,
-                api_key="",
-                model=model,
-                max_concurrency=args.concurrency,
-                retry=retry,
-                rate_limit=rate_limit,
-            ) as client:
-                yield client
-        return
-    api_key = os.environ.get(args.api_key_env) or None
-    if args.api_key_env != "OPENAI_API_KEY" and api_key is None:
-        raise ConfigurationError(f"${args.api_key_env} is not set (named by --api-key-env)")
-    async with open_client(
-        base_url=args.base_url,
-        api_key=api_key,
-        model=model,
-        max_concurrency=args.concurrency,
-        retry=retry,
+    return _cli._open_cli_client(
+        args,
         rate_limit=rate_limit,
-    ) as client:
-        yield client
+        simulate_latency=_SIMULATED_LATENCY,
+        simulate_tokens_per_second=_SIMULATED_TOKENS_PER_SECOND,
+    )
 
 
 async def _batch(args: argparse.Namespace) -> BatchSummary:
