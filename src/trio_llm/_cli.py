@@ -344,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trio-llm`` command; return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # stamina logs each scheduled retry at WARNING; with no logging configured Python
+    # prints a bare "stamina.retry_scheduled" per retry. The commands report retries
+    # themselves (progress line, statistics), so keep stderr readable.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
     try:
         if args.command == "fake-server":
             try:
