@@ -1,7 +1,9 @@
 """trio-llm against its peers: CPU per request, efficiency, streaming, memory.
 
-    .venv/bin/python benchmarks/peers.py            # full run (about 20 minutes)
+    .venv/bin/python benchmarks/peers.py            # full run (about 30 minutes)
     .venv/bin/python benchmarks/peers.py --quick    # smaller runs, 1 trial (under 2 minutes)
+    .venv/bin/python benchmarks/peers.py --json results.json   # keep the raw numbers
+    .venv/bin/python benchmarks/peers.py --replot results.json # redraw docs/peers.png
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: aiohttp, uvloop, httptools,
 matplotlib) and ``openai`` (in the ``dev`` extra).
@@ -646,6 +648,7 @@ def chart(
     path: Path,
 ) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -672,6 +675,9 @@ def chart(
         axis.set_xlabel("requests in flight")
         axis.grid(True, which="both", alpha=0.3)
     left.set_yscale("log")
+    left.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.set_yticks([100, 200, 500, 1000, 2000, 5000])
     left.set_ylabel("client CPU per request (us, log scale)")
     left.set_title("CPU per request (lower is better)")
     right.set_ylabel("ideal wall time / wall time")
@@ -695,11 +701,20 @@ def driver(argv: list[str]) -> None:
     parser.add_argument(
         "--patience",
         type=float,
-        default=60.0,
-        help="seconds to wait before each run for other work to leave the CPUs idle",
+        help="seconds to wait before each run for other work to leave the CPUs idle "
+        "(default 60, quick 3)",
+    )
+    parser.add_argument(
+        "--replot", type=Path, help="redraw the chart from a --json file; measure nothing"
     )
     args = parser.parse_args(argv)
+    if args.replot:
+        _, curve = _scenarios(quick=False)
+        saved = json.loads(args.replot.read_text())
+        chart(curve, list(CONTENDERS), saved["values"], args.chart)
+        return
     trials = args.trials or (1 if args.quick else 3)
+    patience = args.patience if args.patience is not None else (3.0 if args.quick else 60.0)
     contenders = [c for c in args.contenders.split(",") if c]
     wanted = set(args.scenarios.split(","))
     main, curve = _scenarios(args.quick)
@@ -715,7 +730,7 @@ def driver(argv: list[str]) -> None:
     server, port = start_server()
     started = time.perf_counter()
     try:
-        results = measure([*main, *curve], contenders, trials, server, port, args.patience)
+        results = measure([*main, *curve], contenders, trials, server, port, patience)
     finally:
         server.terminate()
         server.wait()

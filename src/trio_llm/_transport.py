@@ -30,8 +30,9 @@ import re
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator
-from typing import Final, Protocol, final
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from functools import partial
+from typing import Any, Final, final
 
 import h11
 import httpx2
@@ -204,60 +205,45 @@ class _Body:
         return parts
 
 
-class _ByteStream(Protocol):
-    """What a connection reads and writes through: a trio stream's two methods."""
+async def _send_on_socket(socket: trio.socket.SocketType, data: bytes) -> None:
+    """Send all of ``data`` on a plain-TCP trio socket (``OSError`` on failure).
 
-    async def send_all(self, data: bytes) -> None: ...
+    Used instead of ``trio.SocketStream.send_all``, which wraps each call in context
+    managers (error translation, conflict detection, a memoryview) that cost more than
+    the system call; the errors are handled where the calls are made.
 
-    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
-
-
-@final
-class _SocketIO:
-    """Plain-TCP I/O straight on the trio socket.
-
-    ``trio.SocketStream`` wraps each call in context managers (error translation,
-    conflict detection, a memoryview) that cost more than the system call; the errors
-    they would translate are handled where the calls are made.
+    Cancellation: part of ``data`` may have been sent; the caller closes the socket.
     """
-
-    __slots__ = ("_socket",)
-
-    def __init__(self, socket: trio.socket.SocketType) -> None:
-        self._socket = socket
-
-    async def send_all(self, data: bytes) -> None:
-        """Send all of ``data`` (``OSError`` on failure).
-
-        Cancellation: part of ``data`` may have been sent; the caller closes the socket.
-        """
-        sent = await self._socket.send(data)
-        if sent < len(data):
-            view = memoryview(data)
-            while sent < len(data):
-                sent += await self._socket.send(view[sent:])
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        """Receive at most ``max_bytes`` (``b""`` at EOF; ``OSError`` on failure).
-
-        Cancellation: nothing was received.
-        """
-        return await self._socket.recv(max_bytes)
+    sent = await socket.send(data)
+    if sent < len(data):
+        view = memoryview(data)
+        while sent < len(data):
+            sent += await socket.send(view[sent:])
 
 
 @final
 class _Connection:
-    """One HTTP/1.1 connection: a trio stream, its socket, and the exchange under way.
+    """One HTTP/1.1 connection: its socket, its I/O, and the exchange under way.
 
+    ``send_all`` and ``receive_some`` are the ``trio.SSLStream``'s for TLS and, for plain
+    TCP, straight on the socket (``trio.SocketStream``'s context managers cost more than
+    the system calls, and each layer is a frame held by every request in flight).
     ``h11`` is a fresh state machine for each exchange: it writes the request and reads
     the response head; ``body`` then decodes the body.
     """
 
-    __slots__ = ("body", "h11", "idle_since", "socket", "stream")
+    __slots__ = ("body", "h11", "idle_since", "receive_some", "send_all", "socket")
 
-    def __init__(self, stream: _ByteStream, socket: trio.socket.SocketType) -> None:
-        self.stream = stream
+    def __init__(self, socket: trio.socket.SocketType, tls: trio.SSLStream[Any] | None) -> None:
         self.socket = socket
+        self.send_all: Callable[[bytes], Awaitable[None]]
+        self.receive_some: Callable[[int], Awaitable[bytes | bytearray]]
+        if tls is None:
+            self.send_all = partial(_send_on_socket, socket)
+            self.receive_some = socket.recv
+        else:
+            self.send_all = tls.send_all
+            self.receive_some = tls.receive_some
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
         self.body: _Body | None = None
         self.idle_since = 0.0
@@ -419,11 +405,11 @@ async def _receive(conn: _Connection, seconds: float | None) -> bytes:
     """
     try:
         if seconds is None:
-            data = await conn.stream.receive_some(_RECEIVE_SIZE)
+            data = await conn.receive_some(_RECEIVE_SIZE)
         else:
             data = b""
             with trio.move_on_after(seconds) as scope:
-                data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                data = await conn.receive_some(_RECEIVE_SIZE)
             if scope.cancelled_caught:
                 raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -805,7 +791,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
                     httpx2.ConnectError, f"cannot connect to {hostname}", exc
                 ) from exc
             if not tls:
-                return _Connection(_SocketIO(tcp.socket), tcp.socket)
+                return _Connection(tcp.socket, None)
             stream = trio.SSLStream(
                 tcp, self._context(), server_hostname=hostname, https_compatible=True
             )
@@ -818,7 +804,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
                         httpx2.ConnectError, f"TLS handshake with {hostname} failed", exc
                     ) from exc
                 raise
-            return _Connection(stream, tcp.socket)
+            return _Connection(tcp.socket, stream)
         raise httpx2.ConnectTimeout(
             f"cannot connect to {hostname} within the connect timeout ({seconds} s)"
         )
@@ -871,7 +857,7 @@ async def _exchange(
     Cancellation: the connection is left mid-exchange; the caller closes it.
     """
     state = conn.h11
-    io = conn.stream
+    send_all = conn.send_all
     write = timeouts.write
     read = timeouts.read
     writing = True
@@ -885,31 +871,31 @@ async def _exchange(
                 assert content is not None
                 state.send(head)
                 state.send(_END_EVENT)
-                await io.send_all(content)
+                await send_all(content)
             elif content is not None:
                 # Head and body in one write: one system call, one TCP segment if small.
                 data = state.send(head) or b""
                 if content:
                     data += state.send(h11.Data(data=content)) or b""
                 data += state.send(h11.EndOfMessage()) or b""
-                await io.send_all(data)
+                await send_all(data)
             else:
                 assert isinstance(stream, httpx2.AsyncByteStream)
-                await io.send_all(state.send(head) or b"")
+                await send_all(state.send(head) or b"")
                 parts = stream.__aiter__()
                 try:
                     async for chunk in parts:
                         if chunk:
                             if write is not None:
                                 scope.deadline = trio.current_time() + write
-                            await io.send_all(state.send(h11.Data(data=chunk)) or b"")
+                            await send_all(state.send(h11.Data(data=chunk)) or b"")
                             scope.deadline = math.inf  # producing the next part is not writing
                 finally:
                     if isinstance(parts, AsyncGenerator):
                         await parts.aclose()  # at once, not by the garbage collector
                 if write is not None:
                     scope.deadline = trio.current_time() + write
-                await io.send_all(state.send(h11.EndOfMessage()) or b"")
+                await send_all(state.send(h11.EndOfMessage()) or b"")
             writing = False
             # Nothing of the response can be buffered yet (a connection with bytes past
             # its last response is never reused), so the first step is a read.
@@ -918,7 +904,7 @@ async def _exchange(
                 if event is _NEED_DATA:
                     if read is not None:
                         scope.deadline = trio.current_time() + read
-                    incoming = await io.receive_some(_RECEIVE_SIZE)
+                    incoming = await conn.receive_some(_RECEIVE_SIZE)
                     if not incoming and not received:
                         error = httpx2.RemoteProtocolError(
                             "the server closed the connection without sending a response"
