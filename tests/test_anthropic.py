@@ -719,7 +719,7 @@ async def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
             pass  # pragma: no cover
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-env")
     async with trio_llm.open_client(provider="anthropic") as client:
-        assert client.base_url == "https://api.anthropic.com"
+        assert client.base_url == "https://api.anthropic.com"  # the default; nothing is sent
     monkeypatch.setenv("ANTHROPIC_BASE_URL", "https://proxy.test/")
     seen: list[httpx2.Request] = []
     async with trio_llm.open_client(
