@@ -254,6 +254,32 @@ def test_chat_chunk_from_json_tolerates_odd_payloads() -> None:
     assert ChatChunk.from_json({}).text == ""
 
 
+def test_chat_chunk_from_json_equals_the_constructed_chunk() -> None:
+    """from_json fills every field (it bypasses __init__) exactly as __init__ would."""
+    calls = [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{"}}, "junk"]
+    payload = {
+        "id": "x",
+        "choices": [
+            {"index": 2, "delta": {"content": "hey", "tool_calls": calls}, "finish_reason": "stop"}
+        ],
+    }
+    choice = payload["choices"][0]
+    chunk = ChatChunk.from_json(payload, choice)
+    expected = ChatChunk(
+        text="hey",
+        index=2,
+        finish_reason="stop",
+        tool_calls=(calls[0],),
+        delta=choice["delta"],
+        raw=payload,
+    )
+    assert chunk == expected
+    # Every field has a value: one added to the class but not to from_json would be unset.
+    assert attrs.asdict(chunk, recurse=False) == attrs.asdict(expected, recurse=False)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        chunk.text = "no"  # type: ignore[misc]
+
+
 # One stream against the fake server
 
 

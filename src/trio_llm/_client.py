@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ import attrs
 import httpx2
 import trio
 
+from . import _json
 from ._config import RetryPolicy, Timeouts
 from ._errors import (
     APIResponseError,
@@ -464,7 +464,7 @@ class Client:
         if rate is not None:
             rate.update_from_headers(headers)
         try:
-            payload = json.loads(body)
+            payload = _json.loads(body)
         except ValueError as exc:
             text = body[:200].decode("utf-8", "replace")
             raise APIResponseError(
@@ -493,12 +493,7 @@ class Client:
 
 def _encode_json(body: Mapping[str, Any]) -> bytes:
     """Encode a request body as compact UTF-8 JSON."""
-    try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        # A lone surrogate (say, half an emoji from a bad slice) has no UTF-8 form; JSON's
-        # \u escapes carry it, and the server decides what it means.
-        return json.dumps(body, separators=(",", ":")).encode()
+    return _json.dumps(body)
 
 
 def _resolve_base_url(base_url: str | None, provider: Provider) -> str:

@@ -29,6 +29,7 @@ import attrs
 import httpx2
 import trio
 
+from . import _json
 from ._config import RetryPolicy
 from ._errors import (
     APIResponseError,
@@ -266,9 +267,7 @@ class _Aggregate:
     def to_response(self) -> ChatResponse:
         """Build the completion, shaped as the non-streamed reply would be."""
         payload: JSONObject = {
-            key: value
-            for key, value in (self._head or {}).items()
-            if key not in _CHUNK_ONLY_FIELDS
+            key: value for key, value in (self._head or {}).items() if key not in _CHUNK_ONLY_FIELDS
         }
         payload["object"] = "chat.completion"
         payload["choices"] = [
@@ -371,7 +370,7 @@ class _Exchange:
             if event.event != "message" or event.data[:1] != "{":
                 return
             try:
-                payload = json.loads(event.data)
+                payload = _json.loads(event.data)
             except ValueError:
                 return
             choices = payload.get("choices")  # a dict: the data starts with "{"
@@ -492,7 +491,7 @@ class _Exchange:
             if not data or (translator is None and event.event not in ("message", "error")):
                 continue  # empty pings and event types this API does not define
             try:
-                payload = json.loads(data)
+                payload = _json.loads(data)
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
@@ -540,9 +539,7 @@ class _Exchange:
                 pass  # the reply is complete; aclose() discards the connection
 
 
-async def start_exchange(
-    client: Client, url: str, content: bytes, estimate: int = 0
-) -> _Exchange:
+async def start_exchange(client: Client, url: str, content: bytes, estimate: int = 0) -> _Exchange:
     """Make one streamed HTTP attempt, up to its first server-sent event.
 
     This is the unit the retry policy repeats: nothing has reached the caller yet. It
@@ -683,7 +680,7 @@ def _request(
 
 
 def _encode(body: JSONObject) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode()
+    return _json.dumps(body)
 
 
 @final
@@ -697,9 +694,7 @@ class ChatStream:
 
     __slots__ = ("_delivered", "_exchange", "_receive")
 
-    def __init__(
-        self, receive: trio.MemoryReceiveChannel[ChatChunk], exchange: _Exchange
-    ) -> None:
+    def __init__(self, receive: trio.MemoryReceiveChannel[ChatChunk], exchange: _Exchange) -> None:
         self._receive = receive
         self._exchange = exchange
         self._delivered = 0
@@ -968,9 +963,7 @@ async def open_stream_many(
         async with trio.open_nursery() as nursery:
             async with send:
                 for _ in range(min(len(bodies), client.max_concurrency)):
-                    nursery.start_soon(
-                        _stream_worker, client, jobs, send.clone(), results, retry
-                    )
+                    nursery.start_soon(_stream_worker, client, jobs, send.clone(), results, retry)
             try:
                 yield stream
             except BaseException as exc:

@@ -36,6 +36,7 @@ from typing import IO, Any, Final, final
 import attrs
 import trio
 
+from .. import _json
 from .._errors import (
     APIConnectionError,
     APIResponseError,
@@ -61,11 +62,7 @@ _LINES_PER_CHECKPOINT: Final = 2048
 
 
 def _dump(record: dict[str, Any]) -> bytes:
-    try:
-        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-        return (text + "\n").encode()
-    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
-        return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    return _json.dumps(record) + b"\n"
 
 
 def _new_id() -> str:
