@@ -17,6 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any, Final, final
 from urllib.parse import urlsplit
 
@@ -127,6 +128,8 @@ class Client:
         rate_limit: RateLimit | None,
     ) -> None:
         self._http = http
+        # The headers of every request, read once: httpx2 builds a new list on each read.
+        self._direct_headers = http.headers.raw
         self._retry = retry
         self._rate = RateLimiter(rate_limit) if rate_limit is not None else None
         self._timeouts = timeouts
@@ -397,7 +400,7 @@ class Client:
         estimate = estimate_tokens(body) if self._rate is not None else 0
         try:
             return await call_with_retries(
-                lambda: self._post_json(url, content, estimate),
+                partial(self._post_json, url, content, estimate),
                 policy,
                 label=f"POST {url}",
                 on_retry=self._note_retry,
@@ -430,7 +433,7 @@ class Client:
                 try:
                     if direct is not None:
                         response = await direct.post_direct(
-                            url, http.headers.raw, content, http.timeout
+                            url, self._direct_headers, content, http.timeout
                         )
                     else:
                         response = await http.post(url, content=content)

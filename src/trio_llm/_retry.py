@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, final
 
 import stamina
 import trio
@@ -65,88 +65,123 @@ async def call_with_retries(
     """
     if policy is None:
         return await attempt()
+    if policy.deadline is None:
+        # No cancel scope for the first attempt: a scope costs CPU and about 750 bytes per
+        # request in flight, and most calls succeed at once.
+        try:
+            return await attempt()
+        except LLMError as exc:
+            if policy.attempts == 1 or not is_retryable(exc):
+                raise
+            first_error = exc
+        return await _retry(attempt, policy, first_error, _Progress(), math.inf, label, on_retry)
+    progress = _Progress()
     deadline = policy.deadline
-    deadline_at = trio.current_time() + deadline if deadline is not None else math.inf
-    attempts = 1
-    last_error: LLMError | None = None
+    deadline_at = trio.current_time() + deadline
     with trio.move_on_at(deadline_at):
         try:
             return await attempt()
         except LLMError as exc:
             if policy.attempts == 1 or not is_retryable(exc):
                 raise
-            pending: LLMError | None = exc
-            last_error = exc
-
-        past_deadline: list[float] = []
-
-        def decide(exc: Exception) -> bool | float:
-            nonlocal last_error
-            if not isinstance(exc, LLMError) or not is_retryable(exc):
-                return False
-            last_error = exc
-            if attempts >= policy.attempts:
-                return False
-            requested = exc.retry_after if isinstance(exc, APIStatusError) else None
-            shortest = (
-                requested
-                if requested is not None
-                else min(policy.wait_max, policy.wait_initial * 2.0 ** (attempts - 1))
-            )
-            if trio.current_time() + shortest > deadline_at:
-                past_deadline.append(shortest)
-                return False
-            if on_retry is not None:
-                on_retry(exc)
-            if logger.isEnabledFor(logging.INFO):
-                why = (
-                    f"server asked for {requested:g} s"
-                    if requested is not None
-                    else f"backoff of at least {shortest:g} s"
-                )
-                logger.info(
-                    "retrying %s: attempt %d of %d failed with %s: %s; waiting (%s)",
-                    label,
-                    attempts,
-                    policy.attempts,
-                    type(exc).__name__,
-                    exc,
-                    why,
-                )
-            return requested if requested is not None else True
-
-        try:
-            async for retry in stamina.retry_context(
-                on=decide,
-                attempts=policy.attempts,
-                timeout=None,  # stamina's timeout counts wall time; the deadline is our scope
-                wait_initial=policy.wait_initial,
-                wait_max=policy.wait_max,
-                wait_jitter=policy.wait_jitter,
-            ):
-                with retry:
-                    if pending is not None:  # replay the bare first attempt's failure
-                        error, pending = pending, None
-                        raise error
-                    attempts += 1
-                    return await attempt()
-        except LLMError as exc:
-            if past_deadline:
-                raise RetryDeadlineExceeded(
-                    f"{label}: not retried after attempt {attempts}: the wait "
-                    f"({past_deadline[0]:g} s) would pass the {deadline:g} s deadline; "
-                    f"last error: {type(exc).__name__}: {exc}",
-                    deadline=deadline or math.inf,
-                    attempts=attempts,
-                    last_error=exc,
-                ) from exc
-            raise
+            first_error = exc
+        return await _retry(attempt, policy, first_error, progress, deadline_at, label, on_retry)
     # Only reached when the deadline's cancel scope fired.
+    last_error = progress.last_error
     what = f"{type(last_error).__name__}: {last_error}" if last_error else "no response yet"
     raise RetryDeadlineExceeded(
-        f"{label}: deadline of {deadline:g} s passed ({attempts} attempt(s) started; "
+        f"{label}: deadline of {deadline:g} s passed ({progress.attempts} attempt(s) started; "
         f"last error: {what})",
-        deadline=deadline or math.inf,
-        attempts=attempts,
+        deadline=deadline,
+        attempts=progress.attempts,
         last_error=last_error,
     ) from last_error
+
+
+@final
+class _Progress:
+    """How far a call has got: attempts started, and the last retryable error."""
+
+    __slots__ = ("attempts", "last_error")
+
+    def __init__(self) -> None:
+        self.attempts = 1
+        self.last_error: LLMError | None = None
+
+
+async def _retry(
+    attempt: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    first_error: LLMError,
+    progress: _Progress,
+    deadline_at: float,
+    label: str,
+    on_retry: Callable[[LLMError], None] | None,
+) -> T:
+    """Retry after the retryable ``first_error``, through stamina, until ``deadline_at``."""
+    progress.last_error = first_error
+    pending: LLMError | None = first_error
+    past_deadline: list[float] = []
+
+    def decide(exc: Exception) -> bool | float:
+        if not isinstance(exc, LLMError) or not is_retryable(exc):
+            return False
+        progress.last_error = exc
+        attempts = progress.attempts
+        if attempts >= policy.attempts:
+            return False
+        requested = exc.retry_after if isinstance(exc, APIStatusError) else None
+        shortest = (
+            requested
+            if requested is not None
+            else min(policy.wait_max, policy.wait_initial * 2.0 ** (attempts - 1))
+        )
+        if trio.current_time() + shortest > deadline_at:
+            past_deadline.append(shortest)
+            return False
+        if on_retry is not None:
+            on_retry(exc)
+        if logger.isEnabledFor(logging.INFO):
+            why = (
+                f"server asked for {requested:g} s"
+                if requested is not None
+                else f"backoff of at least {shortest:g} s"
+            )
+            logger.info(
+                "retrying %s: attempt %d of %d failed with %s: %s; waiting (%s)",
+                label,
+                attempts,
+                policy.attempts,
+                type(exc).__name__,
+                exc,
+                why,
+            )
+        return requested if requested is not None else True
+
+    try:
+        async for retry in stamina.retry_context(
+            on=decide,
+            attempts=policy.attempts,
+            timeout=None,  # stamina's timeout counts wall time; the deadline is our scope
+            wait_initial=policy.wait_initial,
+            wait_max=policy.wait_max,
+            wait_jitter=policy.wait_jitter,
+        ):
+            with retry:
+                if pending is not None:  # replay the bare first attempt's failure
+                    error, pending = pending, None
+                    raise error
+                progress.attempts += 1
+                return await attempt()
+    except LLMError as exc:
+        if past_deadline:
+            raise RetryDeadlineExceeded(
+                f"{label}: not retried after attempt {progress.attempts}: the wait "
+                f"({past_deadline[0]:g} s) would pass the {policy.deadline:g} s deadline; "
+                f"last error: {type(exc).__name__}: {exc}",
+                deadline=policy.deadline or math.inf,
+                attempts=progress.attempts,
+                last_error=exc,
+            ) from exc
+        raise
+    raise AssertionError("unreachable: stamina raises the last attempt's error")  # pragma: no cover

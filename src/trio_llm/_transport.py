@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import select
+import socket as _stdlib_socket
 import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -52,7 +53,7 @@ _CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # h11 values, looked up once: the hot loops compare by identity.
 _RESPONSE: Final = h11.Response
 _NEED_DATA: Final = h11.NEED_DATA
-_MAX_TEMPLATES: Final = 64  # (URL, headers) pairs whose request head post_direct keeps
+_MAX_TEMPLATES: Final = 64  # (URL, headers, timeouts) whose request head post_direct keeps
 _END_EVENT: Final = h11.EndOfMessage()
 
 _Origin = tuple[bytes, bytes, int | None]  # scheme, host, port
@@ -221,6 +222,60 @@ async def _send_on_socket(socket: trio.socket.SocketType, data: bytes) -> None:
             sent += await socket.send(view[sent:])
 
 
+async def _send_on_raw_socket(sock: _stdlib_socket.socket, data: bytes) -> None:
+    """:func:`_send_on_socket` on the standard-library socket under a trio socket.
+
+    Does what trio's socket methods do (a checkpoint, the system call, a wait for the
+    socket only when it would block) without their two layers of coroutines and context
+    managers: less CPU per call, and fewer frames held by each request waiting.
+
+    Cancellation: part of ``data`` may have been sent; the caller closes the socket.
+    """
+    await _checkpoint_if_cancelled()
+    view: memoryview | None = None
+    sent = 0
+    while True:
+        try:
+            sent += sock.send(data if view is None else view[sent:])
+        except BlockingIOError:
+            await _wait_writable(sock)
+            continue
+        if sent >= len(data):
+            break
+        view = memoryview(data)
+    await _cancel_shielded_checkpoint()
+
+
+async def _receive_on_raw_socket(sock: _stdlib_socket.socket, max_bytes: int) -> bytes:
+    """Receive up to ``max_bytes`` (``b""`` at the end) as trio's ``socket.recv`` does.
+
+    A checkpoint, then the system call, waiting for the socket only if it would block
+    (see :func:`_send_on_raw_socket` for why not trio's own).
+
+    Cancellation: nothing was received.
+    """
+    await _checkpoint_if_cancelled()
+    try:
+        data = sock.recv(max_bytes)
+    except BlockingIOError:
+        pass
+    else:
+        await _cancel_shielded_checkpoint()
+        return data
+    while True:
+        await _wait_readable(sock)
+        try:
+            return sock.recv(max_bytes)
+        except BlockingIOError:
+            pass
+
+
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+
+
 @final
 class _Connection:
     """One HTTP/1.1 connection: its socket, its I/O, and the exchange under way.
@@ -238,7 +293,12 @@ class _Connection:
         self.socket = socket
         self.send_all: Callable[[bytes], Awaitable[None]]
         self.receive_some: Callable[[int], Awaitable[bytes | bytearray]]
-        if tls is None:
+        # The standard-library socket under trio's, where it has the usual one.
+        raw = getattr(socket, "_sock", None)
+        if tls is None and isinstance(raw, _stdlib_socket.socket):
+            self.send_all = partial(_send_on_raw_socket, raw)
+            self.receive_some = partial(_receive_on_raw_socket, raw)
+        elif tls is None:
             self.send_all = partial(_send_on_socket, socket)
             self.receive_some = socket.recv
         else:
@@ -518,7 +578,7 @@ class _ResponseStream(httpx2.AsyncByteStream):
 
 @final
 class _Template:
-    """How :meth:`TrioTransport.post_direct` sends to one URL with one set of headers.
+    """How :meth:`TrioTransport.post_direct` sends to one URL with given headers and timeouts.
 
     Building an ``h11.Request`` (header validation included) costs more than all the
     rest of sending it, so it is done once per URL and header set: h11 is told of this
@@ -528,9 +588,12 @@ class _Template:
     which are the same.
     """
 
-    __slots__ = ("head", "origin", "prefix")
+    __slots__ = ("head", "origin", "prefix", "timeouts")
 
-    def __init__(self, url: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, url: str, headers: list[tuple[bytes, bytes]], limits: httpx2.Timeout
+    ) -> None:
+        self.timeouts = _Timeouts(limits.pool, limits.connect, limits.read, limits.write)
         parsed = httpx2.URL(url)
         self.origin: _Origin = (parsed.raw_scheme, parsed.raw_host, parsed.port)
         lines = headers
@@ -612,7 +675,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         self._ssl_context = verify if isinstance(verify, ssl.SSLContext) else None
         self._limits = limits
         self._pools: dict[_Origin, _Pool] = {}
-        self._templates: dict[tuple[str, tuple[tuple[bytes, bytes], ...]], _Template] = {}
+        self._templates: dict[tuple[object, ...], _Template] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -703,17 +766,11 @@ class TrioTransport(httpx2.AsyncBaseTransport):
 
         Cancellation: as for :meth:`handle_async_request`: the connection is closed.
         """
-        key = (url, tuple(headers))
-        template = self._templates.get(key)
-        if template is None:
-            template = _Template(url, headers)
-            if len(self._templates) >= _MAX_TEMPLATES:
-                self._templates.clear()
-            self._templates[key] = template
+        template = self._template(url, headers, limits)
         origin = template.origin
         pool = self._pool(origin)
         wire = b"%sContent-Length: %d\r\n\r\n%s" % (template.prefix, len(content), content)
-        timeouts = _Timeouts(limits.pool, limits.connect, limits.read, limits.write)
+        timeouts = template.timeouts
         conn, event = await self._start(pool, origin, template.head, wire, None, timeouts, True)
         parts = []
         finished = False
@@ -730,6 +787,19 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         if "content-encoding" in names:
             body = httpx2.Response(event.status_code, headers=raw_headers, content=body).content
         return DirectResponse(event.status_code, event.reason.decode("latin-1"), names, body)
+
+    def _template(
+        self, url: str, headers: list[tuple[bytes, bytes]], limits: httpx2.Timeout
+    ) -> _Template:
+        # Not inline in post_direct: its key would then live as long as the request.
+        key = (url, tuple(headers), limits.pool, limits.connect, limits.read, limits.write)
+        template = self._templates.get(key)
+        if template is None:
+            template = _Template(url, headers, limits)
+            if len(self._templates) >= _MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = template
+        return template
 
     async def _start(
         self,
