@@ -255,6 +255,35 @@ async def test_sequential_requests_share_one_connection() -> None:
     assert [seen.connection for seen in server.requests] == [1] * 6
 
 
+@pytest.mark.parametrize("trio_socket_io", [False, True])
+async def test_bodies_larger_than_the_socket_buffers_go_whole(
+    trio_socket_io: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8 MiB body waits for the socket to drain, on both paths, whole and in order.
+
+    ``trio_socket_io``: the connection uses trio's socket methods, as it does where a
+    trio socket wraps no standard-library socket, instead of its own raw-socket I/O.
+    """
+    if trio_socket_io:
+
+        class NotASocket:
+            pass
+
+        monkeypatch.setattr(trio_llm._transport, "_stdlib_socket", NotASocket, raising=False)
+        monkeypatch.setattr(NotASocket, "socket", NotASocket, raising=False)
+    payload = bytes(range(256)) * (8 * 4096)  # 8 MiB, more than any socket buffer
+    async with (
+        open_server(chat_reply) as server,
+        trio_llm.open_client(base_url=server.url + "/v1", api_key="sk-test", model="m") as client,
+    ):
+        await client.chat("x" * len(payload))  # the direct path
+        response = await client._http.post(server.url + "/raw", content=payload)  # httpx2's
+        assert response.status_code == 200
+    direct, through_httpx2 = server.requests
+    assert json.loads(direct.body)["messages"][0]["content"] == "x" * len(payload)
+    assert through_httpx2.body == payload
+
+
 async def test_client_calls_share_one_connection_with_the_fake_server() -> None:
     """Sequential client.chat calls to the fake server use a single connection."""
     async with (

@@ -134,6 +134,7 @@ class Client:
         self._rate = RateLimiter(rate_limit) if rate_limit is not None else None
         self._timeouts = timeouts
         self._base_url = base_url
+        self._endpoints: dict[str, tuple[str, str]] = {}  # path: (URL, log label)
         self._model = model
         self._provider = provider
         self._limiter = trio.CapacityLimiter(max_concurrency)
@@ -219,8 +220,12 @@ class Client:
         closed, never returned to the pool half-read; its concurrency slot released),
         or the wait for the next attempt ends; nothing is retried after it.
         """
-        body = self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params)
-        payload, request_id = await self._call(self._provider.chat_path, body, retry)
+        # The body is not kept here: _call lets go of it once encoded.
+        payload, request_id = await self._call(
+            self._provider.chat_path,
+            self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params),
+            retry,
+        )
         try:
             reply = self._provider.parse_chat(payload, request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
@@ -253,8 +258,11 @@ class Client:
 
         Cancellation: as for :meth:`chat`.
         """
-        body = self._provider.embeddings_body(texts, self._resolve_model(model), params)
-        payload, request_id = await self._call(self._provider.embeddings_path, body, retry)
+        payload, request_id = await self._call(
+            self._provider.embeddings_path,
+            self._provider.embeddings_body(texts, self._resolve_model(model), params),
+            retry,
+        )
         reply = self._provider.parse_embeddings(payload, request_id)
         self._count_usage(reply.usage)
         return reply
@@ -395,14 +403,20 @@ class Client:
     ) -> tuple[dict[str, Any], str | None]:
         """POST ``body`` under the retry policy; return the decoded reply and request id."""
         policy = self._retry if retry is CLIENT_DEFAULT else retry
-        url = self._base_url + path
+        endpoint = self._endpoints.get(path)
+        if endpoint is None:
+            url = self._base_url + path
+            endpoint = self._endpoints[path] = (url, f"POST {url}")
+        url, label = endpoint
         content = _encode_json(body)
         estimate = estimate_tokens(body) if self._rate is not None else 0
+        # Encoded: the body is needed no more, and a request in flight holds only bytes.
+        del body
         try:
             return await call_with_retries(
                 partial(self._post_json, url, content, estimate),
                 policy,
-                label=f"POST {url}",
+                label=label,
                 on_retry=self._note_retry,
             )
         except LLMError:

@@ -771,7 +771,11 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         pool = self._pool(origin)
         wire = b"%sContent-Length: %d\r\n\r\n%s" % (template.prefix, len(content), content)
         timeouts = template.timeouts
-        conn, event = await self._start(pool, origin, template.head, wire, None, timeouts, True)
+        # Not through _start: one frame fewer held while the response is awaited.
+        conn, reused = await self._checkout(pool, origin, timeouts)
+        conn, event = await _exchange(
+            self, pool, origin, conn, reused, template.head, wire, None, timeouts, True
+        )
         parts = []
         finished = False
         while not finished:
@@ -818,30 +822,29 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         ``preformatted``: ``content`` is the whole request, and ``head`` the bodiless
         equivalent h11 is told of (see :class:`_Template`).
         """
+        conn, reused = await self._checkout(pool, origin, timeouts)
+        return await _exchange(
+            self, pool, origin, conn, reused, head, content, stream, timeouts, preformatted
+        )
+
+    async def _checkout(
+        self, pool: _Pool, origin: _Origin, timeouts: _Timeouts
+    ) -> tuple[_Connection, bool]:
+        """Return an idle connection and ``True``, or a new one and ``False``.
+
+        On any failure, cancellation included, the pool slot is freed.
+        """
         conn = await pool.acquire(timeouts.pool)
         if pool.closed:
             pool.discard(conn)
             raise RuntimeError("cannot send a request: the transport is closed")
-        reused = conn is not None
+        if conn is not None:
+            return conn, True
         try:
-            if conn is None:
-                conn = await self._connect(origin, timeouts.connect)
-            try:
-                event = await _exchange(conn, head, content, stream, timeouts, reused, preformatted)
-            except _StaleConnection as stale:
-                if content is None:
-                    raise stale.error from stale
-                # The server closed the idle connection as we sent on it: its slot
-                # carries a fresh connection, and the request is sent once more.
-                old, conn = conn, None
-                old.close()
-                conn = await self._connect(origin, timeouts.connect)
-                event = await _exchange(conn, head, content, stream, timeouts, False, preformatted)
+            return await self._connect(origin, timeouts.connect), False
         except BaseException:
-            pool.discard(conn)
+            pool.discard(None)
             raise
-        conn.body = _Body(event, head.method, conn.h11)
-        return conn, event
 
     async def _connect(self, origin: _Origin, seconds: float | None) -> _Connection:
         """Open a connection (TCP, then TLS for https) within ``seconds``.
@@ -903,15 +906,24 @@ def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]
 
 
 async def _exchange(
+    transport: TrioTransport,
+    pool: _Pool,
+    origin: _Origin,
     conn: _Connection,
+    reused: bool,
     head: h11.Request,
     content: bytes | None,
     stream: object,
     timeouts: _Timeouts,
-    reused: bool,
     preformatted: bool,
-) -> h11.Response:
-    """Send the request on ``conn`` and read up to the response head.
+) -> tuple[_Connection, h11.Response]:
+    """Send the request on ``conn`` (taken from ``pool``) and read up to the response head.
+
+    Returns the connection that carries the response, its body unread: ``conn``, or a
+    fresh one if ``conn`` was ``reused`` and the server had closed it while it was idle
+    (the request is then sent once more, unless its body was a stream). On any failure,
+    cancellation included, the connection is closed and its slot freed. One function
+    rather than several: each frame is held by every request waiting for its response.
 
     ``preformatted``: ``content`` is the whole request, to send as it is, and ``head``
     the bodiless equivalent to tell h11 of.
@@ -920,91 +932,107 @@ async def _exchange(
     timeout) and each read (``read`` timeout): a scope costs more than the I/O it guards.
     (The deadline of the first write is set when the scope is made, to move it less.)
 
-    Raises:
-        _StaleConnection: ``reused``, and the connection failed before any byte of the
-            response arrived.
-
-    Cancellation: the connection is left mid-exchange; the caller closes it.
+    Cancellation: the connection is closed and its slot freed.
     """
-    state = conn.h11
-    send_all = conn.send_all
-    write = timeouts.write
-    read = timeouts.read
-    writing = True
-    received = False
-    # Created with the write deadline: each change of a scope's deadline costs a few us.
-    with trio.CancelScope(
-        deadline=math.inf if write is None else trio.current_time() + write
-    ) as scope:
-        try:
-            if preformatted:
-                assert content is not None
-                state.send(head)
-                state.send(_END_EVENT)
-                await send_all(content)
-            elif content is not None:
-                # Head and body in one write: one system call, one TCP segment if small.
-                data = state.send(head) or b""
-                if content:
-                    data += state.send(h11.Data(data=content)) or b""
-                data += state.send(h11.EndOfMessage()) or b""
-                await send_all(data)
-            else:
-                assert isinstance(stream, httpx2.AsyncByteStream)
-                await send_all(state.send(head) or b"")
-                parts = stream.__aiter__()
-                try:
-                    async for chunk in parts:
-                        if chunk:
-                            if write is not None:
-                                scope.deadline = trio.current_time() + write
-                            await send_all(state.send(h11.Data(data=chunk)) or b"")
-                            scope.deadline = math.inf  # producing the next part is not writing
-                finally:
-                    if isinstance(parts, AsyncGenerator):
-                        await parts.aclose()  # at once, not by the garbage collector
-                if write is not None:
-                    scope.deadline = trio.current_time() + write
-                await send_all(state.send(h11.EndOfMessage()) or b"")
-            writing = False
-            # Nothing of the response can be buffered yet (a connection with bytes past
-            # its last response is never reused), so the first step is a read.
-            event: object = _NEED_DATA
-            while True:
-                if event is _NEED_DATA:
-                    if read is not None:
-                        scope.deadline = trio.current_time() + read
-                    incoming = await conn.receive_some(_RECEIVE_SIZE)
-                    if not incoming and not received:
-                        error = httpx2.RemoteProtocolError(
-                            "the server closed the connection without sending a response"
+    try:
+        state = conn.h11
+        send_all = conn.send_all
+        write = timeouts.write
+        read = timeouts.read
+        writing = True
+        received = False
+        # Created with the write deadline: each change of a scope's deadline costs a few us.
+        with trio.CancelScope(
+            deadline=math.inf if write is None else trio.current_time() + write
+        ) as scope:
+            try:
+                if preformatted:
+                    assert content is not None
+                    state.send(head)
+                    state.send(_END_EVENT)
+                    await send_all(content)
+                elif content is not None:
+                    # Head and body in one write: one system call, one TCP segment if small.
+                    data = state.send(head) or b""
+                    if content:
+                        data += state.send(h11.Data(data=content)) or b""
+                    data += state.send(h11.EndOfMessage()) or b""
+                    await send_all(data)
+                else:
+                    assert isinstance(stream, httpx2.AsyncByteStream)
+                    await send_all(state.send(head) or b"")
+                    parts = stream.__aiter__()
+                    try:
+                        async for chunk in parts:
+                            if chunk:
+                                if write is not None:
+                                    scope.deadline = trio.current_time() + write
+                                await send_all(state.send(h11.Data(data=chunk)) or b"")
+                                scope.deadline = math.inf  # producing the next part is not writing
+                    finally:
+                        if isinstance(parts, AsyncGenerator):
+                            await parts.aclose()  # at once, not by the garbage collector
+                    if write is not None:
+                        scope.deadline = trio.current_time() + write
+                    await send_all(state.send(h11.EndOfMessage()) or b"")
+                writing = False
+                # Nothing of the response can be buffered yet (a connection with bytes past
+                # its last response is never reused), so the first step is a read.
+                event: object = _NEED_DATA
+                while True:
+                    if event is _NEED_DATA:
+                        if read is not None:
+                            scope.deadline = trio.current_time() + read
+                        incoming = await conn.receive_some(_RECEIVE_SIZE)
+                        if not incoming and not received:
+                            error = httpx2.RemoteProtocolError(
+                                "the server closed the connection without sending a response"
+                            )
+                            raise _StaleConnection(error) if reused else error
+                        received = True
+                        state.receive_data(incoming)  # type: ignore[arg-type]  # any bytes-like
+                    elif type(event) is _RESPONSE:
+                        conn.body = _Body(event, head.method, state)
+                        return conn, event
+                    elif not isinstance(event, h11.InformationalResponse):
+                        # (100 Continue and the like are skipped: the real response follows.)
+                        raise httpx2.RemoteProtocolError(
+                            f"unexpected {type(event).__name__} before the response head"
                         )
-                        raise _StaleConnection(error) if reused else error
-                    received = True
-                    state.receive_data(incoming)  # type: ignore[arg-type]  # any bytes-like
-                elif type(event) is _RESPONSE:
-                    return event
-                elif not isinstance(event, h11.InformationalResponse):
-                    # (100 Continue and the like are skipped: the real response follows.)
-                    raise httpx2.RemoteProtocolError(
-                        f"unexpected {type(event).__name__} before the response head"
-                    )
-                event = state.next_event()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if writing:
-                failure = _transport_error(httpx2.WriteError, "sending the request failed", exc)
-            else:
-                failure = _transport_error(httpx2.ReadError, "reading the response failed", exc)
-            if reused and not received:
-                raise _StaleConnection(failure) from exc
-            raise failure from exc
-        except h11.LocalProtocolError as exc:
-            raise httpx2.LocalProtocolError(f"cannot send this request: {exc}") from exc
-        except h11.RemoteProtocolError as exc:
-            raise httpx2.RemoteProtocolError(f"malformed response: {exc}") from exc
-    if writing:
-        raise httpx2.WriteTimeout(f"could not send within the write timeout ({write} s)")
-    raise httpx2.ReadTimeout(f"no data within the read timeout ({read} s)")
+                    event = state.next_event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if writing:
+                    failure = _transport_error(httpx2.WriteError, "sending the request failed", exc)
+                else:
+                    failure = _transport_error(httpx2.ReadError, "reading the response failed", exc)
+                if reused and not received:
+                    raise _StaleConnection(failure) from exc
+                raise failure from exc
+            except h11.LocalProtocolError as exc:
+                raise httpx2.LocalProtocolError(f"cannot send this request: {exc}") from exc
+            except h11.RemoteProtocolError as exc:
+                raise httpx2.RemoteProtocolError(f"malformed response: {exc}") from exc
+        if writing:
+            raise httpx2.WriteTimeout(f"could not send within the write timeout ({write} s)")
+        raise httpx2.ReadTimeout(f"no data within the read timeout ({read} s)")
+    except _StaleConnection as stale:
+        if content is None:
+            pool.discard(conn)
+            raise stale.error from stale
+        # The server closed the idle connection as we sent on it: its slot carries a
+        # fresh connection, and the request is sent once more.
+        conn.close()
+        try:
+            fresh = await transport._connect(origin, timeouts.connect)
+        except BaseException:
+            pool.discard(None)
+            raise
+        return await _exchange(
+            transport, pool, origin, fresh, False, head, content, stream, timeouts, preformatted
+        )
+    except BaseException:
+        pool.discard(conn)
+        raise
 
 
 def direct_transport(http: httpx2.AsyncClient) -> TrioTransport | None:
