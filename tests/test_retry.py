@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 
 import httpx2
 import pytest
@@ -204,6 +205,70 @@ async def test_deadline_cuts_a_stalled_attempt(autojump_clock: trio.abc.Clock) -
         await trio.testing.wait_all_tasks_blocked()
         assert server.stats.disconnects == 1
         assert client.statistics().in_flight == 0
+
+
+async def test_deadline_cuts_the_wait_for_a_concurrency_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A call queued behind a stalled one fails at its deadline; the slot stays usable."""
+    async with (
+        open_fake_llm(FakeLLMConfig(stall_rate=1.0)) as server,
+        trio_llm.open_client(base_url=server.base_url, model="m", max_concurrency=1) as client,
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(client.chat, "stalls", retry=None))
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.statistics().in_flight == 1
+            start = trio.current_time()
+            with pytest.raises(trio_llm.RetryDeadlineExceeded, match="no response yet"):
+                await client.chat("waits", retry=trio_llm.RetryPolicy(deadline=3.0))
+            assert trio.current_time() - start == pytest.approx(3.0)
+            assert client.statistics().sent == 1  # the second was never sent
+            nursery.cancel_scope.cancel()
+        assert client.statistics().in_flight == 0
+        server.config = FakeLLMConfig()
+        assert (await client.chat("hi")).text
+
+
+async def test_deadline_cuts_a_rate_limit_wait(autojump_clock: trio.abc.Clock) -> None:
+    """A call that would wait past its deadline for the rate limiter fails at the deadline."""
+    async with (
+        open_fake_llm() as server,
+        trio_llm.open_client(
+            base_url=server.base_url,
+            model="m",
+            rate_limit=trio_llm.RateLimit(requests_per_minute=1),
+            retry=trio_llm.RetryPolicy(deadline=4.0),
+        ) as client,
+    ):
+        await client.chat("takes the only request of this minute")
+        start = trio.current_time()
+        with pytest.raises(trio_llm.RetryDeadlineExceeded, match="no response yet"):
+            await client.chat("waits")
+        assert trio.current_time() - start == pytest.approx(4.0)
+        assert client.statistics().sent == 1
+        assert server.stats.total_requests == 1
+
+
+@pytest.mark.parametrize("own_transport", [True, False])
+async def test_error_at_the_deadline_is_reported_as_the_deadline(
+    own_transport: bool, autojump_clock: trio.abc.Clock
+) -> None:
+    """A read timeout that coincides with the deadline counts as the deadline passing."""
+    policy = trio_llm.RetryPolicy(deadline=2.0)
+    transport = None if own_transport else httpx2.AsyncHTTPTransport()
+    async with (
+        open_fake_llm(FakeLLMConfig(stall_rate=1.0)) as server,
+        trio_llm.open_client(
+            base_url=server.base_url,
+            model="m",
+            retry=policy,
+            timeouts=trio_llm.Timeouts(read=2.0),
+            transport=transport,
+        ) as client,
+    ):
+        with pytest.raises(trio_llm.RetryDeadlineExceeded, match="deadline of 2 s passed"):
+            await client.chat("hi")
 
 
 async def test_deadline_during_backoff_chains_the_last_error(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import socket
 import ssl
 import struct
@@ -687,6 +688,68 @@ async def test_aclose_closes_idle_connections_and_refuses_new_requests() -> None
 
 
 # --- timeouts and connection errors -------------------------------------------------------
+
+
+async def test_deadline_cuts_a_body_that_stalls(autojump_clock: trio.abc.Clock) -> None:
+    """The direct path ends at the call's deadline even mid-body, with no read timeout."""
+    body = json.dumps(CHAT).encode()
+    async with (
+        open_server(lambda seen: Reply(parts=[body[:20], body[20:]], pause=1000.0)) as server,
+        trio_llm.open_client(
+            base_url=server.url + "/v1",
+            api_key="sk-test",
+            model="m",
+            retry=trio_llm.RetryPolicy(deadline=5.0),
+            timeouts=trio_llm.Timeouts(read=None),
+        ) as client,
+    ):
+        start = trio.current_time()
+        with pytest.raises(trio_llm.RetryDeadlineExceeded, match="no response yet") as caught:
+            await client.chat("hi")
+        assert trio.current_time() - start == pytest.approx(5.0)
+        assert caught.value.attempts == 1
+        assert client.statistics().in_flight == 0
+        transport = direct_transport(client._http)
+        assert transport is not None
+        assert pool_state(transport) == (0, 0, 0)  # the half-read connection was closed
+
+
+async def test_post_direct_deadline_cuts_the_pool_wait(autojump_clock: trio.abc.Clock) -> None:
+    """post_direct's deadline_at ends a wait for a pooled connection before the pool timeout."""
+    transport = TrioTransport(limits=limits(1))
+    timeout = httpx2.Timeout(60.0)
+    async with (
+        open_server(lambda seen: Reply(stall=True)) as server,
+        trio.open_nursery() as nursery,
+    ):
+        url = server.url + "/v1/chat/completions"
+        nursery.start_soon(transport.post_direct, url, [], b"{}", timeout)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        with pytest.raises(httpx2.PoolTimeout):
+            await transport.post_direct(
+                url, [], b"{}", timeout, deadline_at=trio.current_time() + 2.0
+            )
+        assert trio.current_time() - start == pytest.approx(2.0)
+        nursery.cancel_scope.cancel()
+    assert pool_state(transport) == (0, 0, 0)
+    await transport.aclose()
+
+
+def test_clamp_cuts_a_timeout_short_at_the_deadline() -> None:
+    """_clamp: the timeout as given without a deadline, else no later than the deadline."""
+    from trio_llm._transport import _clamp
+
+    async def check() -> None:
+        now = trio.current_time()
+        assert _clamp(10.0, math.inf) == 10.0
+        assert _clamp(None, math.inf) is None
+        assert _clamp(10.0, now + 3.0) == pytest.approx(3.0)
+        assert _clamp(None, now + 3.0) == pytest.approx(3.0)
+        assert _clamp(1.0, now + 3.0) == 1.0
+        assert _clamp(5.0, now - 1.0) == 0.0
+
+    trio.run(check, clock=trio.testing.MockClock())
 
 
 async def test_read_timeout(autojump_clock: trio.abc.Clock) -> None:

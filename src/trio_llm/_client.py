@@ -29,13 +29,14 @@ from . import _json
 from ._config import RetryPolicy, Timeouts
 from ._errors import (
     APIResponseError,
+    APITimeoutError,
     ConfigurationError,
     LLMError,
     error_from_response,
     error_from_transport,
 )
 from ._fanout import as_completed, capture_errors, map_concurrently
-from ._ratelimit import RateLimit, RateLimiter, estimate_tokens
+from ._ratelimit import RateLimit, RateLimiter, Reservation, estimate_tokens
 from ._retry import call_with_retries
 from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
 from ._transport import DirectResponse, TrioTransport, direct_transport
@@ -418,41 +419,62 @@ class Client:
                 policy,
                 label=label,
                 on_retry=self._note_retry,
+                # The direct path cuts every wait and timeout short at the deadline.
+                bounded=direct_transport(self._http) is not None,
             )
         except LLMError:
             self._failed += 1
             raise
 
     async def _post_json(
-        self, url: str, content: bytes, estimate: int
+        self, url: str, content: bytes, estimate: int, deadline_at: float
     ) -> tuple[dict[str, Any], str | None]:
         """Make one attempt: POST ``content`` within the rate and concurrency limits.
 
         ``estimate`` is the request's token cost as reserved from the rate limiter before
         sending; the reservation is given back if nothing was sent, and corrected with the
-        reply's real ``usage`` after.
+        reply's real ``usage`` after. The waits for the rate limiter and for a concurrency
+        slot, and on the direct path every I/O timeout, end by the trio time
+        ``deadline_at`` (raising :class:`APITimeoutError`).
         """
         rate = self._rate
-        reservation = await rate.acquire(estimate) if rate is not None else None
+        reservation: Reservation | None = None
+        if rate is not None:
+            try:
+                reservation = rate.acquire_nowait(estimate)
+            except trio.WouldBlock:
+                with trio.move_on_at(deadline_at):
+                    reservation = await rate.acquire(estimate)
+                if reservation is None:
+                    raise _deadline_timeout(url, "the rate limiter") from None
         http = self._http
         # Straight to trio-llm's own transport when httpx2's client layer would add nothing
         # to this POST (no proxy mounts, auth or hooks): it costs as much CPU as the whole
         # rest of the request (docs/performance.md). Other transports go through httpx2.
         direct = direct_transport(http)
         response: httpx2.Response | DirectResponse
+        limiter = self._limiter
         try:
-            async with self._limiter:
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                with trio.move_on_at(deadline_at) as waiting:
+                    await limiter.acquire()
+                if waiting.cancelled_caught:
+                    raise _deadline_timeout(url, "a concurrency slot") from None
+            try:
                 self._sent += 1
                 started = time.perf_counter()
-                try:
-                    if direct is not None:
-                        response = await direct.post_direct(
-                            url, self._direct_headers, content, http.timeout
-                        )
-                    else:
-                        response = await http.post(url, content=content)
-                except httpx2.HTTPError as exc:
-                    raise error_from_transport(exc, method="POST", url=url) from exc
+                if direct is not None:
+                    response = await direct.post_direct(
+                        url, self._direct_headers, content, http.timeout, deadline_at
+                    )
+                else:
+                    response = await http.post(url, content=content)
+            except httpx2.HTTPError as exc:
+                raise error_from_transport(exc, method="POST", url=url) from exc
+            finally:
+                limiter.release()
         except BaseException:
             # No response: the server most likely never counted it (and if the caller
             # cancelled, it must not cost the other tasks capacity).
@@ -506,6 +528,12 @@ class Client:
                     reservation.reconcile(total)
         # OpenAI says x-request-id; Anthropic says request-id.
         return payload, headers.get("x-request-id") or headers.get("request-id")
+
+
+def _deadline_timeout(url: str, what: str) -> APITimeoutError:
+    return APITimeoutError(
+        f"the call's deadline passed while it waited for {what}", method="POST", url=url
+    )
 
 
 def _encode_json(body: Mapping[str, Any]) -> bytes:

@@ -662,7 +662,8 @@ async def _start_with_retries(
     estimate = estimate_tokens(body) if client._rate is not None else 0
     try:
         return await call_with_retries(
-            lambda: start_exchange(client, url, content, estimate),
+            # Not bounded: the deadline's cancel scope ends the attempt.
+            lambda _deadline_at: start_exchange(client, url, content, estimate),
             retry,
             label=f"POST {url} (stream)",
             on_retry=client._note_retry,

@@ -498,6 +498,14 @@ class _Timeouts:
         return cls(get("pool"), get("connect"), get("read"), get("write"))
 
 
+def _clamp(seconds: float | None, deadline_at: float) -> float | None:
+    """Return the timeout ``seconds``, cut short to end by the trio time ``deadline_at``."""
+    if deadline_at == math.inf:
+        return seconds
+    left = max(0.0, deadline_at - trio.current_time())
+    return left if seconds is None else min(seconds, left)
+
+
 async def _next_body_part(
     pool: _Pool, conn: _Connection, seconds: float | None
 ) -> tuple[bytes, bool]:
@@ -745,7 +753,12 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         )
 
     async def post_direct(
-        self, url: str, headers: list[tuple[bytes, bytes]], content: bytes, limits: httpx2.Timeout
+        self,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes,
+        limits: httpx2.Timeout,
+        deadline_at: float = math.inf,
     ) -> DirectResponse:
         """POST ``content`` and read the whole response, with no ``httpx2`` objects made.
 
@@ -759,6 +772,9 @@ class TrioTransport(httpx2.AsyncBaseTransport):
             headers: the request's headers, ``Host`` and ``Content-Length`` excepted.
             content: the body.
             limits: the per-phase timeouts.
+            deadline_at: a trio time by which every phase ends: each timeout is cut
+                short to it (and raised as that phase's timeout), so a caller's deadline
+                needs no cancel scope of its own.
 
         Raises:
             The errors of :meth:`handle_async_request`, and the same ones while reading
@@ -772,14 +788,14 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         wire = b"%sContent-Length: %d\r\n\r\n%s" % (template.prefix, len(content), content)
         timeouts = template.timeouts
         # Not through _start: one frame fewer held while the response is awaited.
-        conn, reused = await self._checkout(pool, origin, timeouts)
+        conn, reused = await self._checkout(pool, origin, timeouts, deadline_at)
         conn, event = await _exchange(
-            self, pool, origin, conn, reused, template.head, wire, None, timeouts, True
+            self, pool, origin, conn, reused, template.head, wire, None, timeouts, True, deadline_at
         )
         parts = []
         finished = False
         while not finished:
-            part, finished = await _next_body_part(pool, conn, timeouts.read)
+            part, finished = await _next_body_part(pool, conn, _clamp(timeouts.read, deadline_at))
             parts.append(part)
         body = b"".join(parts)
         raw_headers = event.headers.raw_items()
@@ -828,20 +844,21 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         )
 
     async def _checkout(
-        self, pool: _Pool, origin: _Origin, timeouts: _Timeouts
+        self, pool: _Pool, origin: _Origin, timeouts: _Timeouts, deadline_at: float = math.inf
     ) -> tuple[_Connection, bool]:
         """Return an idle connection and ``True``, or a new one and ``False``.
 
-        On any failure, cancellation included, the pool slot is freed.
+        On any failure, cancellation included, the pool slot is freed. The pool and
+        connect timeouts end by ``deadline_at`` at the latest.
         """
-        conn = await pool.acquire(timeouts.pool)
+        conn = await pool.acquire(_clamp(timeouts.pool, deadline_at))
         if pool.closed:
             pool.discard(conn)
             raise RuntimeError("cannot send a request: the transport is closed")
         if conn is not None:
             return conn, True
         try:
-            return await self._connect(origin, timeouts.connect), False
+            return await self._connect(origin, _clamp(timeouts.connect, deadline_at)), False
         except BaseException:
             pool.discard(None)
             raise
@@ -916,6 +933,7 @@ async def _exchange(
     stream: object,
     timeouts: _Timeouts,
     preformatted: bool,
+    deadline_at: float = math.inf,
 ) -> tuple[_Connection, h11.Response]:
     """Send the request on ``conn`` (taken from ``pool``) and read up to the response head.
 
@@ -924,6 +942,7 @@ async def _exchange(
     (the request is then sent once more, unless its body was a stream). On any failure,
     cancellation included, the connection is closed and its slot freed. One function
     rather than several: each frame is held by every request waiting for its response.
+    Every write and read timeout ends by ``deadline_at`` at the latest.
 
     ``preformatted``: ``content`` is the whole request, to send as it is, and ``head``
     the bodiless equivalent to tell h11 of.
@@ -943,7 +962,7 @@ async def _exchange(
         received = False
         # Created with the write deadline: each change of a scope's deadline costs a few us.
         with trio.CancelScope(
-            deadline=math.inf if write is None else trio.current_time() + write
+            deadline=min(math.inf if write is None else trio.current_time() + write, deadline_at)
         ) as scope:
             try:
                 if preformatted:
@@ -966,14 +985,15 @@ async def _exchange(
                         async for chunk in parts:
                             if chunk:
                                 if write is not None:
-                                    scope.deadline = trio.current_time() + write
+                                    scope.deadline = min(trio.current_time() + write, deadline_at)
                                 await send_all(state.send(h11.Data(data=chunk)) or b"")
-                                scope.deadline = math.inf  # producing the next part is not writing
+                                # Producing the next part is not writing.
+                                scope.deadline = deadline_at
                     finally:
                         if isinstance(parts, AsyncGenerator):
                             await parts.aclose()  # at once, not by the garbage collector
                     if write is not None:
-                        scope.deadline = trio.current_time() + write
+                        scope.deadline = min(trio.current_time() + write, deadline_at)
                     await send_all(state.send(h11.EndOfMessage()) or b"")
                 writing = False
                 # Nothing of the response can be buffered yet (a connection with bytes past
@@ -982,7 +1002,7 @@ async def _exchange(
                 while True:
                     if event is _NEED_DATA:
                         if read is not None:
-                            scope.deadline = trio.current_time() + read
+                            scope.deadline = min(trio.current_time() + read, deadline_at)
                         incoming = await conn.receive_some(_RECEIVE_SIZE)
                         if not incoming and not received:
                             error = httpx2.RemoteProtocolError(
@@ -1023,12 +1043,22 @@ async def _exchange(
         # fresh connection, and the request is sent once more.
         conn.close()
         try:
-            fresh = await transport._connect(origin, timeouts.connect)
+            fresh = await transport._connect(origin, _clamp(timeouts.connect, deadline_at))
         except BaseException:
             pool.discard(None)
             raise
         return await _exchange(
-            transport, pool, origin, fresh, False, head, content, stream, timeouts, preformatted
+            transport,
+            pool,
+            origin,
+            fresh,
+            False,
+            head,
+            content,
+            stream,
+            timeouts,
+            preformatted,
+            deadline_at,
         )
     except BaseException:
         pool.discard(conn)
