@@ -173,6 +173,23 @@ async def test_default_client_adopts_the_servers_limit(autojump_clock: trio.abc.
     assert server.stats.rate_limited <= 4  # at most the first window, before it learned
 
 
+async def test_adaptive_client_drains_the_servers_bucket_without_429s(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Learning the limit mid-burst, the client counts its burst and is never refused."""
+    config = FakeLLMConfig(tokens_per_minute=3000, latency=0.2)
+    async with (
+        open_fake_llm(config) as server,
+        trio_llm.open_client(base_url=server.base_url, model="m", max_concurrency=32) as client,
+    ):
+        results = await client.chat_many((f"q{i}" for i in range(300)), max_tokens=16)
+    assert all(r.ok for r in results)
+    assert server.stats.rate_limited == 0
+    # ... and it still runs at the limit once the first (free) bucket is spent.
+    tokens = server.stats.prompt_tokens + server.stats.completion_tokens
+    assert tokens > 3000
+
+
 async def test_a_429_pauses_every_task(autojump_clock: trio.abc.Clock) -> None:
     """After a 429 with Retry-After, other tasks' new requests wait it out too."""
     async with (

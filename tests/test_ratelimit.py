@@ -568,6 +568,38 @@ async def test_limits_are_learned_from_headers(autojump_clock: trio.testing.Mock
     assert trio.current_time() == pytest.approx(0.5)
 
 
+async def test_a_limit_learned_mid_burst_counts_what_is_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Requests taken before the limit was known, and not yet settled, count against it.
+
+    An adaptive client sends its first burst with no limit; the first response teaches it
+    the limit, and the rest of the burst (still in flight) must not be forgotten.
+    """
+    limiter = RateLimiter()
+    burst = [await limiter.acquire(100) for _ in range(10)]
+    burst[0].reconcile(40)  # the one whose response carries the headers: settled
+    limiter.update_from_headers(
+        {
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "99",
+            "x-ratelimit-limit-tokens": "10000",
+            "x-ratelimit-remaining-tokens": "9960",
+        }
+    )
+    stats = limiter.statistics()
+    assert stats.requests_available == 91  # 100, less the 9 still in flight
+    assert stats.tokens_available == 9100  # 10,000, less their 9 x 100 estimated
+    burst[1].reconcile(40)
+    burst[2].refund()
+    stats = limiter.statistics()
+    assert stats.requests_available == 92
+    assert stats.tokens_available == 9100 + 60 + 100
+    # Once known, the limit is not relearned: settling no longer matters to it.
+    limiter.update_from_headers({"x-ratelimit-limit-requests": "100"})
+    assert limiter.statistics().requests_available == 92
+
+
 async def test_the_lower_of_configured_and_server_limit_holds(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

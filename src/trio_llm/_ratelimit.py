@@ -118,13 +118,18 @@ class _Bucket:
             self.refill(now)
             self.level = min(capacity, self.level + amount)
 
-    def learn(self, now: float, limit: float) -> bool:
-        """Adopt the server's per-minute ``limit`` (the lower one wins); True if it changed."""
+    def learn(self, now: float, limit: float, in_flight: float = 0.0) -> bool:
+        """Adopt the server's per-minute ``limit`` (the lower one wins); True if it changed.
+
+        ``in_flight``: what the client has taken and not yet settled. A bucket that had no
+        limit took none of it, so a first limit starts that much below full, as if it
+        had been known from the start.
+        """
         capacity = limit if self.configured is None else min(self.configured, limit)
         if capacity == self.capacity:
             return False
         if self.capacity is None:
-            self.level = capacity
+            self.level = capacity - in_flight
         else:
             self.refill(now)
             self.level = min(self.level, capacity)
@@ -134,10 +139,18 @@ class _Bucket:
         return True
 
     def correct(
-        self, now: float, limit: float | None, remaining: float | None, reset: float | None
+        self,
+        now: float,
+        limit: float | None,
+        remaining: float | None,
+        reset: float | None,
+        in_flight: float = 0.0,
     ) -> bool:
-        """Apply one header group; True if waiters should look again (the limit changed)."""
-        changed = self.learn(now, limit) if limit is not None else False
+        """Apply one header group; True if waiters should look again (the limit changed).
+
+        ``in_flight``: see :meth:`learn`.
+        """
+        changed = self.learn(now, limit, in_flight) if limit is not None else False
         capacity = self.capacity
         if capacity is None or remaining is None:
             return changed
@@ -212,6 +225,7 @@ class Reservation:
         if self._settled:
             return
         self._settled = True
+        self._limiter._settle(self.tokens)
         if actual_tokens != self.tokens:
             self._limiter._give(0, self.tokens - actual_tokens)
 
@@ -220,6 +234,7 @@ class Reservation:
         if self._settled:
             return
         self._settled = True
+        self._limiter._settle(self.tokens)
         self._limiter._give(1, self.tokens)
 
 
@@ -262,6 +277,9 @@ class RateLimiter:
         self._tokens = _Bucket(self._limit.tokens_per_minute)
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
+        # Taken and not yet settled, limits known or not (see _Bucket.learn).
+        self._in_flight_requests = 0
+        self._in_flight_tokens = 0
 
     def __repr__(self) -> str:
         return f"<RateLimiter {self._limit!r} waiting={len(self._queue)}>"
@@ -280,7 +298,13 @@ class RateLimiter:
     def _take(self, tokens: int) -> Reservation:
         self._requests.take(1.0)
         self._tokens.take(tokens)
+        self._in_flight_requests += 1
+        self._in_flight_tokens += tokens
         return Reservation(self, tokens)
+
+    def _settle(self, tokens: int) -> None:
+        self._in_flight_requests -= 1
+        self._in_flight_tokens -= tokens
 
     def acquire_nowait(self, tokens: int) -> Reservation:
         """Take one request and ``tokens`` tokens if that is possible without waiting.
@@ -388,7 +412,10 @@ class RateLimiter:
         with less remaining counts).
 
         - ``limit``: becomes the per-minute limit of a kind that has none configured (or
-          lowers a configured one that is higher).
+          lowers a configured one that is higher). A first limit starts its bucket below
+          full by what is in flight (taken, not yet settled): an adaptive client learns
+          the limits from the first response of its first burst, and the rest of that
+          burst counts.
         - ``remaining``: lowers the bucket to it, never raises it. This keeps the client
           in step with the server when its bucket started at another moment or other
           clients share the key (without it, a client whose bucket runs a fraction of a
@@ -414,16 +441,20 @@ class RateLimiter:
             return
         now = trio.current_time()
         changed = False
-        for bucket, kind in ((self._requests, "requests"), (self._tokens, "tokens")):
+        for bucket, kind, in_flight in (
+            (self._requests, "requests", self._in_flight_requests),
+            (self._tokens, "tokens", self._in_flight_tokens),
+        ):
             if openai:
                 changed |= bucket.correct(
                     now,
                     _parse_limit(openai.get(f"limit-{kind}")),
                     _parse_count(openai.get(f"remaining-{kind}")),
                     _parse_duration(openai.get(f"reset-{kind}")),
+                    in_flight,
                 )
             if anthropic:
-                changed |= bucket.correct(now, *_anthropic_group(anthropic, kind))
+                changed |= bucket.correct(now, *_anthropic_group(anthropic, kind), in_flight)
         if changed:
             self._wake_head()
 
