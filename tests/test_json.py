@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import math
 from typing import Any
@@ -9,6 +11,12 @@ from typing import Any
 import pytest
 
 from trio_llm import _json
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
 
 
 @pytest.mark.parametrize(
@@ -33,9 +41,18 @@ def test_dumps_turns_non_string_keys_into_strings() -> None:
     assert json.loads(_json.dumps({"logit_bias": {50256: -100}})) == {"logit_bias": {"50256": -100}}
 
 
-def test_dumps_raises_type_error_for_what_json_cannot_hold() -> None:
+@pytest.mark.parametrize("value", [object(), datetime.date(2026, 1, 1), Point(1, 2)])
+def test_dumps_raises_type_error_for_what_json_cannot_hold(value: object) -> None:
+    """As json.dumps does (orjson alone would write dates and dataclasses)."""
     with pytest.raises(TypeError):
-        _json.dumps({"x": object()})
+        _json.dumps({"x": value})
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+def test_dumps_writes_nan_and_infinities_as_json_does(number: float) -> None:
+    """Not as orjson's null: a server refuses NaN (as it should), and null would pass."""
+    body = {"temperature": number, "stop": None}
+    assert _json.dumps(body) == json.dumps(body, separators=(",", ":")).encode()
 
 
 @pytest.mark.parametrize(

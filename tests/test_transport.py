@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
+import logging
 import socket
 import ssl
 import struct
@@ -736,22 +736,6 @@ async def test_post_direct_deadline_cuts_the_pool_wait(autojump_clock: trio.abc.
     await transport.aclose()
 
 
-def test_clamp_cuts_a_timeout_short_at_the_deadline() -> None:
-    """_clamp: the timeout as given without a deadline, else no later than the deadline."""
-    from trio_llm._transport import _clamp
-
-    async def check() -> None:
-        now = trio.current_time()
-        assert _clamp(10.0, math.inf) == 10.0
-        assert _clamp(None, math.inf) is None
-        assert _clamp(10.0, now + 3.0) == pytest.approx(3.0)
-        assert _clamp(None, now + 3.0) == pytest.approx(3.0)
-        assert _clamp(1.0, now + 3.0) == 1.0
-        assert _clamp(5.0, now - 1.0) == 0.0
-
-    trio.run(check, clock=trio.testing.MockClock())
-
-
 async def test_read_timeout(autojump_clock: trio.abc.Clock) -> None:
     """A server that never answers: ReadTimeout after the read timeout."""
     async with (
@@ -1041,3 +1025,193 @@ async def test_client_survives_thousands_of_cancelled_calls(
             async with trio.open_nursery() as nursery:
                 for i in range(4):
                     nursery.start_soon(client.chat, f"after {i}")
+
+
+# --- deadlines and checkpoints on the direct path (found in review) -------------------------
+
+
+@asynccontextmanager
+async def serve_raw(
+    handler: Callable[[trio.SocketStream], Any],
+) -> AsyncIterator[str]:
+    """Serve ``handler`` on 127.0.0.1 for the block; yield the base URL."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def read_request_head(stream: trio.SocketStream) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+
+
+async def test_deadline_holds_while_a_body_trickles_framing_only(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Reads that bring chunk framing but no body byte do not restart the deadline."""
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        await read_request_head(stream)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n5"
+        )
+        for _ in range(10):
+            await trio.sleep(4.0)  # each read comes within the 5 s deadline...
+            await stream.send_all(b";")  # ...with a chunk-extension byte, no body
+        await trio.sleep_forever()
+
+    async with (
+        serve_raw(trickle) as url,
+        trio_llm.open_client(
+            base_url=url,
+            api_key="sk-test",
+            model="m",
+            retry=trio_llm.RetryPolicy(deadline=5.0),
+            timeouts=trio_llm.Timeouts(read=None),
+        ) as client,
+    ):
+        start = trio.current_time()
+        with pytest.raises(trio_llm.RetryDeadlineExceeded, match="no response yet"):
+            await client.chat("hi")
+        assert trio.current_time() - start == pytest.approx(5.0)
+
+
+async def test_error_reply_handled_after_the_deadline_stays_itself(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 400 that arrived in time is the call's outcome, even if handled past the deadline."""
+    error = json.dumps({"error": {"message": "context too long", "type": "invalid"}}).encode()
+
+    async def late_400(stream: trio.SocketStream) -> None:
+        await read_request_head(stream)
+        await trio.sleep(4.5)
+        await stream.send_all(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(error), error)
+        )
+        await trio.sleep_forever()
+
+    class Lag(logging.Handler):
+        """Stands for CPU time spent on the reply: the clock moves past the deadline."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "->" in record.getMessage():
+                autojump_clock.jump(1.0)  # type: ignore[attr-defined]
+
+    lag = Lag()
+    logger = logging.getLogger("trio_llm")
+    logger.addHandler(lag)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="trio_llm"):
+            async with (
+                serve_raw(late_400) as url,
+                trio_llm.open_client(
+                    base_url=url,
+                    api_key="sk-test",
+                    model="m",
+                    retry=trio_llm.RetryPolicy(deadline=5.0),
+                ) as client,
+            ):
+                with pytest.raises(trio_llm.BadRequestError, match="context too long"):
+                    await client.chat("hi")
+    finally:
+        logger.removeHandler(lag)
+
+
+async def test_deadline_cut_body_wait_is_the_deadline_at_any_start_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A body wait cut at the deadline ends exactly there (no float rounding short of it)."""
+    body = json.dumps(CHAT).encode()
+
+    async def stall_mid_body(stream: trio.SocketStream) -> None:
+        await read_request_head(stream)
+        await trio.sleep(1 / 3)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body[:10])
+        )
+        await trio.sleep_forever()
+
+    async with (
+        serve_raw(stall_mid_body) as url,
+        trio_llm.open_client(
+            base_url=url,
+            api_key="sk-test",
+            model="m",
+            retry=trio_llm.RetryPolicy(deadline=30.0, attempts=1),
+            timeouts=trio_llm.Timeouts(read=None),
+        ) as client,
+    ):
+        await trio.sleep(1.7)  # an awkward start time: 1.7 + 30 - 1.7 != 30 in floats
+        with pytest.raises(trio_llm.RetryDeadlineExceeded, match="deadline of 30 s passed"):
+            await client.chat("hi")
+
+
+async def test_no_read_timeout_means_the_write_timeout_ends_with_the_write(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """With read=None, a reply slower than the write timeout still arrives."""
+
+    async def slow(stream: trio.SocketStream) -> None:
+        await read_request_head(stream)
+        await trio.sleep(45)  # longer than the 30 s write timeout
+        body = json.dumps(CHAT).encode()
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await trio.sleep_forever()
+
+    async with (
+        serve_raw(slow) as url,
+        trio_llm.open_client(
+            base_url=url,
+            api_key="sk-test",
+            model="m",
+            retry=None,
+            timeouts=trio_llm.Timeouts(read=None, write=30.0),
+        ) as client,
+    ):
+        start = trio.current_time()
+        assert (await client.chat("hi")).text
+        assert trio.current_time() - start == pytest.approx(45.0)
+
+
+async def test_a_call_cancelled_before_it_starts_takes_nothing() -> None:
+    """No slot, no pooled connection closed, nothing counted as sent."""
+    async with (
+        open_server(chat_reply) as server,
+        trio_llm.open_client(base_url=server.url + "/v1", api_key="sk-test", model="m") as client,
+    ):
+        await client.chat("warm up")
+        transport = direct_transport(client._http)
+        assert transport is not None
+        assert pool_state(transport) == (1, 1, 0)
+        for _ in range(3):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await client.chat("cancelled before it starts")
+        assert pool_state(transport) == (1, 1, 0)  # the idle connection was kept
+        assert client.statistics().sent == 1
+        await client.chat("again")
+    assert server.connections == 1
+
+
+async def test_a_call_failing_before_any_io_is_still_a_checkpoint() -> None:
+    """A request h11 refuses (a NUL in a header) fails after a cancel and a schedule point."""
+    async with trio_llm.open_client(
+        base_url="http://127.0.0.1:9/v1",
+        api_key="sk-test",
+        model="m",
+        headers={"x-bad": "a\x00b"},
+        retry=None,
+    ) as client:
+        with trio.testing.assert_checkpoints(), pytest.raises(trio_llm.APIConnectionError):
+            await client.chat("hi")

@@ -437,6 +437,9 @@ class Client:
         slot, and on the direct path every I/O timeout, end by the trio time
         ``deadline_at`` (raising :class:`APITimeoutError`).
         """
+        # A cancelled call stops here, before it takes a slot or a pooled connection (the
+        # waits below do not checkpoint when nothing has to wait).
+        await trio.lowlevel.checkpoint_if_cancelled()
         rate = self._rate
         reservation: Reservation | None = None
         if rate is not None:
@@ -475,11 +478,15 @@ class Client:
                 raise error_from_transport(exc, method="POST", url=url) from exc
             finally:
                 limiter.release()
-        except BaseException:
+        except BaseException as exc:
             # No response: the server most likely never counted it (and if the caller
             # cancelled, it must not cost the other tasks capacity).
             if reservation is not None:
                 reservation.refund()
+            if isinstance(exc, Exception):
+                # A failure before any I/O (a header h11 refuses, a closed transport) must
+                # still be a schedule point, as every trio call is.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             raise
         status = response.status_code
         if logger.isEnabledFor(logging.DEBUG):

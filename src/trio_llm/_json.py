@@ -4,12 +4,14 @@ orjson parses a streamed chat chunk in 0.7 us against the standard library's 2.3
 encodes a request body about ten times faster (benchmarks/peers.py, docs/performance.md).
 It is a dependency on CPython; elsewhere (PyPy) the standard library is used.
 
-Whatever orjson refuses falls back to the standard library, so everything ``json`` reads
-or writes still works, with its errors for what neither takes (orjson refuses ``NaN``
-literals, lone surrogates, and integers beyond 64 bits when writing). Two differences
-remain, both outside what LLM APIs send: orjson writes a NaN float as ``null``, and reads
-an integer beyond 64 bits as a float. Input files whose every digit matters (batch lines)
-are read with the standard library.
+Whatever orjson refuses or would write differently goes to the standard library, so these
+functions behave as ``json`` does, errors included: integers beyond 64 bits, ``NaN``
+literals and lone surrogates; a NaN or infinite float (orjson would write ``null``, so any
+output holding ``null`` is rewritten by ``json``); dates and dataclasses (refused, as by
+``json``). What remains is that orjson encodes a few types ``json`` refuses (UUIDs, plain
+enums, numpy arrays), and reads an integer beyond 64 bits as a float: replies from LLM
+APIs hold none, and input files whose every digit matters (batch lines) are read with the
+standard library.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def _std_dumps(value: Any) -> bytes:
 if orjson is not None:
     _orjson_loads = orjson.loads
     _orjson_dumps = orjson.dumps
-    _NON_STR_KEYS = orjson.OPT_NON_STR_KEYS
+    # Non-string keys become strings, as json.dumps makes them (logit_bias's token ids,
+    # say); dates and dataclasses are refused, as by json.
+    _OPTIONS = (
+        orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+    )
     _ORJSON_ERRORS = (orjson.JSONDecodeError, UnicodeDecodeError)
 
     def loads(data: str | bytes) -> Any:
@@ -54,10 +60,12 @@ if orjson is not None:
             TypeError: ``value`` holds something JSON cannot represent.
         """
         try:
-            # Non-string keys become strings, as json.dumps makes them (logit_bias's
-            # token ids, say).
-            encoded = _orjson_dumps(value, option=_NON_STR_KEYS)
+            encoded = _orjson_dumps(value, option=_OPTIONS)
         except TypeError:  # orjson.JSONEncodeError included
+            return _std_dumps(value)
+        if b"null" in encoded:
+            # Perhaps a NaN or an infinity, which orjson writes as null and json as NaN or
+            # Infinity (a server refuses them, and should): json writes it.
             return _std_dumps(value)
         # orjson's bytes keep the whole buffer it wrote into (4 KiB at least, measured
         # in RSS); a request body lives as long as its request, so it is copied to size.

@@ -83,10 +83,14 @@ async def call_with_retries(
         try:
             return await attempt(deadline_at)
         except LLMError as exc:
-            if deadline is not None and trio.current_time() >= deadline_at:
-                # Cut short by the deadline: its timeout is the deadline's, not an error.
-                last = None if isinstance(exc, APITimeoutError) else exc
-                raise _deadline_passed(label, deadline, 1, last) from last
+            if (
+                deadline is not None
+                and isinstance(exc, APITimeoutError)
+                and trio.current_time() >= deadline_at
+            ):
+                # A wait the attempt cut short at the deadline: the deadline passed. (Any
+                # other error stands: a reply that came in time is the call's outcome.)
+                raise _deadline_passed(label, deadline, 1, None) from None
             if policy.attempts == 1 or not is_retryable(exc):
                 raise
             first_error = exc

@@ -370,8 +370,11 @@ class _Pool:
             return None
         raise trio.WouldBlock
 
-    async def acquire(self, seconds: float | None) -> _Connection | None:
-        """Wait for an idle connection or a free slot, at most ``seconds`` (the pool timeout).
+    async def acquire(
+        self, seconds: float | None, deadline_at: float = math.inf
+    ) -> _Connection | None:
+        """Wait for an idle connection or a free slot, at most ``seconds`` (the pool timeout)
+        and no later than the trio time ``deadline_at``.
 
         Returns:
             An idle connection, or ``None``: a slot reserved for a new connection.
@@ -387,7 +390,7 @@ class _Pool:
         except trio.WouldBlock:
             pass
         task = trio.lowlevel.current_task()
-        with trio.move_on_after(math.inf if seconds is None else seconds):
+        with trio.move_on_at(_deadline(seconds, deadline_at)):
             await self._lot.park()
         # Handed over by release()/discard(); once unparked, no Cancelled can intervene.
         try:
@@ -458,17 +461,20 @@ def _transport_error(
     return kind(detail)
 
 
-async def _receive(conn: _Connection, seconds: float | None) -> bytes:
-    """Read some bytes (``b""`` at EOF) within ``seconds``, failing with httpx2's errors.
+async def _receive(
+    conn: _Connection, seconds: float | None, deadline_at: float = math.inf
+) -> bytes:
+    """Read some bytes (``b""`` at EOF) within ``seconds`` and by the trio time
+    ``deadline_at``, failing with httpx2's errors.
 
     Cancellation: nothing was read.
     """
     try:
-        if seconds is None:
+        if seconds is None and deadline_at == math.inf:
             data = await conn.receive_some(_RECEIVE_SIZE)
         else:
             data = b""
-            with trio.move_on_after(seconds) as scope:
+            with trio.move_on_at(_deadline(seconds, deadline_at)) as scope:
                 data = await conn.receive_some(_RECEIVE_SIZE)
             if scope.cancelled_caught:
                 raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
@@ -498,18 +504,20 @@ class _Timeouts:
         return cls(get("pool"), get("connect"), get("read"), get("write"))
 
 
-def _clamp(seconds: float | None, deadline_at: float) -> float | None:
-    """Return the timeout ``seconds``, cut short to end by the trio time ``deadline_at``."""
-    if deadline_at == math.inf:
-        return seconds
-    left = max(0.0, deadline_at - trio.current_time())
-    return left if seconds is None else min(seconds, left)
+def _deadline(seconds: float | None, deadline_at: float) -> float:
+    """The trio time a timeout of ``seconds`` from now ends, but no later than ``deadline_at``.
+
+    Absolute, so that a wait cut short by the deadline ends exactly at it.
+    """
+    return deadline_at if seconds is None else min(trio.current_time() + seconds, deadline_at)
 
 
 async def _next_body_part(
-    pool: _Pool, conn: _Connection, seconds: float | None
+    pool: _Pool, conn: _Connection, seconds: float | None, deadline_at: float = math.inf
 ) -> tuple[bytes, bool]:
     """Return the next body bytes, and whether they end the body.
+
+    Each read waits at most ``seconds``, and none ends after the trio time ``deadline_at``.
 
     Takes every byte already received, and reads only when there is none. At the end,
     the connection has gone back to the pool. Any failure, cancellation included,
@@ -520,7 +528,7 @@ async def _next_body_part(
     try:
         parts = body.take()
         while not parts and not body.done:
-            parts = body.feed(await _receive(conn, seconds))
+            parts = body.feed(await _receive(conn, seconds, deadline_at))
     except BaseException:
         pool.discard(conn)
         raise
@@ -795,7 +803,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         parts = []
         finished = False
         while not finished:
-            part, finished = await _next_body_part(pool, conn, _clamp(timeouts.read, deadline_at))
+            part, finished = await _next_body_part(pool, conn, timeouts.read, deadline_at)
             parts.append(part)
         body = b"".join(parts)
         raw_headers = event.headers.raw_items()
@@ -851,20 +859,22 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         On any failure, cancellation included, the pool slot is freed. The pool and
         connect timeouts end by ``deadline_at`` at the latest.
         """
-        conn = await pool.acquire(_clamp(timeouts.pool, deadline_at))
+        conn = await pool.acquire(timeouts.pool, deadline_at)
         if pool.closed:
             pool.discard(conn)
             raise RuntimeError("cannot send a request: the transport is closed")
         if conn is not None:
             return conn, True
         try:
-            return await self._connect(origin, _clamp(timeouts.connect, deadline_at)), False
+            return await self._connect(origin, timeouts.connect, deadline_at), False
         except BaseException:
             pool.discard(None)
             raise
 
-    async def _connect(self, origin: _Origin, seconds: float | None) -> _Connection:
-        """Open a connection (TCP, then TLS for https) within ``seconds``.
+    async def _connect(
+        self, origin: _Origin, seconds: float | None, deadline_at: float = math.inf
+    ) -> _Connection:
+        """Open a connection (TCP, then TLS for https) within ``seconds``, by ``deadline_at``.
 
         Cancellation: any socket opened so far is closed.
         """
@@ -873,7 +883,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
         if not tls and scheme != b"http":
             raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {scheme.decode()!r}")
         hostname = host.decode("ascii")
-        with trio.move_on_after(math.inf if seconds is None else seconds):
+        with trio.move_on_at(_deadline(seconds, deadline_at)):
             try:
                 tcp = await trio.open_tcp_stream(hostname, port or (443 if tls else 80))
             except OSError as exc:
@@ -996,6 +1006,8 @@ async def _exchange(
                         scope.deadline = min(trio.current_time() + write, deadline_at)
                     await send_all(state.send(h11.EndOfMessage()) or b"")
                 writing = False
+                if read is None:
+                    scope.deadline = deadline_at  # the write timeout no longer applies
                 # Nothing of the response can be buffered yet (a connection with bytes past
                 # its last response is never reused), so the first step is a read.
                 event: object = _NEED_DATA
@@ -1043,7 +1055,7 @@ async def _exchange(
         # fresh connection, and the request is sent once more.
         conn.close()
         try:
-            fresh = await transport._connect(origin, _clamp(timeouts.connect, deadline_at))
+            fresh = await transport._connect(origin, timeouts.connect, deadline_at)
         except BaseException:
             pool.discard(None)
             raise

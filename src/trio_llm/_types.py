@@ -175,7 +175,7 @@ class ChatChunk:
         finish = choice.get("finish_reason")
         # Built field by field rather than through __init__: one chunk is made per
         # streamed token, and this takes half the time (the class has no validators or
-        # converters to skip; tests/test_types.py checks both ways agree).
+        # converters to skip; tests/test_streaming.py checks both ways agree).
         chunk = _new_object(ChatChunk)
         _set_text(chunk, content if isinstance(content, str) else "")
         _set_index(chunk, _int(choice.get("index")))
