@@ -155,6 +155,31 @@ def test_simulated_sample_batch(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert re.search(rf"answered OK\s+{len(lines)}", err)  # the summary table
 
 
+def test_simulated_anthropic_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--provider anthropic runs /v1/messages lines; without it they are refused, by line."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {
+            "custom_id": f"m{i}",
+            "method": "POST",
+            "url": "/v1/messages",
+            "body": {"max_tokens": 20, "messages": [{"role": "user", "content": f"q{i}"}]},
+        }
+        for i in range(5)
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["batch", str(source), "-o", str(target), "--simulate", "--provider", "anthropic"]
+    assert main(argv) == 0
+    assert output_ids(target) == Counter(line["custom_id"] for line in lines)
+    record = json.loads(target.read_text().splitlines()[0])
+    assert record["response"]["status_code"] == 200
+    assert record["response"]["body"]["type"] == "message"
+    capsys.readouterr()
+    other = tmp_path / "openai.jsonl"
+    assert main(["batch", str(source), "-o", str(other), "--simulate"]) != 0
+    assert "provider='anthropic'" in capsys.readouterr().err + other.read_text()
+
+
 def test_invalid_input_exits_2_naming_the_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -81,6 +81,29 @@ def test_chat_without_key_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -
     assert "Traceback" not in err
 
 
+def test_chat_with_the_anthropic_provider(capsys: pytest.CaptureFixture[str]) -> None:
+    """--provider anthropic speaks the Messages API (here to the fake server's)."""
+    assert main(["chat", "--simulate", "--provider", "anthropic", "--json", "Hi"]) == 0
+    payload = json.loads(capsys.readouterr().out)  # the reply as sent: a Messages object
+    assert payload["type"] == "message"
+    assert payload["content"][0]["text"]
+    assert payload["usage"]["output_tokens"] > 0
+    assert main(["chat", "--simulate", "--provider", "anthropic", "--stream", "Hi"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_anthropic_provider_without_key_names_its_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a key, --provider anthropic asks for ANTHROPIC_API_KEY, not OpenAI's."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    argv = ["chat", "--provider", "anthropic", "--base-url", "https://llm.example.invalid", "hi"]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "ANTHROPIC_API_KEY" in err
+    assert "Traceback" not in err
+
+
 def test_chat_with_unset_key_variable(capsys: pytest.CaptureFixture[str]) -> None:
     """--api-key-env naming an unset variable is reported before anything is sent."""
     status = main(

@@ -77,17 +77,25 @@ def _positive_float(text: str) -> float:
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument(
+        "--provider",
+        choices=("openai", "anthropic"),
+        default="openai",
+        help="the API's wire format: any OpenAI-compatible server, or Anthropic's Messages "
+        "API (default: %(default)s)",
+    )
+    group.add_argument(
         "--base-url",
         metavar="URL",
-        help="API root, e.g. http://127.0.0.1:8000/v1 "
-        "(default: $OPENAI_BASE_URL or https://api.openai.com/v1)",
+        help="API root, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or "
+        "https://api.openai.com/v1; for anthropic, $ANTHROPIC_BASE_URL or "
+        "https://api.anthropic.com)",
     )
     group.add_argument(
         "--api-key-env",
         metavar="NAME",
-        default="OPENAI_API_KEY",
-        help="environment variable holding the API key (default: %(default)s); "
-        "keys are never accepted on the command line, where other users could see them",
+        help="environment variable holding the API key (default: OPENAI_API_KEY, or "
+        "ANTHROPIC_API_KEY for anthropic); keys are never accepted on the command line, "
+        "where other users could see them",
     )
     group.add_argument(
         "--model",
@@ -245,14 +253,17 @@ async def _open_cli_client(
             else ""
         )
         async with open_fake_llm(config) as server:
+            # The fake server speaks both APIs; Anthropic's paths start above /v1.
+            base_url = server.root_url if args.provider == "anthropic" else server.base_url
             print(
                 f"trio-llm {args.command}: --simulate: answering from the built-in fake LLM "
-                f"server at {server.base_url} (offline; replies are generated text{pace})",
+                f"server at {base_url} (offline; replies are generated text{pace})",
                 file=sys.stderr,
                 flush=True,
             )
             async with open_client(
-                base_url=server.base_url,
+                provider=args.provider,
+                base_url=base_url,
                 api_key="",
                 model=model,
                 max_concurrency=args.concurrency,
@@ -261,10 +272,12 @@ async def _open_cli_client(
             ) as client:
                 yield client
         return
-    api_key = os.environ.get(args.api_key_env) or None
-    if args.api_key_env != "OPENAI_API_KEY" and api_key is None:
+    # Without --api-key-env, open_client reads the provider's own variable.
+    api_key = os.environ.get(args.api_key_env) or None if args.api_key_env else None
+    if args.api_key_env and api_key is None:
         raise ConfigurationError(f"${args.api_key_env} is not set (named by --api-key-env)")
     async with open_client(
+        provider=args.provider,
         base_url=args.base_url,
         api_key=api_key,
         model=model,

@@ -115,8 +115,9 @@ def _resume_command(args: argparse.Namespace) -> str:
     """The command line that resumes this run: the same flags, minus defaults."""
     words = ["trio-llm", "batch", args.input, "-o", args.output]
     defaults = {
+        "provider": "openai",
         "base_url": None,
-        "api_key_env": "OPENAI_API_KEY",
+        "api_key_env": None,
         "model": None,
         "concurrency": 64,
         "max_attempts": 6,
