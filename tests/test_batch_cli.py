@@ -180,6 +180,19 @@ def test_simulated_anthropic_batch(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "provider='anthropic'" in capsys.readouterr().err + other.read_text()
 
 
+def test_resume_command_repeats_every_non_default_flag() -> None:
+    """The command printed on interruption resumes the same run, --retry-failed included."""
+    from trio_llm._cli import build_parser
+    from trio_llm.batch._command import _resume_command
+
+    argv = ["batch", "in.jsonl", "-o", "out.jsonl", "--provider", "anthropic"]
+    args = build_parser().parse_args([*argv, "--retry-failed", "--simulate", "--rpm", "60"])
+    assert _resume_command(args) == (
+        "trio-llm batch in.jsonl -o out.jsonl --provider anthropic --rpm 60 "
+        "--simulate --retry-failed"
+    )
+
+
 def test_invalid_input_exits_2_naming_the_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -86,6 +86,7 @@ def test_chat_with_the_anthropic_provider(capsys: pytest.CaptureFixture[str]) ->
     assert main(["chat", "--simulate", "--provider", "anthropic", "--json", "Hi"]) == 0
     payload = json.loads(capsys.readouterr().out)  # the reply as sent: a Messages object
     assert payload["type"] == "message"
+    assert payload["model"].startswith("claude-")  # the provider's default model
     assert payload["content"][0]["text"]
     assert payload["usage"]["output_tokens"] > 0
     assert main(["chat", "--simulate", "--provider", "anthropic", "--stream", "Hi"]) == 0
@@ -102,6 +103,13 @@ def test_anthropic_provider_without_key_names_its_variable(
     err = capsys.readouterr().err
     assert "ANTHROPIC_API_KEY" in err
     assert "Traceback" not in err
+
+
+def test_empty_key_variable_name_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["chat", "--api-key-env", "", "hi"])
+    assert caught.value.code == EXIT_USAGE
+    assert "--api-key-env" in capsys.readouterr().err
 
 
 def test_chat_with_unset_key_variable(capsys: pytest.CaptureFixture[str]) -> None:

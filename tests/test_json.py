@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import math
+import uuid
 from typing import Any
 
 import pytest
@@ -80,3 +81,18 @@ def test_loads_raises_the_standard_librarys_errors(text: str | bytes) -> None:
     with pytest.raises(type(reference)) as caught:
         _json.loads(text)
     assert str(caught.value) == str(reference)
+
+
+def test_null_in_text_does_not_send_the_body_to_the_standard_library() -> None:
+    """Only a real NaN or infinity does: a UUID still encodes beside a text saying null."""
+    body = {"id": uuid.UUID(int=1), "prompt": "return null;", "stop": None}
+    assert json.loads(_json.dumps(body))["prompt"] == "return null;"
+
+
+def test_nested_non_finite_floats_are_found() -> None:
+    body = {"messages": [{"content": None}], "logit_bias": {"1": [1.0, -math.inf]}}
+    assert _json.dumps(body) == json.dumps(body, separators=(",", ":")).encode()
+    # Records decoded from JSON hold none: the search can be skipped, and NaN is null.
+    assert _json.dumps({"x": math.nan, "y": None}, exact_non_finite=False) == (
+        b'{"x":null,"y":null}'
+    )

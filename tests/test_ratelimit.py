@@ -574,11 +574,11 @@ async def test_a_limit_learned_mid_burst_counts_what_is_in_flight(
     """Requests taken before the limit was known, and not yet settled, count against it.
 
     An adaptive client sends its first burst with no limit; the first response teaches it
-    the limit, and the rest of the burst (still in flight) must not be forgotten.
+    the limit, and the rest of the burst (still in flight) must not be forgotten. The
+    client applies a response's headers first, then settles its reservation.
     """
     limiter = RateLimiter()
     burst = [await limiter.acquire(100) for _ in range(10)]
-    burst[0].reconcile(40)  # the one whose response carries the headers: settled
     limiter.update_from_headers(
         {
             "x-ratelimit-limit-requests": "100",
@@ -587,17 +587,54 @@ async def test_a_limit_learned_mid_burst_counts_what_is_in_flight(
             "x-ratelimit-remaining-tokens": "9960",
         }
     )
+    burst[0].reconcile(40)
     stats = limiter.statistics()
-    assert stats.requests_available == 91  # 100, less the 9 still in flight
-    assert stats.tokens_available == 9100  # 10,000, less their 9 x 100 estimated
+    assert stats.requests_available == 90  # 100, less the 10 in flight
+    assert stats.tokens_available == 9000 + 60  # less their estimates; one came back
     burst[1].reconcile(40)
     burst[2].refund()
+    burst[3].keep()  # answered without usage: the estimate stays charged
     stats = limiter.statistics()
-    assert stats.requests_available == 92
-    assert stats.tokens_available == 9100 + 60 + 100
+    assert stats.requests_available == 91
+    assert stats.tokens_available == 9060 + 60 + 100
     # Once known, the limit is not relearned: settling no longer matters to it.
     limiter.update_from_headers({"x-ratelimit-limit-requests": "100"})
-    assert limiter.statistics().requests_available == 92
+    assert limiter.statistics().requests_available == 91
+    assert limiter._in_flight_requests == 6
+
+
+async def test_a_limit_learned_mid_burst_starts_no_lower_than_empty(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """More in flight than the whole limit: the bucket starts empty, not deep in debt."""
+    limiter = RateLimiter()
+    for _ in range(50):
+        await limiter.acquire(1)
+    limiter.update_from_headers({"x-ratelimit-limit-requests": "20"})
+    assert limiter.statistics().requests_available == 0
+    start = trio.current_time()
+    await limiter.acquire(1)
+    assert trio.current_time() - start == pytest.approx(3.0)  # one request at 20/min
+
+
+async def test_anthropic_token_limits_ignore_what_is_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Anthropic's token limits are per direction: total estimates in flight do not count."""
+    limiter = RateLimiter()
+    for _ in range(5):
+        await limiter.acquire(2300)
+    limiter.update_from_headers(
+        {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-output-tokens-limit": "10000",
+            "anthropic-ratelimit-output-tokens-remaining": "9990",
+        }
+    )
+    stats = limiter.statistics()
+    assert stats.requests_available == 45
+    assert stats.tokens_available == 9990
 
 
 async def test_the_lower_of_configured_and_server_limit_holds(

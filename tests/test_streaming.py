@@ -626,6 +626,29 @@ async def test_break_closes_the_response(autojump_clock: trio.abc.Clock) -> None
     assert reply.text
 
 
+async def test_streams_without_usage_settle_their_rate_reservations(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A stream left early, or ended without usage, stops counting as in flight.
+
+    Otherwise the adaptive limiter would count it against the first limit it learns.
+    """
+    async with (
+        open_fake_llm(FakeLLMConfig(tokens_per_second=50)) as server,
+        trio_llm.open_client(base_url=server.base_url, model="fake-gpt") as client,
+    ):
+        rate = client._rate
+        assert rate is not None
+        async with open_chat_stream(client, "Write a story.", max_tokens=500) as stream:
+            async for _ in stream:
+                break
+        no_usage = {"stream_options": {"include_usage": False}}
+        async with open_chat_stream(client, "Short.", max_tokens=3, **no_usage) as stream:
+            async for _ in stream:
+                pass
+        assert (rate._in_flight_requests, rate._in_flight_tokens) == (0, 0)
+
+
 async def test_break_at_finish_reason_keeps_the_connection(fake_llm: FakeLLMServer) -> None:
     """Leaving right after the finish reason still reads the body's end: no disconnect."""
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="fake-gpt") as client:

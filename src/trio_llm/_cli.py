@@ -35,6 +35,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 _DEFAULT_MODEL = "gpt-4o-mini"
+_DEFAULT_MODELS = {"openai": _DEFAULT_MODEL, "anthropic": "claude-sonnet-4-5"}
 # open_client's default: no limit of its own, the server's advertised limits adopted.
 _ADAPTIVE_RATE_LIMIT = RateLimit()
 
@@ -74,6 +75,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _variable_name(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected the name of an environment variable")
+    return text
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument(
@@ -87,12 +94,13 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         "--base-url",
         metavar="URL",
         help="API root, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or "
-        "https://api.openai.com/v1; for anthropic, $ANTHROPIC_BASE_URL or "
-        "https://api.anthropic.com)",
+        "https://api.openai.com/v1; for anthropic, the root without /v1: "
+        "$ANTHROPIC_BASE_URL or https://api.anthropic.com)",
     )
     group.add_argument(
         "--api-key-env",
         metavar="NAME",
+        type=_variable_name,
         help="environment variable holding the API key (default: OPENAI_API_KEY, or "
         "ANTHROPIC_API_KEY for anthropic); keys are never accepted on the command line, "
         "where other users could see them",
@@ -100,7 +108,8 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         metavar="MODEL",
-        help=f"model name (default: $TRIO_LLM_MODEL or {_DEFAULT_MODEL})",
+        help=f"model name (default: $TRIO_LLM_MODEL, else {_DEFAULT_MODEL}; "
+        f"for anthropic, {_DEFAULT_MODELS['anthropic']})",
     )
     group.add_argument(
         "--concurrency",
@@ -238,7 +247,7 @@ async def _open_cli_client(
 
     ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model.
     """
-    model = args.model or os.environ.get("TRIO_LLM_MODEL") or _DEFAULT_MODEL
+    model = args.model or os.environ.get("TRIO_LLM_MODEL") or _DEFAULT_MODELS[args.provider]
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
     if args.simulate:
         from .testing import FakeLLMConfig, open_fake_llm

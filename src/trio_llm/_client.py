@@ -510,31 +510,46 @@ class Client:
         if rate is not None:
             rate.update_from_headers(headers)
         try:
-            payload = _json.loads(body)
-        except ValueError as exc:
-            text = body[:200].decode("utf-8", "replace")
-            raise APIResponseError(
-                f"HTTP {status} from POST {url} is not JSON: {text!r}",
-                status_code=status,
-                request_id=headers.get("x-request-id"),
-            ) from exc
-        if not isinstance(payload, dict):
-            raise APIResponseError(
-                f"HTTP {status} from POST {url} is not a JSON object",
-                status_code=status,
-                request_id=headers.get("x-request-id"),
-            )
-        if reservation is not None:
-            usage = payload.get("usage")
-            if isinstance(usage, dict):
-                total = usage.get("total_tokens")
-                if total is None:  # Anthropic reports input and output tokens only
-                    parts = (usage.get("input_tokens"), usage.get("output_tokens"))
-                    total = sum(p for p in parts if isinstance(p, int))
-                if isinstance(total, int):
-                    reservation.reconcile(total)
-        # OpenAI says x-request-id; Anthropic says request-id.
-        return payload, headers.get("x-request-id") or headers.get("request-id")
+            return _decode_reply(url, status, headers, body, reservation)
+        finally:
+            if reservation is not None:
+                reservation.keep()  # answered without a usage it could read: the estimate
+
+
+def _decode_reply(
+    url: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    reservation: Reservation | None,
+) -> tuple[dict[str, Any], str | None]:
+    """Decode a success reply; settle ``reservation`` with its usage, if it has one."""
+    try:
+        payload = _json.loads(body)
+    except ValueError as exc:
+        text = body[:200].decode("utf-8", "replace")
+        raise APIResponseError(
+            f"HTTP {status} from POST {url} is not JSON: {text!r}",
+            status_code=status,
+            request_id=headers.get("x-request-id"),
+        ) from exc
+    if not isinstance(payload, dict):
+        raise APIResponseError(
+            f"HTTP {status} from POST {url} is not a JSON object",
+            status_code=status,
+            request_id=headers.get("x-request-id"),
+        )
+    if reservation is not None:
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            total = usage.get("total_tokens")
+            if total is None:  # Anthropic reports input and output tokens only
+                parts = (usage.get("input_tokens"), usage.get("output_tokens"))
+                total = sum(p for p in parts if isinstance(p, int))
+            if isinstance(total, int):
+                reservation.reconcile(total)
+    # OpenAI says x-request-id; Anthropic says request-id.
+    return payload, headers.get("x-request-id") or headers.get("request-id")
 
 
 def _deadline_timeout(url: str, what: str) -> APITimeoutError:

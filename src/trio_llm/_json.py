@@ -6,8 +6,8 @@ It is a dependency on CPython; elsewhere (PyPy) the standard library is used.
 
 Whatever orjson refuses or would write differently goes to the standard library, so these
 functions behave as ``json`` does, errors included: integers beyond 64 bits, ``NaN``
-literals and lone surrogates; a NaN or infinite float (orjson would write ``null``, so any
-output holding ``null`` is rewritten by ``json``); dates and dataclasses (refused, as by
+literals and lone surrogates; a NaN or infinite float (orjson would write ``null``; an
+output holding ``null`` is searched for one); dates and dataclasses (refused, as by
 ``json``). What remains is that orjson encodes a few types ``json`` refuses (UUIDs, plain
 enums, numpy arrays), and reads an integer beyond 64 bits as a float: replies from LLM
 APIs hold none, and input files whose every digit matters (batch lines) are read with the
@@ -17,6 +17,7 @@ standard library.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 __all__ = ["dumps", "loads"]
@@ -36,6 +37,21 @@ def _std_dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
+def _has_non_finite_float(value: Any) -> bool:
+    """Whether ``value`` holds a NaN or an infinity, at any depth."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return False
+
+
 if orjson is not None:
     _orjson_loads = orjson.loads
     _orjson_dumps = orjson.dumps
@@ -53,8 +69,12 @@ if orjson is not None:
         except _ORJSON_ERRORS:
             return json.loads(data)  # the standard library's result or its own error
 
-    def dumps(value: Any) -> bytes:
+    def dumps(value: Any, *, exact_non_finite: bool = True) -> bytes:
         """Encode ``value`` as compact UTF-8 JSON, as ``json.dumps`` would.
+
+        ``exact_non_finite=False`` skips the search for NaN and infinities in an output
+        holding ``null`` (they are then written as ``null``): for records decoded from
+        JSON, which hold none, and are full of ``null``.
 
         Raises:
             TypeError: ``value`` holds something JSON cannot represent.
@@ -63,9 +83,9 @@ if orjson is not None:
             encoded = _orjson_dumps(value, option=_OPTIONS)
         except TypeError:  # orjson.JSONEncodeError included
             return _std_dumps(value)
-        if b"null" in encoded:
-            # Perhaps a NaN or an infinity, which orjson writes as null and json as NaN or
-            # Infinity (a server refuses them, and should): json writes it.
+        if exact_non_finite and b"null" in encoded and _has_non_finite_float(value):
+            # orjson writes NaN and infinities as null, json as NaN or Infinity (which a
+            # server refuses, as it should): json writes it.
             return _std_dumps(value)
         # orjson's bytes keep the whole buffer it wrote into (4 KiB at least, measured
         # in RSS); a request body lives as long as its request, so it is copied to size.
@@ -77,7 +97,7 @@ else:  # pragma: no cover - exercised only where orjson is missing
         """Decode a JSON document."""
         return json.loads(data)
 
-    def dumps(value: Any) -> bytes:
+    def dumps(value: Any, *, exact_non_finite: bool = True) -> bytes:
         """Encode ``value`` as compact UTF-8 JSON.
 
         Raises:

@@ -129,7 +129,9 @@ class _Bucket:
         if capacity == self.capacity:
             return False
         if self.capacity is None:
-            self.level = capacity - in_flight
+            # No lower than empty: a count inflated by reservations never settled must
+            # not hold the client back for long.
+            self.level = max(0.0, capacity - in_flight)
         else:
             self.refill(now)
             self.level = min(self.level, capacity)
@@ -197,8 +199,9 @@ class Reservation:
     """The capacity one :meth:`RateLimiter.acquire` took: one request and ``tokens``.
 
     Settle it once the outcome is known, with :meth:`reconcile` (the response's real
-    usage) or :meth:`refund` (nothing reached the server). Only the first settling call
-    counts; later ones do nothing. An unsettled reservation keeps its estimate.
+    usage), :meth:`refund` (nothing reached the server) or :meth:`keep` (sent, usage
+    unknown). Only the first settling call counts; later ones do nothing. An unsettled
+    reservation keeps its estimate and counts as in flight.
     """
 
     __slots__ = ("_limiter", "_settled", "tokens")
@@ -236,6 +239,17 @@ class Reservation:
         self._settled = True
         self._limiter._settle(self.tokens)
         self._limiter._give(1, self.tokens)
+
+    def keep(self) -> None:
+        """Settle at the estimate: the request was sent, and its real usage is unknown.
+
+        For an answer without usage, or a stream left before its end: the reservation
+        stops counting as in flight, and its estimate stays charged.
+        """
+        if self._settled:
+            return
+        self._settled = True
+        self._limiter._settle(self.tokens)
 
 
 @final
@@ -454,7 +468,10 @@ class RateLimiter:
                     in_flight,
                 )
             if anthropic:
-                changed |= bucket.correct(now, *_anthropic_group(anthropic, kind), in_flight)
+                # Anthropic's token limits are per direction (input, output) while the
+                # estimates are totals: what is in flight is counted against requests only.
+                counted = in_flight if kind == "requests" else 0
+                changed |= bucket.correct(now, *_anthropic_group(anthropic, kind), counted)
         if changed:
             self._wake_head()
 

@@ -346,6 +346,8 @@ class _Exchange:
                 await self._iterator.aclose()
                 await self._response.aclose()
         finally:
+            if self._reservation is not None:
+                self._reservation.keep()  # no usage came (left early, failed): the estimate
             if self._slot:
                 self._slot = False
                 self._client._limiter.release()
@@ -592,8 +594,6 @@ async def _start_exchange(
                 status = response.status_code
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug("POST %s -> %d (stream)", url, status)
-                if rate is not None:
-                    rate.update_from_headers(response.headers)
                 if status >= 400:
                     body = await response.aread()
                     error = error_from_response(
@@ -601,11 +601,17 @@ async def _start_exchange(
                     )
                     if reservation is not None:
                         reservation.refund() if status == 429 else reservation.reconcile(0)
+                    if rate is not None:
+                        # After the refund, as in Client._post_json: the server's
+                        # remaining count is the truth from here on.
+                        rate.update_from_headers(response.headers)
                     if status == 429:
                         client._rate_limited += 1
                         if rate is not None and error.retry_after:
                             rate.pause(error.retry_after)  # every task of the client waits
                     raise error
+                if rate is not None:
+                    rate.update_from_headers(response.headers)
                 content_type = response.headers.get("content-type", "")
                 if content_type.startswith("application/json"):
                     # A server that ignored "stream": true, or a proxy's error page.
@@ -646,6 +652,8 @@ async def _start_exchange(
             if reservation is not None:
                 reservation.refund()
         else:
+            if reservation is not None:
+                reservation.keep()  # answered (unless settled above): the server counted it
             with trio.move_on_after(_CLOSE_GRACE, shield=True):
                 if iterator is not None:
                     await iterator.aclose()

@@ -132,7 +132,7 @@ def _resume_command(args: argparse.Namespace) -> str:
         if value != default:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
             words += ["--" + name.replace("_", "-"), shown]
-    for name in ("simulate", "skip_invalid"):
+    for name in ("simulate", "skip_invalid", "retry_failed"):
         if getattr(args, name):
             words.append("--" + name.replace("_", "-"))
     return shlex.join(words)
