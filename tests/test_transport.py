@@ -200,6 +200,41 @@ async def open_server(
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def serve_raw(
+    handler: Callable[[trio.SocketStream], Any],
+) -> AsyncIterator[str]:
+    """Serve ``handler`` on 127.0.0.1 for the block; yield the base URL."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def read_request_head(stream: trio.SocketStream) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+
+
+async def silent(stream: trio.SocketStream) -> None:
+    """A server that accepts the connection and never reads or answers."""
+    await trio.sleep_forever()
+
+
+def json_reply(body: bytes, *, status: bytes = b"200 OK", length: int | None = None) -> bytes:
+    """A response head with a JSON content type and a Content-Length, then ``body``."""
+    size = len(body) if length is None else length
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status,
+        size,
+        body,
+    )
+
+
 def http_client(transport: TrioTransport, **kwargs: Any) -> httpx2.AsyncClient:
     return httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(30.0), **kwargs)
 
@@ -761,18 +796,13 @@ async def test_read_timeout_between_body_parts(autojump_clock: trio.abc.Clock) -
 
 async def test_write_timeout(autojump_clock: trio.abc.Clock) -> None:
     """A server that never reads: WriteTimeout once the socket buffers are full."""
-    async with trio.open_nursery() as nursery:
-
-        async def never_read(stream: trio.SocketStream) -> None:
-            await trio.sleep_forever()
-
-        listeners = await nursery.start(trio.serve_tcp, never_read, 0)
-        port = listeners[0].socket.getsockname()[1]
-        timeout = httpx2.Timeout(30.0, write=2.0)
-        async with httpx2.AsyncClient(transport=TrioTransport(), timeout=timeout) as http:
-            with pytest.raises(httpx2.WriteTimeout):
-                await http.post(f"http://127.0.0.1:{port}/", content=b"x" * 64_000_000)
-        nursery.cancel_scope.cancel()
+    timeout = httpx2.Timeout(30.0, write=2.0)
+    async with (
+        serve_raw(silent) as url,
+        httpx2.AsyncClient(transport=TrioTransport(), timeout=timeout) as http,
+    ):
+        with pytest.raises(httpx2.WriteTimeout):
+            await http.post(url, content=b"x" * 64_000_000)
 
 
 async def test_connect_timeout(
@@ -810,18 +840,13 @@ async def test_pool_timeout(autojump_clock: trio.abc.Clock) -> None:
 
 async def test_tls_handshake_timeout(autojump_clock: trio.abc.Clock) -> None:
     """A server that accepts TCP but never speaks TLS: ConnectTimeout."""
-    async with trio.open_nursery() as nursery:
-
-        async def silent(stream: trio.SocketStream) -> None:
-            await trio.sleep_forever()
-
-        listeners = await nursery.start(trio.serve_tcp, silent, 0)
-        port = listeners[0].socket.getsockname()[1]
-        timeout = httpx2.Timeout(30.0, connect=3.0)
-        async with httpx2.AsyncClient(transport=TrioTransport(), timeout=timeout) as http:
-            with pytest.raises(httpx2.ConnectTimeout):
-                await http.get(f"https://127.0.0.1:{port}/")
-        nursery.cancel_scope.cancel()
+    timeout = httpx2.Timeout(30.0, connect=3.0)
+    async with (
+        serve_raw(silent) as url,
+        httpx2.AsyncClient(transport=TrioTransport(), timeout=timeout) as http,
+    ):
+        with pytest.raises(httpx2.ConnectTimeout):
+            await http.get(url.replace("http://", "https://"))
 
 
 async def test_connection_refused_is_a_connect_error() -> None:
@@ -1030,26 +1055,6 @@ async def test_client_survives_thousands_of_cancelled_calls(
 # --- deadlines and checkpoints on the direct path (found in review) -------------------------
 
 
-@asynccontextmanager
-async def serve_raw(
-    handler: Callable[[trio.SocketStream], Any],
-) -> AsyncIterator[str]:
-    """Serve ``handler`` on 127.0.0.1 for the block; yield the base URL."""
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def read_request_head(stream: trio.SocketStream) -> None:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
-
-
 async def test_deadline_holds_while_a_body_trickles_framing_only(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -1091,10 +1096,7 @@ async def test_error_reply_handled_after_the_deadline_stays_itself(
     async def late_400(stream: trio.SocketStream) -> None:
         await read_request_head(stream)
         await trio.sleep(4.5)
-        await stream.send_all(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(error), error)
-        )
+        await stream.send_all(json_reply(error, status=b"400 Bad Request"))
         await trio.sleep_forever()
 
     class Lag(logging.Handler):
@@ -1133,10 +1135,7 @@ async def test_deadline_cut_body_wait_is_the_deadline_at_any_start_time(
     async def stall_mid_body(stream: trio.SocketStream) -> None:
         await read_request_head(stream)
         await trio.sleep(1 / 3)
-        await stream.send_all(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body[:10])
-        )
+        await stream.send_all(json_reply(body[:10], length=len(body)))
         await trio.sleep_forever()
 
     async with (
@@ -1163,10 +1162,7 @@ async def test_no_read_timeout_means_the_write_timeout_ends_with_the_write(
         await read_request_head(stream)
         await trio.sleep(45)  # longer than the 30 s write timeout
         body = json.dumps(CHAT).encode()
-        await stream.send_all(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        await stream.send_all(json_reply(body))
         await trio.sleep_forever()
 
     async with (
