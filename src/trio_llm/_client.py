@@ -413,23 +413,34 @@ class Client:
         estimate = estimate_tokens(body) if self._rate is not None else 0
         # Encoded: the body is needed no more, and a request in flight holds only bytes.
         del body
+        # Straight to trio-llm's own transport when httpx2's client layer would add nothing
+        # to this POST (no proxy mounts, auth or hooks): it costs as much CPU as the whole
+        # rest of the request (docs/performance.md). Other transports go through httpx2.
+        direct = direct_transport(self._http)
         try:
             return await call_with_retries(
-                partial(self._post_json, url, content, estimate),
+                partial(self._post_json, url, content, estimate, direct),
                 policy,
                 label=label,
                 on_retry=self._note_retry,
                 # The direct path cuts every wait and timeout short at the deadline.
-                bounded=direct_transport(self._http) is not None,
+                bounded=direct is not None,
             )
         except LLMError:
             self._failed += 1
             raise
 
     async def _post_json(
-        self, url: str, content: bytes, estimate: int, deadline_at: float
+        self,
+        url: str,
+        content: bytes,
+        estimate: int,
+        direct: TrioTransport | None,
+        deadline_at: float,
     ) -> tuple[dict[str, Any], str | None]:
         """Make one attempt: POST ``content`` within the rate and concurrency limits.
+
+        ``direct``: the client's transport, when requests may skip httpx2's client layer.
 
         ``estimate`` is the request's token cost as reserved from the rate limiter before
         sending; the reservation is given back if nothing was sent, and corrected with the
@@ -451,10 +462,6 @@ class Client:
                 if reservation is None:
                     raise _deadline_timeout(url, "the rate limiter") from None
         http = self._http
-        # Straight to trio-llm's own transport when httpx2's client layer would add nothing
-        # to this POST (no proxy mounts, auth or hooks): it costs as much CPU as the whole
-        # rest of the request (docs/performance.md). Other transports go through httpx2.
-        direct = direct_transport(http)
         response: httpx2.Response | DirectResponse
         limiter = self._limiter
         try:
