@@ -761,7 +761,7 @@ async def test_post_direct_deadline_cuts_the_pool_wait(autojump_clock: trio.abc.
         nursery.start_soon(transport.post_direct, url, [], b"{}", timeout)
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
-        with pytest.raises(httpx2.PoolTimeout):
+        with pytest.raises(httpx2.PoolTimeout, match="before the call's deadline"):
             await transport.post_direct(
                 url, [], b"{}", timeout, deadline_at=trio.current_time() + 2.0
             )

@@ -397,7 +397,7 @@ class _Pool:
             return self._handoff.pop(task)
         except KeyError:
             raise httpx2.PoolTimeout(
-                f"no connection free within the pool timeout ({seconds} s)"
+                f"no connection free {_within('pool', seconds, deadline_at)}"
             ) from None
 
     def _hand_over(self, conn: _Connection | None) -> bool:
@@ -477,7 +477,7 @@ async def _receive(
             with trio.move_on_at(_deadline(seconds, deadline_at)) as scope:
                 data = await conn.receive_some(_RECEIVE_SIZE)
             if scope.cancelled_caught:
-                raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
+                raise httpx2.ReadTimeout(f"no data {_within('read', seconds, deadline_at)}")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise _transport_error(httpx2.ReadError, "reading the response failed", exc) from exc
     return data if type(data) is bytes else bytes(data)  # trio may give a bytearray
@@ -502,6 +502,13 @@ class _Timeouts:
         """Read httpx2's ``timeout`` request extension."""
         get = (timeouts or {}).get
         return cls(get("pool"), get("connect"), get("read"), get("write"))
+
+
+def _within(timeout: str, seconds: float | None, deadline_at: float) -> str:
+    """How long a wait that just expired was allowed, for its error message."""
+    if trio.current_time() >= deadline_at:
+        return "before the call's deadline"
+    return f"within the {timeout} timeout ({seconds} s)"
 
 
 def _deadline(seconds: float | None, deadline_at: float) -> float:
@@ -906,7 +913,7 @@ class TrioTransport(httpx2.AsyncBaseTransport):
                 raise
             return _Connection(tcp.socket, stream)
         raise httpx2.ConnectTimeout(
-            f"cannot connect to {hostname} within the connect timeout ({seconds} s)"
+            f"cannot connect to {hostname} {_within('connect', seconds, deadline_at)}"
         )
 
     async def aclose(self) -> None:
@@ -1045,8 +1052,8 @@ async def _exchange(
             except h11.RemoteProtocolError as exc:
                 raise httpx2.RemoteProtocolError(f"malformed response: {exc}") from exc
         if writing:
-            raise httpx2.WriteTimeout(f"could not send within the write timeout ({write} s)")
-        raise httpx2.ReadTimeout(f"no data within the read timeout ({read} s)")
+            raise httpx2.WriteTimeout(f"could not send {_within('write', write, deadline_at)}")
+        raise httpx2.ReadTimeout(f"no data {_within('read', read, deadline_at)}")
     except _StaleConnection as stale:
         if content is None:
             pool.discard(conn)
