@@ -123,11 +123,6 @@ def run_trio_llm(args: argparse.Namespace, run: Run, own_transport: bool) -> Non
 
     import trio_llm
 
-    try:
-        from trio_llm._streaming import open_chat_stream
-    except ImportError:  # pragma: no cover - streaming not built yet
-        open_chat_stream = None
-
     async def main() -> None:
         transport = None
         if not own_transport:
@@ -142,16 +137,11 @@ def run_trio_llm(args: argparse.Namespace, run: Run, own_transport: bool) -> Non
             max_concurrency=args.inflight,
             transport=transport,
         ) as client:
-            stream_fn = getattr(client, "stream", None)
-
             async def one() -> None:
                 if not args.stream:
                     await client.chat(PROMPT)
                     return
-                opener = (
-                    stream_fn(PROMPT) if stream_fn is not None else open_chat_stream(client, PROMPT)  # type: ignore[misc]
-                )
-                async with opener as stream:
+                async with client.stream(PROMPT) as stream:
                     async for _ in stream:
                         run.events += 1
 

@@ -36,7 +36,6 @@ import httpx2
 import trio
 
 import trio_llm
-from trio_llm._streaming import open_chat_stream
 from trio_llm.testing import FakeLLMConfig, open_fake_llm, serve_fake_llm
 
 MODEL = "fake-gpt"
@@ -104,7 +103,7 @@ async def raw_stream(
 async def llm_stream(client: trio_llm.Client, prompt: str, **params: Any) -> int:
     """Stream with trio-llm; return the number of chunks."""
     chunks = 0
-    async with open_chat_stream(client, prompt, **params) as stream:
+    async with client.stream(prompt, retry=None, **params) as stream:
         async for _ in stream:
             chunks += 1
     return chunks
@@ -146,7 +145,7 @@ async def main() -> None:
         async def llm_first() -> float:
             start = time.perf_counter()
             first = math.inf
-            async with open_chat_stream(client, "hi") as stream:
+            async with client.stream("hi", retry=None) as stream:
                 async for _ in stream:
                     if first == math.inf:
                         first = time.perf_counter() - start

@@ -11,6 +11,7 @@ import trio
 
 import trio_llm
 from trio_llm._errors import error_from_response, parse_retry_after
+from trio_llm.providers._anthropic import AnthropicProvider
 from trio_llm.testing import FakeLLMConfig, open_fake_llm
 
 STATUS_CLASSES = [
@@ -165,17 +166,26 @@ async def test_success_with_unparsable_body(content: bytes, match: str) -> None:
 )
 def test_error_bodies_of_many_servers(content: bytes, message: str, error_type: str | None) -> None:
     """Error messages are found in OpenAI, Anthropic, FastAPI and plain-text bodies."""
-    error = error_from_response(502, {}, content, reason="Bad Gateway")
+    error = error_from_response(502, {}, content, reason="Bad Gateway", request_id=None)
     assert isinstance(error, trio_llm.ServerError)
     assert error.message == message
     assert error.error_type == error_type
 
 
 def test_unlisted_status_is_a_plain_status_error() -> None:
-    """A 4xx with no dedicated class is an APIStatusError."""
-    error = error_from_response(418, {"request-id": "r1"}, b"", reason="I'm a teapot")
+    """A 4xx with no dedicated class is an APIStatusError, with the request id it is given."""
+    headers = {"request-id": "r1"}
+    request_id = AnthropicProvider().request_id(headers)
+    error = error_from_response(418, headers, b"", reason="I'm a teapot", request_id=request_id)
     assert type(error) is trio_llm.APIStatusError
     assert error.request_id == "r1"
+    assert "request_id=r1" in str(error)
+
+
+def test_request_id_is_not_read_from_headers() -> None:
+    """error_from_response takes the request id from its caller, never from the headers."""
+    error = error_from_response(400, {"x-request-id": "r2"}, b"", request_id=None)
+    assert error.request_id is None
 
 
 def test_retry_after_forms() -> None:
@@ -208,7 +218,7 @@ async def test_api_key_never_leaks(caplog: pytest.LogCaptureFixture) -> None:
             with pytest.raises(trio_llm.AuthenticationError) as caught:
                 await client.chat("hi")
             texts += [str(caught.value), repr(caught.value), repr(caught.value.body)]
-            texts.append(repr(client._http.headers))
+            texts.append(repr(client._requester._http.headers))
         refused_url = server.base_url
     async with trio_llm.open_client(
         base_url=refused_url, api_key=SECRET, model="m", retry=None

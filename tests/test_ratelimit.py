@@ -1,14 +1,15 @@
-"""Client-side rate limits: bucket arithmetic, fairness, feedback, estimates."""
+"""Client-side rate limits: bucket arithmetic, fairness, feedback, estimates.
+
+Feedback from real provider headers is tested in test_provider_headers.py.
+"""
 
 from __future__ import annotations
 
 import math
 import random
 import sys
-import time
 import types
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
 
 import attrs
 import pytest
@@ -20,9 +21,9 @@ from trio_llm._ratelimit import (
     DEFAULT_COMPLETION_TOKENS,
     RateLimit,
     RateLimiter,
+    RateLimitLevel,
+    RateLimitLevels,
     Reservation,
-    _parse_duration,
-    _parse_rfc3339_delay,
     estimate_tokens,
 )
 
@@ -373,299 +374,6 @@ async def test_pause_ignores_nonsense(autojump_clock: trio.testing.MockClock) ->
     limiter.acquire_nowait(1)
 
 
-# --- server feedback ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("1s", 1.0),
-        ("6m0s", 360.0),
-        ("12ms", 0.012),
-        ("1m30.5s", 90.5),
-        ("0s", 0.0),
-        ("0", 0.0),
-        ("2h0m0s", 7200.0),
-        ("250us", 250e-6),
-        ("250µs", 250e-6),
-        ("250μs", 250e-6),
-        ("3ns", 3e-9),
-        (".5s", 0.5),
-        ("1.5", 1.5),
-        (" 7s ", 7.0),
-    ],
-)
-def test_go_durations_parse(text: str, seconds: float) -> None:
-    """Go-style durations (and plain seconds) convert to seconds."""
-    assert _parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "s", "abc", "1x", "-1s", "1s2", "1s 2m", "1e3s", "nan"])
-def test_malformed_durations_are_rejected(text: str) -> None:
-    """Anything that is not a Go duration gives None."""
-    assert _parse_duration(text) is None
-
-
-def test_rfc3339_resets_convert_with_the_wall_clock() -> None:
-    """Anthropic's RFC 3339 reset times become seconds from now, in any zone format."""
-    soon = datetime.now(timezone.utc) + timedelta(seconds=30)
-    stamp = soon.strftime("%Y-%m-%dT%H:%M:%S")
-    offset = soon.astimezone(timezone(timedelta(hours=5, minutes=30)))
-    for text in (
-        f"{stamp}Z",
-        f"{stamp}.5Z",
-        f"{stamp}.123456789z",
-        f"{stamp}+00:00",
-        f"{stamp}",
-        offset.strftime("%Y-%m-%dT%H:%M:%S+05:30"),
-        offset.strftime("%Y-%m-%dT%H:%M:%S+0530"),
-    ):
-        delay = _parse_rfc3339_delay(text)
-        assert delay is not None
-        assert 28 <= delay <= 31, text
-    assert _parse_rfc3339_delay("2001-01-01T00:00:00Z") == 0.0
-    assert _parse_rfc3339_delay("2024-13-45T00:00:00Z") is None
-    assert _parse_rfc3339_delay("tomorrow") is None
-    assert _parse_rfc3339_delay("45s") == 45.0
-
-
-async def test_remaining_lowers_the_bucket_but_never_raises_it(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """x-ratelimit-remaining-* caps the local level; a higher value changes nothing."""
-    limiter = RateLimiter(RateLimit(requests_per_minute=60, tokens_per_minute=10_000))
-    limiter.update_from_headers(
-        {"X-RateLimit-Remaining-Requests": "10", "x-ratelimit-remaining-tokens": "4000"}
-    )
-    stats = limiter.statistics()
-    assert (stats.requests_available, stats.tokens_available) == (10, 4000)
-    limiter.update_from_headers(
-        {"x-ratelimit-remaining-requests": "59", "x-ratelimit-remaining-tokens": "9000"}
-    )
-    stats = limiter.statistics()
-    assert (stats.requests_available, stats.tokens_available) == (10, 4000)
-
-
-async def test_exhausted_server_holds_the_next_request(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """remaining 0 with a long reset delays the next request to the server's pace."""
-    limiter = RateLimiter(RateLimit(requests_per_minute=10))
-    limiter.update_from_headers(
-        {
-            "x-ratelimit-limit-requests": "10",
-            "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": "10m0s",
-        }
-    )
-    await limiter.acquire(0)
-    assert trio.current_time() == pytest.approx(60.0)
-    # A per-minute server gives nothing to correct: the refill already matches it.
-    limiter.update_from_headers(
-        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s"}
-    )
-    await limiter.acquire(0)
-    assert trio.current_time() == pytest.approx(66.0)
-
-
-async def test_anthropic_headers_correct_the_buckets(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """anthropic-ratelimit-* headers teach limits, lower levels and honour resets."""
-    limiter = RateLimiter()
-    reset = (datetime.now(timezone.utc) + timedelta(seconds=120)).isoformat()
-    limiter.update_from_headers(
-        {
-            "anthropic-ratelimit-requests-limit": "50",
-            "anthropic-ratelimit-requests-remaining": "0",
-            "anthropic-ratelimit-requests-reset": reset.replace("+00:00", "Z"),
-            "anthropic-ratelimit-input-tokens-limit": "40000",
-            "anthropic-ratelimit-input-tokens-remaining": "39000",
-            "anthropic-ratelimit-output-tokens-limit": "8000",
-            "anthropic-ratelimit-output-tokens-remaining": "7000",
-        }
-    )
-    stats = limiter.statistics()
-    assert (stats.requests_per_minute, stats.tokens_per_minute) == (50, 8000)
-    assert stats.tokens_available == 7000
-    # The server refills 50 requests in 120 s: the next one is due in 2.4 s.
-    await limiter.acquire(0)
-    assert trio.current_time() == pytest.approx(2.4, abs=0.05)
-
-
-async def test_anthropic_tokens_group_wins_over_input_and_output(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """The combined anthropic tokens group is used when the server sends it."""
-    limiter = RateLimiter()
-    limiter.update_from_headers(
-        {
-            "anthropic-ratelimit-tokens-limit": "100000",
-            "anthropic-ratelimit-tokens-remaining": "90000",
-            "anthropic-ratelimit-output-tokens-remaining": "5",
-        }
-    )
-    stats = limiter.statistics()
-    assert (stats.tokens_per_minute, stats.tokens_available) == (100_000, 90_000)
-
-
-async def test_anthropic_input_tokens_can_be_the_tighter_group(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """Without a combined group, whichever of input and output has less remaining counts."""
-    limiter = RateLimiter()
-    limiter.update_from_headers(
-        {
-            "anthropic-ratelimit-input-tokens-limit": "40000",
-            "anthropic-ratelimit-input-tokens-remaining": "1000",
-            "anthropic-ratelimit-output-tokens-limit": "8000",
-            "anthropic-ratelimit-output-tokens-remaining": "7000",
-        }
-    )
-    stats = limiter.statistics()
-    assert (stats.tokens_per_minute, stats.tokens_available) == (40_000, 1000)
-
-
-async def test_malformed_headers_are_ignored(autojump_clock: trio.testing.MockClock) -> None:
-    """Unparseable rate-limit headers change nothing and never raise."""
-    limiter = RateLimiter(RateLimit(requests_per_minute=60, tokens_per_minute=600))
-    before = limiter.statistics()
-    limiter.update_from_headers(
-        {
-            "x-ratelimit-limit-requests": "-5",
-            "x-ratelimit-remaining-requests": "lots",
-            "x-ratelimit-reset-requests": "soon",
-            "x-ratelimit-limit-tokens": "0",
-            "x-ratelimit-remaining-tokens": "nan",
-            "x-ratelimit-reset-tokens": "1y",
-            "anthropic-ratelimit-requests-limit": "inf",
-            "anthropic-ratelimit-requests-remaining": "",
-            "anthropic-ratelimit-requests-reset": "2024-13-45T00:00:00Z",
-            "anthropic-ratelimit-tokens-remaining": "-1",
-        }
-    )
-    limiter.update_from_headers({"content-type": "application/json"})
-    assert limiter.statistics() == before
-
-
-async def test_limits_are_learned_from_headers(autojump_clock: trio.testing.MockClock) -> None:
-    """With no configured limit, the server's x-ratelimit-limit-* becomes the limit."""
-    limiter = RateLimiter()
-    limiter.update_from_headers(
-        {
-            "x-ratelimit-limit-requests": "120",
-            "x-ratelimit-remaining-requests": "119",
-            "x-ratelimit-limit-tokens": "6000",
-        }
-    )
-    stats = limiter.statistics()
-    assert (stats.requests_per_minute, stats.requests_available) == (120, 119)
-    assert (stats.tokens_per_minute, stats.tokens_available) == (6000, 6000)
-    for _ in range(119):
-        await limiter.acquire(1)
-    assert trio.current_time() == 0
-    await limiter.acquire(1)
-    assert trio.current_time() == pytest.approx(0.5)
-
-
-async def test_a_limit_learned_mid_burst_counts_what_is_in_flight(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """Requests taken before the limit was known, and not yet settled, count against it.
-
-    An adaptive client sends its first burst with no limit; the first response teaches it
-    the limit, and the rest of the burst (still in flight) must not be forgotten. The
-    client applies a response's headers first, then settles its reservation.
-    """
-    limiter = RateLimiter()
-    burst = [await limiter.acquire(100) for _ in range(10)]
-    limiter.update_from_headers(
-        {
-            "x-ratelimit-limit-requests": "100",
-            "x-ratelimit-remaining-requests": "99",
-            "x-ratelimit-limit-tokens": "10000",
-            "x-ratelimit-remaining-tokens": "9960",
-        }
-    )
-    burst[0].reconcile(40)
-    stats = limiter.statistics()
-    assert stats.requests_available == 90  # 100, less the 10 in flight
-    assert stats.tokens_available == 9000 + 60  # less their estimates; one came back
-    burst[1].reconcile(40)
-    burst[2].refund()
-    burst[3].keep()  # answered without usage: the estimate stays charged
-    stats = limiter.statistics()
-    assert stats.requests_available == 91
-    assert stats.tokens_available == 9060 + 60 + 100
-    # Once known, the limit is not relearned: settling no longer matters to it.
-    limiter.update_from_headers({"x-ratelimit-limit-requests": "100"})
-    assert limiter.statistics().requests_available == 91
-    assert limiter._in_flight_requests == 6
-
-
-async def test_a_limit_learned_mid_burst_starts_no_lower_than_empty(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """More in flight than the whole limit: the bucket starts empty, not deep in debt."""
-    limiter = RateLimiter()
-    for _ in range(50):
-        await limiter.acquire(1)
-    limiter.update_from_headers({"x-ratelimit-limit-requests": "20"})
-    assert limiter.statistics().requests_available == 0
-    start = trio.current_time()
-    await limiter.acquire(1)
-    assert trio.current_time() - start == pytest.approx(3.0)  # one request at 20/min
-
-
-async def test_anthropic_token_limits_ignore_what_is_in_flight(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """Anthropic's token limits are per direction: total estimates in flight do not count."""
-    limiter = RateLimiter()
-    for _ in range(5):
-        await limiter.acquire(2300)
-    limiter.update_from_headers(
-        {
-            "anthropic-ratelimit-requests-limit": "50",
-            "anthropic-ratelimit-requests-remaining": "49",
-            "anthropic-ratelimit-output-tokens-limit": "10000",
-            "anthropic-ratelimit-output-tokens-remaining": "9990",
-        }
-    )
-    stats = limiter.statistics()
-    assert stats.requests_available == 45
-    assert stats.tokens_available == 9990
-
-
-async def test_the_lower_of_configured_and_server_limit_holds(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """A configured limit is kept below the server's and lowered above it."""
-    below = RateLimiter(RateLimit(requests_per_minute=60))
-    below.update_from_headers({"x-ratelimit-limit-requests": "600"})
-    assert below.statistics().requests_per_minute == 60
-    above = RateLimiter(RateLimit(requests_per_minute=600))
-    above.update_from_headers({"x-ratelimit-limit-requests": "30"})
-    stats = above.statistics()
-    assert (stats.requests_per_minute, stats.requests_available) == (30, 30)
-
-
-async def test_a_raised_limit_wakes_the_waiting_head(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """A waiter recomputes its wait when the server raises the limit."""
-    limiter = RateLimiter()
-    limiter.update_from_headers(
-        {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "0"}
-    )
-    log: list[tuple[str, float]] = []
-    async with trio.open_nursery() as nursery:
-        await start_in_order(nursery, limiter, log, 0)
-        await trio.sleep(1)
-        limiter.update_from_headers({"x-ratelimit-limit-requests": "600"})
-    assert times(log) == pytest.approx([1.09])
-
-
 async def test_statistics_count_waiters(autojump_clock: trio.testing.MockClock) -> None:
     """statistics() reports the tasks waiting, the levels and the limits in force."""
     limiter = RateLimiter(RateLimit(requests_per_minute=1, tokens_per_minute=100))
@@ -679,6 +387,59 @@ async def test_statistics_count_waiters(autojump_clock: trio.testing.MockClock) 
         assert (stats.requests_per_minute, stats.tokens_per_minute) == (1, 100)
         assert "waiting=3" in repr(limiter)
     assert times(log) == pytest.approx([60, 120, 180])
+
+
+# --- server feedback ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"limit": 0},
+        {"limit": True},
+        {"limit": math.inf},
+        {"remaining": -1},
+        {"remaining": math.nan},
+        {"reset_seconds": -0.5},
+        {"reset_seconds": "1s"},
+    ],
+)
+def test_levels_reject_nonsense(fields: dict[str, object]) -> None:
+    """A level holds no zero or negative limit, negative count, non-finite or non-number."""
+    with pytest.raises(ValueError, match="must be"):
+        RateLimitLevel(**fields)  # type: ignore[arg-type]
+
+
+async def test_update_without_levels_changes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """update(None) and levels that report nothing leave the limiter as it was."""
+    limiter = RateLimiter(RateLimit(requests_per_minute=60))
+    await limiter.acquire(10)
+    before = limiter.statistics()
+    limiter.update(None)
+    limiter.update(RateLimitLevels())
+    assert limiter.statistics() == before
+
+
+@pytest.mark.parametrize(("per_direction", "tokens_available"), [(False, 0), (True, 9990)])
+async def test_per_direction_token_limits_leave_out_what_is_in_flight(
+    autojump_clock: trio.testing.MockClock, per_direction: bool, tokens_available: float
+) -> None:
+    """In-flight totals count against a first tokens limit unless it is per direction."""
+    limiter = RateLimiter()
+    for _ in range(5):
+        await limiter.acquire(2300)
+    limiter.update(
+        RateLimitLevels(
+            requests=RateLimitLevel(limit=50, remaining=49),
+            tokens=RateLimitLevel(limit=10_000, remaining=9990),
+            tokens_per_direction=per_direction,
+        )
+    )
+    stats = limiter.statistics()
+    assert stats.requests_available == 45
+    assert stats.tokens_available == tokens_available
 
 
 # --- estimates --------------------------------------------------------------------------------
@@ -807,10 +568,3 @@ def test_estimate_uses_tiktoken_when_it_loads(monkeypatch: pytest.MonkeyPatch) -
         assert names == ["o200k_base"]
     finally:
         _ratelimit._tiktoken_encoding.cache_clear()
-
-
-def test_wall_clock_is_used_for_anthropic_resets() -> None:
-    """The reset delay follows time.time(), not trio's clock."""
-    later = datetime.fromtimestamp(time.time() + 600, tz=timezone.utc)
-    delay = _parse_rfc3339_delay(later.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-    assert delay == pytest.approx(600, abs=1)

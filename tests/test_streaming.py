@@ -7,7 +7,7 @@ import io
 import json
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import AbstractAsyncContextManager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import trio_llm
+from trio_llm._aggregate import Aggregate as _Aggregate
 from trio_llm._config import Timeouts
 from trio_llm._errors import (
     APIResponseError,
@@ -26,7 +27,7 @@ from trio_llm._errors import (
     ServerError,
     StreamError,
 )
-from trio_llm._streaming import _BUFFER, _Aggregate, open_chat_stream, open_stream_many
+from trio_llm._streaming import _BUFFER
 from trio_llm._types import ChatChunk, ChatResponse, Result
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
@@ -45,6 +46,28 @@ TOOLS = [
         },
     }
 ]
+
+
+def open_chat_stream(
+    client: trio_llm.Client,
+    prompt: Any,
+    *,
+    retry: trio_llm.RetryPolicy | None = None,
+    **params: Any,
+) -> AbstractAsyncContextManager[trio_llm.ChatStream]:
+    """``client.stream`` with one attempt unless a policy is given."""
+    return client.stream(prompt, retry=retry, **params)
+
+
+def open_stream_many(
+    client: trio_llm.Client,
+    prompts: Any,
+    *,
+    retry: trio_llm.RetryPolicy | None = None,
+    **params: Any,
+) -> AbstractAsyncContextManager[trio_llm.MultiChatStream]:
+    """``client.stream_many`` with one attempt per stream unless a policy is given."""
+    return client.stream_many(prompts, retry=retry, **params)
 
 
 def event(

@@ -38,7 +38,7 @@ from test_errors import *  # noqa: F403
 from test_retry import *  # noqa: F403
 from test_streaming import *  # noqa: F403
 from trio_llm import _client
-from trio_llm._transport import TrioTransport, direct_transport
+from trio_llm._http import HTTPResponse, TrioTransport, _connection
 from trio_llm.testing import FakeLLMConfig, open_fake_llm
 
 
@@ -275,7 +275,7 @@ def chat_reply(seen: Seen) -> Reply:
 async def test_open_client_uses_trio_transport_by_default(fake_llm: Any) -> None:
     """open_client's default transport is TrioTransport, reached directly on the hot path."""
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
-        assert isinstance(direct_transport(client._http), TrioTransport)
+        assert isinstance(client._direct, TrioTransport)
         await client.chat("hello")
 
 
@@ -299,25 +299,38 @@ async def test_bodies_larger_than_the_socket_buffers_go_whole(
 
     ``trio_socket_io``: the connection uses trio's socket methods, as it does where a
     trio socket wraps no standard-library socket, instead of its own raw-socket I/O.
+    Both ways in are used: open_response, and httpx2's client through the transport.
     """
     if trio_socket_io:
-
-        class NotASocket:
-            pass
-
-        monkeypatch.setattr(trio_llm._transport, "_stdlib_socket", NotASocket, raising=False)
-        monkeypatch.setattr(NotASocket, "socket", NotASocket, raising=False)
+        monkeypatch.setattr(_connection, "_stdlib_socket_of", lambda sock: None)
     payload = bytes(range(256)) * (8 * 4096)  # 8 MiB, more than any socket buffer
-    async with (
-        open_server(chat_reply) as server,
-        trio_llm.open_client(base_url=server.url + "/v1", api_key="sk-test", model="m") as client,
-    ):
-        await client.chat("x" * len(payload))  # the direct path
-        response = await client._http.post(server.url + "/raw", content=payload)  # httpx2's
-        assert response.status_code == 200
-    direct, through_httpx2 = server.requests
-    assert json.loads(direct.body)["messages"][0]["content"] == "x" * len(payload)
-    assert through_httpx2.body == payload
+    big_reply = Reply(parts=[payload[: 4 << 20], payload[4 << 20 :]])
+    async with open_server(lambda seen: big_reply) as server:
+        transport = TrioTransport()
+        async with http_client(transport) as http:
+            response = await transport.open_response(
+                "POST", server.url + "/direct", [], payload, httpx2.Timeout(30.0)
+            )
+            assert await response.read() == payload
+            through_httpx2 = await http.post(server.url + "/raw", content=payload)
+            assert through_httpx2.content == payload
+            assert pool_state(transport) == (1, 1, 0)
+    direct, raw = server.requests
+    assert direct.body == raw.body == payload
+    assert server.connections == 1
+
+
+async def test_stdlib_socket_of_finds_the_socket_under_a_trio_socket() -> None:
+    """The raw-socket fast path still finds trio's private standard-library socket.
+
+    If this fails, trio has moved ``_sock``: the transport still works (on trio's public
+    socket methods) but costs more CPU per request; update ``_stdlib_socket_of``.
+    """
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        raw = _connection._stdlib_socket_of(sock)
+        assert type(raw) is socket.socket
+        assert raw.fileno() == sock.fileno()
+    assert _connection._stdlib_socket_of(object()) is None  # type: ignore[arg-type]
 
 
 async def test_client_calls_share_one_connection_with_the_fake_server() -> None:
@@ -329,7 +342,7 @@ async def test_client_calls_share_one_connection_with_the_fake_server() -> None:
         for i in range(5):
             await client.chat(f"q{i}")
         await client.embed(["a", "b"])
-        transport = direct_transport(client._http)
+        transport = client._direct
         assert transport is not None
         assert pool_state(transport) == (1, 1, 0)
 
@@ -450,40 +463,27 @@ async def test_streamed_request_body_is_sent_chunked() -> None:
     assert server.requests[0].headers[b"transfer-encoding"] == b"chunked"
 
 
-async def test_direct_path_sends_what_httpx2_would() -> None:
-    """client.chat's direct path sends the same headers as httpx2's client layer would."""
-    async with (
-        open_server(chat_reply) as server,
-        trio_llm.open_client(
-            base_url=server.url + "/v1", api_key="sk-test", model="m", headers={"x-extra": "1"}
-        ) as client,
-    ):
-        await client.chat("hi")
-        body = server.requests[0].body
-        await client._http.post(server.url + "/v1/chat/completions", content=body)
-    direct, through_httpx2 = server.requests
+async def test_open_response_sends_what_httpx2_would() -> None:
+    """open_response with an httpx2 client's headers sends what that client would."""
+    transport = TrioTransport()
+    headers = {"authorization": "Bearer sk-test", "x-extra": "1"}
+    async with open_server() as server, http_client(transport, headers=headers) as http:
+        url = server.url + "/v1/chat/completions"
+        for body in (b'{"messages": []}', b""):
+            response = await transport.open_response(
+                "POST", url, http.headers.raw, body, httpx2.Timeout(5)
+            )
+            await response.read()
+            await http.post(url, content=body)
+        await http.get(url)
+    direct, through_httpx2, empty_direct, empty_through_httpx2, get = server.requests
     assert direct.target == through_httpx2.target == b"/v1/chat/completions"
     assert direct.headers == through_httpx2.headers
-    assert direct.headers[b"authorization"] == b"Bearer sk-test"
     assert direct.headers[b"host"] == server.url.split("//")[1].encode()
-    assert direct.headers[b"content-length"] == b"%d" % len(body)
-    assert json.loads(direct.body)["messages"] == [{"role": "user", "content": "hi"}]
-
-
-async def test_direct_path_is_skipped_when_httpx2_has_work_to_do() -> None:
-    """Mounted transports (proxies), auth or event hooks send requests through httpx2."""
-    transport = TrioTransport()
-
-    async def hook(request: httpx2.Request) -> None:
-        pass
-
-    assert direct_transport(httpx2.AsyncClient(transport=transport)) is transport
-    mounted = httpx2.AsyncClient(transport=transport, mounts={"https://": transport})
-    assert direct_transport(mounted) is None
-    assert direct_transport(httpx2.AsyncClient(transport=transport, auth=("u", "p"))) is None
-    hooked = httpx2.AsyncClient(transport=transport, event_hooks={"request": [hook]})
-    assert direct_transport(hooked) is None
-    assert direct_transport(httpx2.AsyncClient()) is None
+    assert direct.headers[b"content-length"] == b"16"
+    assert empty_direct.headers == empty_through_httpx2.headers
+    assert empty_direct.headers[b"content-length"] == b"0"  # as httpx2 does for a POST
+    assert b"content-length" not in get.headers  # ...and not for a GET
 
 
 async def test_bad_header_is_a_local_protocol_error() -> None:
@@ -690,22 +690,38 @@ async def test_transport_closed_while_a_request_waits(autojump_clock: trio.abc.C
     assert "closed" in repr(transport)
 
 
-async def test_many_urls_through_the_direct_path() -> None:
-    """The direct path keeps working past its cache of request heads, and checks framing."""
+async def test_many_urls_through_open_response() -> None:
+    """open_response keeps working past its cache of request heads, and honours framing."""
     transport = TrioTransport()
     headers = [(b"accept", b"*/*")]
     async with open_server() as server, transport:
         for i in range(70):
             url = f"{server.url}/path/{i}"
-            response = await transport.post_direct(url, headers, b"{}", httpx2.Timeout(None))
+            response = await transport.open_response(
+                "POST", url, headers, b"{}", httpx2.Timeout(None)
+            )
             assert response.status_code == 200
+            assert await response.read() == b'{"ok": true}'
         own_host = [(b"Host", b"example.test"), *headers]
-        await transport.post_direct(server.url, own_host, b"{}", httpx2.Timeout(5))
+        response = await transport.open_response(
+            "POST", server.url, own_host, b"{}", httpx2.Timeout(5)
+        )
+        await response.read()
         assert server.requests[-1].headers[b"host"] == b"example.test"
-        framed = [(b"content-length", b"2")]
-        with pytest.raises(httpx2.LocalProtocolError, match="framing"):
-            await transport.post_direct(server.url, framed, b"{}", httpx2.Timeout(5))
+        framed = [(b"content-length", b"2")]  # the caller's framing is sent as given...
+        response = await transport.open_response(
+            "POST", server.url, framed, b"{}", httpx2.Timeout(5)
+        )
+        await response.read()
+        assert server.requests[-1].body == b"{}"
+        with pytest.raises(httpx2.LocalProtocolError, match="Content-Length"):
+            # ...and checked against the body.
+            await transport.open_response(
+                "POST", server.url, [(b"content-length", b"5")], b"{}", httpx2.Timeout(5)
+            )
+        assert pool_state(transport) == (1, 1, 0)
     assert server.connections == 1
+    assert len(server.requests) == 72
 
 
 async def test_aclose_closes_idle_connections_and_refuses_new_requests() -> None:
@@ -744,13 +760,13 @@ async def test_deadline_cuts_a_body_that_stalls(autojump_clock: trio.abc.Clock) 
         assert trio.current_time() - start == pytest.approx(5.0)
         assert caught.value.attempts == 1
         assert client.statistics().in_flight == 0
-        transport = direct_transport(client._http)
+        transport = client._direct
         assert transport is not None
         assert pool_state(transport) == (0, 0, 0)  # the half-read connection was closed
 
 
-async def test_post_direct_deadline_cuts_the_pool_wait(autojump_clock: trio.abc.Clock) -> None:
-    """post_direct's deadline_at ends a wait for a pooled connection before the pool timeout."""
+async def test_outer_scope_cuts_the_pool_wait(autojump_clock: trio.abc.Clock) -> None:
+    """A caller's cancel scope ends a wait for a pooled connection before the pool timeout."""
     transport = TrioTransport(limits=limits(1))
     timeout = httpx2.Timeout(60.0)
     async with (
@@ -758,17 +774,41 @@ async def test_post_direct_deadline_cuts_the_pool_wait(autojump_clock: trio.abc.
         trio.open_nursery() as nursery,
     ):
         url = server.url + "/v1/chat/completions"
-        nursery.start_soon(transport.post_direct, url, [], b"{}", timeout)
+        nursery.start_soon(transport.open_response, "POST", url, [], b"{}", timeout)
         await trio.testing.wait_all_tasks_blocked()
+        assert pool_state(transport) == (1, 0, 0)
         start = trio.current_time()
-        with pytest.raises(httpx2.PoolTimeout, match="before the call's deadline"):
-            await transport.post_direct(
-                url, [], b"{}", timeout, deadline_at=trio.current_time() + 2.0
-            )
+        with trio.move_on_after(2.0) as scope:
+            await transport.open_response("POST", url, [], b"{}", timeout)
+        assert scope.cancelled_caught
         assert trio.current_time() - start == pytest.approx(2.0)
+        assert pool_state(transport) == (1, 0, 0)  # the cancelled wait took nothing
         nursery.cancel_scope.cancel()
     assert pool_state(transport) == (0, 0, 0)
     await transport.aclose()
+
+
+async def test_outer_scope_cuts_a_body_that_stalls(autojump_clock: trio.abc.Clock) -> None:
+    """A caller's cancel scope ends a body read with no read timeout; the slot is freed."""
+    reply = Reply(parts=[b"abc", b"def"], pause=1000.0)
+    async with open_server(lambda seen: reply) as server:
+        transport = TrioTransport(limits=limits(1))
+        async with transport:
+            start = trio.current_time()
+            with trio.fail_after(5.0):
+                response = await transport.open_response(
+                    "GET", server.url, [], b"", httpx2.Timeout(None)
+                )
+                assert await response.receive_some() == b"abc"
+            with pytest.raises(trio.TooSlowError), trio.fail_after(5.0):
+                await response.read()
+            assert trio.current_time() - start == pytest.approx(5.0)
+            assert pool_state(transport) == (0, 0, 0)  # closed, its slot free
+            with pytest.raises(httpx2.StreamClosed):
+                await response.receive_some()
+            response.close()  # harmless after the failure
+            await trio.sleep(1000)  # the server's next write finds the connection gone
+            assert server.closed == 1
 
 
 async def test_read_timeout(autojump_clock: trio.abc.Clock) -> None:
@@ -778,7 +818,7 @@ async def test_read_timeout(autojump_clock: trio.abc.Clock) -> None:
         httpx2.AsyncClient(transport=TrioTransport(), timeout=httpx2.Timeout(7.0)) as http,
     ):
         start = trio.current_time()
-        with pytest.raises(httpx2.ReadTimeout):
+        with pytest.raises(httpx2.ReadTimeout, match=r"no data within the read timeout \(7.0 s\)"):
             await http.get(server.url)
         assert trio.current_time() - start == pytest.approx(7.0)
 
@@ -833,7 +873,7 @@ async def test_pool_timeout(autojump_clock: trio.abc.Clock) -> None:
     ):
         nursery.start_soon(partial(http.get, server.url))
         await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(httpx2.PoolTimeout):
+        with pytest.raises(httpx2.PoolTimeout, match=r"within the pool timeout \(2.0 s\)"):
             await http.get(server.url)
         nursery.cancel_scope.cancel()
 
@@ -969,17 +1009,127 @@ async def test_stream_left_early_closes_its_connection(autojump_clock: trio.abc.
 
 async def test_client_streams_through_trio_transport(fake_llm: Any) -> None:
     """The client's streamed replies run on TrioTransport, and the connection is reused."""
-    from trio_llm._streaming import open_chat_stream
-
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
         texts = []
         for _ in range(3):
-            async with open_chat_stream(client, "tell me a story") as stream:
+            async with client.stream("tell me a story") as stream:
                 texts.append("".join([chunk.text async for chunk in stream]))
         assert texts[0] == texts[1] == texts[2] == (await client.chat("tell me a story")).text
-        transport = direct_transport(client._http)
+        transport = client._direct
         assert transport is not None
         assert pool_state(transport) == (1, 1, 0)
+
+
+# --- open_response and HTTPResponse ---------------------------------------------------------
+
+
+async def test_response_parts_arrive_one_by_one_and_the_last_frees_the_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """receive_some returns each part as it comes, then b""; the last part's read frees it."""
+    reply = Reply(
+        headers=[(b"Content-Type", b"text/plain"), (b"X-Two", b"a"), (b"x-two", b"b")],
+        parts=[b"one", b"two"],
+        chunked=True,
+        pause=1.0,
+    )
+    async with open_server(lambda seen: reply) as server, TrioTransport() as transport:
+        response = await transport.open_response("GET", server.url, [], b"", httpx2.Timeout(5))
+        assert isinstance(response, HTTPResponse)
+        assert (response.status_code, response.http_version) == (200, b"HTTP/1.1")
+        assert response.headers["content-type"] == "text/plain"
+        assert response.headers["x-two"] == "a, b"  # repeated headers joined
+        assert (b"X-Two", b"a") in response.raw_headers
+        assert "200" in repr(response)
+        assert await response.receive_some() == b"one"
+        assert pool_state(transport) == (1, 0, 0)
+        assert await response.receive_some() == b"two"
+        assert pool_state(transport) == (1, 1, 0)  # back in the pool with the last bytes
+        assert await response.receive_some() == b""
+        assert await response.read() == b""  # nothing left
+        response.close()  # harmless once complete
+        assert pool_state(transport) == (1, 1, 0)
+    assert server.connections == 1
+
+
+async def test_response_closed_before_its_end_closes_the_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """close() mid-body closes the connection and frees the slot; reading again refuses."""
+    replies = iter([Reply(parts=[b"one", b"two"], chunked=True, pause=1.0), Reply(parts=[])])
+    async with open_server(lambda seen: next(replies)) as server, TrioTransport() as transport:
+        response = await transport.open_response("GET", server.url, [], b"", httpx2.Timeout(5))
+        assert await response.receive_some() == b"one"
+        response.close()
+        response.close()
+        assert pool_state(transport) == (0, 0, 0)
+        with pytest.raises(httpx2.StreamClosed):
+            await response.read()
+        with pytest.raises(httpx2.StreamClosed):
+            await response.receive_some()
+        empty = await transport.open_response("GET", server.url, [], b"", httpx2.Timeout(5))
+        empty.close()  # a body complete with its head (Content-Length: 0) keeps the connection
+        assert pool_state(transport) == (1, 1, 0)
+    assert server.connections == 2
+
+
+class _Parts(httpx2.AsyncByteStream):
+    def __init__(self, *parts: bytes) -> None:
+        self._parts = parts
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            yield part
+
+
+async def test_open_response_sends_a_stream_chunked() -> None:
+    """A streamed body with no framing header goes out chunked, with a Host header added."""
+    async with open_server() as server, TrioTransport() as transport:
+        response = await transport.open_response(
+            "PUT",
+            server.url + "/up",
+            [(b"x-kind", b"stream")],
+            _Parts(b"ab", b"", b"cd"),
+            httpx2.Timeout(5),
+        )
+        assert await response.read() == b'{"ok": true}'
+    (seen,) = server.requests
+    assert (seen.method, seen.body) == (b"PUT", b"abcd")
+    assert seen.headers[b"transfer-encoding"] == b"chunked"
+    assert seen.headers[b"host"] == server.url.split("//")[1].encode()
+
+
+def _fail_in(errors: Any, exc: BaseException) -> None:
+    with errors:
+        raise exc
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "message"),
+    [
+        (ConnectionResetError("reset"), httpx2.ReadError, "failed: ConnectionResetError: reset"),
+        (ssl.SSLError("bad record"), httpx2.ReadError, "failed: SSLError"),
+        (trio.BrokenResourceError(), httpx2.ReadError, "failed: BrokenResourceError"),
+        (trio.ClosedResourceError(), httpx2.ReadError, "failed: ClosedResourceError"),
+        (h11.RemoteProtocolError("bad"), httpx2.RemoteProtocolError, "malformed response: bad"),
+        (h11.LocalProtocolError("no"), httpx2.LocalProtocolError, "cannot send this request"),
+    ],
+)
+def test_map_exceptions_translates_low_level_errors(
+    raised: BaseException, expected: type[Exception], message: str
+) -> None:
+    """Each low-level error becomes httpx2's, raised from the original."""
+    with pytest.raises(expected, match=message) as caught:
+        _fail_in(_connection.READ_ERRORS, raised)
+    assert caught.value.__cause__ is raised
+
+
+def test_map_exceptions_passes_other_errors() -> None:
+    """httpx2's own errors and unrelated ones pass unchanged."""
+    for error in (httpx2.ReadTimeout("t"), ValueError("v"), KeyboardInterrupt()):
+        with pytest.raises(type(error)) as caught:
+            _fail_in(_connection.map_exceptions(httpx2.ConnectError, "x"), error)
+        assert caught.value is error
 
 
 # --- cancellation -------------------------------------------------------------------------
@@ -1040,7 +1190,7 @@ async def test_client_survives_thousands_of_cancelled_calls(
         async with trio.open_nursery() as nursery:
             for i in range(2000):
                 nursery.start_soon(cancelled_call, i)
-        transport = direct_transport(client._http)
+        transport = client._direct
         assert transport is not None
         connections, idle, waiting = pool_state(transport)
         assert connections == idle <= 4
@@ -1187,7 +1337,7 @@ async def test_a_call_cancelled_before_it_starts_takes_nothing() -> None:
         trio_llm.open_client(base_url=server.url + "/v1", api_key="sk-test", model="m") as client,
     ):
         await client.chat("warm up")
-        transport = direct_transport(client._http)
+        transport = client._direct
         assert transport is not None
         assert pool_state(transport) == (1, 1, 0)
         for _ in range(3):

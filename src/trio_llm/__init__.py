@@ -30,6 +30,7 @@ from ._errors import UnprocessableEntityError as UnprocessableEntityError
 from ._fanout import as_completed as as_completed
 from ._fanout import capture_errors as capture_errors
 from ._fanout import map_concurrently as map_concurrently
+from ._http import TrioTransport as TrioTransport
 from ._mapreduce import MapReduceResult as MapReduceResult
 from ._mapreduce import map_reduce as map_reduce
 from ._prompt import Prompt as Prompt
@@ -40,7 +41,6 @@ from ._streaming import StreamItem as StreamItem
 from ._streaming import StreamStatistics as StreamStatistics
 from ._structured import chat_structured as chat_structured
 from ._structured import json_schema_for as json_schema_for
-from ._transport import TrioTransport as TrioTransport
 from ._types import ChatChunk as ChatChunk
 from ._types import ChatResponse as ChatResponse
 from ._types import Choice as Choice

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import logging
 import os
-import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -17,7 +15,6 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from functools import partial
 from typing import Any, Final, final
 from urllib.parse import urlsplit
 
@@ -25,30 +22,19 @@ import attrs
 import httpx2
 import trio
 
-from . import _json
+from ._attempt import Exchange, Requester, direct_transport_for
 from ._config import RetryPolicy, Timeouts
-from ._errors import (
-    APIResponseError,
-    APITimeoutError,
-    ConfigurationError,
-    LLMError,
-    error_from_response,
-    error_from_transport,
-)
+from ._errors import ConfigurationError
 from ._fanout import as_completed, capture_errors, map_concurrently
-from ._ratelimit import RateLimit, RateLimiter, Reservation, estimate_tokens
-from ._retry import call_with_retries
+from ._http import TrioTransport
+from ._ratelimit import RateLimit, RateLimiter
 from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
-from ._transport import DirectResponse, TrioTransport, direct_transport
-from ._types import ChatResponse, EmbeddingResponse, Result, Usage
+from ._types import ChatResponse, EmbeddingResponse, Result
 from ._version import __version__
-from .providers._anthropic import AnthropicProvider
 from .providers._base import Messages, Provider
-from .providers._openai import OpenAIProvider
+from .providers._registry import provider_named
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
-
-logger = logging.getLogger("trio_llm")
 
 
 class _ClientDefault(enum.Enum):
@@ -119,38 +105,25 @@ class Client:
     def __init__(
         self,
         *,
-        http: httpx2.AsyncClient,
+        requester: Requester,
         base_url: str,
         model: str | None,
-        max_concurrency: int,
-        provider: Provider,
-        timeouts: Timeouts,
         retry: RetryPolicy | None,
-        rate_limit: RateLimit | None,
     ) -> None:
-        self._http = http
-        # The headers of every request, read once: httpx2 builds a new list on each read.
-        self._direct_headers = http.headers.raw
+        self._requester = requester
+        # The transport, when requests skip httpx2's client layer.
+        self._direct = requester.direct
         self._retry = retry
-        self._rate = RateLimiter(rate_limit) if rate_limit is not None else None
-        self._timeouts = timeouts
         self._base_url = base_url
-        self._endpoints: dict[str, tuple[str, str]] = {}  # path: (URL, log label)
         self._model = model
-        self._provider = provider
-        self._limiter = trio.CapacityLimiter(max_concurrency)
-        self._sent = 0
-        self._succeeded = 0
-        self._failed = 0
-        self._retried = 0
-        self._rate_limited = 0
-        self._prompt_tokens = 0
-        self._completion_tokens = 0
+        self._provider = provider = requester.provider
+        self._chat_url = base_url + provider.chat_path
+        self._embeddings_url = base_url + provider.embeddings_path
 
     def __repr__(self) -> str:
         return (
             f"<trio_llm.Client provider={self._provider.name!r} base_url={self._base_url!r} "
-            f"model={self._model!r} max_concurrency={self._limiter.total_tokens}>"
+            f"model={self._model!r} max_concurrency={self.max_concurrency}>"
         )
 
     @property
@@ -166,24 +139,32 @@ class Client:
     @property
     def max_concurrency(self) -> int:
         """How many requests may be in flight at once, across all tasks."""
-        return int(self._limiter.total_tokens)
+        return int(self._requester.limiter.total_tokens)
+
+    @property
+    def _rate(self) -> RateLimiter | None:
+        return self._requester.rate
 
     def statistics(self) -> ClientStatistics:
         """Return a snapshot of the client's counters."""
-        limiter = self._limiter.statistics()
-        rate_waiting = self._rate.statistics().waiting if self._rate is not None else 0
+        requester = self._requester
+        limiter = requester.limiter.statistics()
+        rate_waiting = requester.rate.statistics().waiting if requester.rate is not None else 0
         return ClientStatistics(
             in_flight=limiter.borrowed_tokens,
             waiting=limiter.tasks_waiting + rate_waiting,
             max_concurrency=int(limiter.total_tokens),
-            sent=self._sent,
-            succeeded=self._succeeded,
-            failed=self._failed,
-            retried=self._retried,
-            rate_limited=self._rate_limited,
-            prompt_tokens=self._prompt_tokens,
-            completion_tokens=self._completion_tokens,
+            sent=requester.sent,
+            succeeded=requester.succeeded,
+            failed=requester.failed,
+            retried=requester.retried,
+            rate_limited=requester.rate_limited,
+            prompt_tokens=requester.prompt_tokens,
+            completion_tokens=requester.completion_tokens,
         )
+
+    def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
+        return self._retry if retry is CLIENT_DEFAULT else retry
 
     def _resolve_model(self, model: str | None) -> str:
         resolved = model or self._model
@@ -221,20 +202,21 @@ class Client:
         closed, never returned to the pool half-read; its concurrency slot released),
         or the wait for the next attempt ends; nothing is retried after it.
         """
-        # The body is not kept here: _call lets go of it once encoded.
-        payload, request_id = await self._call(
-            self._provider.chat_path,
+        requester = self._requester
+        # Encoded at once: a request in flight holds only bytes.
+        request = requester.request(
+            self._chat_url,
             self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params),
-            retry,
         )
+        return await requester.call(request, self._read_chat, self._policy(retry))
+
+    async def _read_chat(self, exchange: Exchange) -> ChatResponse:
+        payload = await exchange.read_json()
         try:
-            reply = self._provider.parse_chat(payload, request_id)
+            reply = self._provider.parse_chat(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
-            self._failed += 1
-            raise APIResponseError(
-                f"unexpected chat response shape: {exc}", status_code=200, request_id=None
-            ) from exc
-        self._count_usage(reply.usage)
+            raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
+        exchange.finish(reply.usage)
         return reply
 
     async def embed(
@@ -259,13 +241,17 @@ class Client:
 
         Cancellation: as for :meth:`chat`.
         """
-        payload, request_id = await self._call(
-            self._provider.embeddings_path,
+        requester = self._requester
+        request = requester.request(
+            self._embeddings_url,
             self._provider.embeddings_body(texts, self._resolve_model(model), params),
-            retry,
         )
-        reply = self._provider.parse_embeddings(payload, request_id)
-        self._count_usage(reply.usage)
+        return await requester.call(request, self._read_embeddings, self._policy(retry))
+
+    async def _read_embeddings(self, exchange: Exchange) -> EmbeddingResponse:
+        payload = await exchange.read_json()
+        reply = self._provider.parse_embeddings(payload, exchange.request_id)
+        exchange.finish(reply.usage)
         return reply
 
     def _chat_item(
@@ -366,8 +352,8 @@ class Client:
         Cancellation: leaving the block early (break, an exception, a cancel scope)
         closes the response and its connection at once and releases the slot.
         """
-        policy = self._retry if retry is CLIENT_DEFAULT else retry
-        return open_chat_stream(self, prompt_or_messages, model=model, retry=policy, **params)
+        body = self._provider.stream_body(prompt_or_messages, self._resolve_model(model), params)
+        return open_chat_stream(self._requester, self._chat_url, body, self._policy(retry))
 
     def stream_many(
         self,
@@ -385,189 +371,12 @@ class Client:
 
         Cancellation: leaving the block early closes every open stream and starts no more.
         """
-        policy = self._retry if retry is CLIENT_DEFAULT else retry
-        return open_stream_many(self, prompts, model=model, retry=policy, **params)
-
-    def _count_usage(self, usage: Usage) -> None:
-        self._succeeded += 1
-        self._prompt_tokens += usage.prompt_tokens
-        self._completion_tokens += usage.completion_tokens
-
-    def _note_retry(self, _error: LLMError) -> None:
-        self._retried += 1
-
-    async def _call(
-        self,
-        path: str,
-        body: Mapping[str, Any],
-        retry: RetryPolicy | _ClientDefault | None,
-    ) -> tuple[dict[str, Any], str | None]:
-        """POST ``body`` under the retry policy; return the decoded reply and request id."""
-        policy = self._retry if retry is CLIENT_DEFAULT else retry
-        endpoint = self._endpoints.get(path)
-        if endpoint is None:
-            url = self._base_url + path
-            endpoint = self._endpoints[path] = (url, f"POST {url}")
-        url, label = endpoint
-        content = _encode_json(body)
-        estimate = estimate_tokens(body) if self._rate is not None else 0
-        # Encoded: the body is needed no more, and a request in flight holds only bytes.
-        del body
-        # Straight to trio-llm's own transport when httpx2's client layer would add nothing
-        # to this POST (no proxy mounts, auth or hooks): it costs as much CPU as the whole
-        # rest of the request (docs/performance.md). Other transports go through httpx2.
-        direct = direct_transport(self._http)
-        try:
-            return await call_with_retries(
-                partial(self._post_json, url, content, estimate, direct),
-                policy,
-                label=label,
-                on_retry=self._note_retry,
-                # The direct path cuts every wait and timeout short at the deadline.
-                bounded=direct is not None,
-            )
-        except LLMError:
-            self._failed += 1
-            raise
-
-    async def _post_json(
-        self,
-        url: str,
-        content: bytes,
-        estimate: int,
-        direct: TrioTransport | None,
-        deadline_at: float,
-    ) -> tuple[dict[str, Any], str | None]:
-        """Make one attempt: POST ``content`` within the rate and concurrency limits.
-
-        ``direct``: the client's transport, when requests may skip httpx2's client layer.
-
-        ``estimate`` is the request's token cost as reserved from the rate limiter before
-        sending; the reservation is given back if nothing was sent, and corrected with the
-        reply's real ``usage`` after. The waits for the rate limiter and for a concurrency
-        slot, and on the direct path every I/O timeout, end by the trio time
-        ``deadline_at`` (raising :class:`APITimeoutError`).
-        """
-        # A cancelled call stops here, before it takes a slot or a pooled connection (the
-        # waits below do not checkpoint when nothing has to wait).
-        await trio.lowlevel.checkpoint_if_cancelled()
-        rate = self._rate
-        reservation: Reservation | None = None
-        if rate is not None:
-            try:
-                reservation = rate.acquire_nowait(estimate)
-            except trio.WouldBlock:
-                with trio.move_on_at(deadline_at):
-                    reservation = await rate.acquire(estimate)
-                if reservation is None:
-                    raise _deadline_timeout(url, "the rate limiter") from None
-        http = self._http
-        response: httpx2.Response | DirectResponse
-        limiter = self._limiter
-        try:
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                with trio.move_on_at(deadline_at) as waiting:
-                    await limiter.acquire()
-                if waiting.cancelled_caught:
-                    raise _deadline_timeout(url, "a concurrency slot") from None
-            try:
-                self._sent += 1
-                started = time.perf_counter()
-                if direct is not None:
-                    response = await direct.post_direct(
-                        url, self._direct_headers, content, http.timeout, deadline_at
-                    )
-                else:
-                    response = await http.post(url, content=content)
-            except httpx2.HTTPError as exc:
-                raise error_from_transport(exc, method="POST", url=url) from exc
-            finally:
-                limiter.release()
-        except BaseException as exc:
-            # No response: the server most likely never counted it (and if the caller
-            # cancelled, it must not cost the other tasks capacity).
-            if reservation is not None:
-                reservation.refund()
-            if isinstance(exc, Exception):
-                # A failure before any I/O (a header h11 refuses, a closed transport) must
-                # still be a schedule point, as every trio call is.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            raise
-        status = response.status_code
-        if logger.isEnabledFor(logging.DEBUG):
-            elapsed = (time.perf_counter() - started) * 1000
-            logger.debug("POST %s -> %d (%.1f ms)", url, status, elapsed)
-        headers = response.headers
-        body = response.content
-        if status >= 400:
-            error = error_from_response(status, headers, body, reason=response.reason_phrase)
-            if reservation is not None:
-                reservation.refund() if status == 429 else reservation.reconcile(0)
-            if rate is not None:
-                # After the refund: the server's remaining count is the truth from here
-                # on, and a refund on top of it would put this client ahead of the server.
-                rate.update_from_headers(headers)
-            if status == 429:
-                self._rate_limited += 1
-                if rate is not None and error.retry_after:
-                    rate.pause(error.retry_after)  # every task of the client waits it out
-            raise error
-        if rate is not None:
-            rate.update_from_headers(headers)
-        try:
-            return _decode_reply(url, status, headers, body, reservation)
-        finally:
-            if reservation is not None:
-                reservation.keep()  # answered without a usage it could read: the estimate
-
-
-def _decode_reply(
-    url: str,
-    status: int,
-    headers: Mapping[str, str],
-    body: bytes,
-    reservation: Reservation | None,
-) -> tuple[dict[str, Any], str | None]:
-    """Decode a success reply; settle ``reservation`` with its usage, if it has one."""
-    try:
-        payload = _json.loads(body)
-    except ValueError as exc:
-        text = body[:200].decode("utf-8", "replace")
-        raise APIResponseError(
-            f"HTTP {status} from POST {url} is not JSON: {text!r}",
-            status_code=status,
-            request_id=headers.get("x-request-id"),
-        ) from exc
-    if not isinstance(payload, dict):
-        raise APIResponseError(
-            f"HTTP {status} from POST {url} is not a JSON object",
-            status_code=status,
-            request_id=headers.get("x-request-id"),
-        )
-    if reservation is not None:
-        usage = payload.get("usage")
-        if isinstance(usage, dict):
-            total = usage.get("total_tokens")
-            if total is None:  # Anthropic reports input and output tokens only
-                parts = (usage.get("input_tokens"), usage.get("output_tokens"))
-                total = sum(p for p in parts if isinstance(p, int))
-            if isinstance(total, int):
-                reservation.reconcile(total)
-    # OpenAI says x-request-id; Anthropic says request-id.
-    return payload, headers.get("x-request-id") or headers.get("request-id")
-
-
-def _deadline_timeout(url: str, what: str) -> APITimeoutError:
-    return APITimeoutError(
-        f"the call's deadline passed while it waited for {what}", method="POST", url=url
-    )
-
-
-def _encode_json(body: Mapping[str, Any]) -> bytes:
-    """Encode a request body as compact UTF-8 JSON."""
-    return _json.dumps(body)
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not one string")
+        resolved = self._resolve_model(model)
+        stream_body = self._provider.stream_body
+        bodies = [stream_body(prompt, resolved, params) for prompt in prompts]
+        return open_stream_many(self._requester, self._chat_url, bodies, self._policy(retry))
 
 
 def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
@@ -576,6 +385,30 @@ def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"base_url must be an http:// or https:// URL, not {url!r}")
     return url.rstrip("/")
+
+
+def _default_headers(
+    adapter: Provider, url: str, api_key: str | None, extra: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Return the headers of every request: ours, the provider's key, the caller's.
+
+    Raises:
+        ConfigurationError: no API key for a server that is not on a loopback address.
+    """
+    key = api_key if api_key is not None else os.environ.get(adapter.api_key_env)
+    if not key and not _is_loopback(urlsplit(url).hostname or ""):
+        raise ConfigurationError(
+            f"no API key for {url}: pass api_key= or set ${adapter.api_key_env}"
+        )
+    headers = {
+        "user-agent": f"trio-llm/{__version__}",
+        "content-type": "application/json",
+        "accept": "application/json",
+    }
+    headers.update(adapter.auth_headers(key))
+    if extra:
+        headers.update(extra)
+    return headers
 
 
 @asynccontextmanager
@@ -626,53 +459,36 @@ async def open_client(
     Leaving the block closes every connection; calls still running in other tasks must
     have finished by then (open the client outside the nursery that uses it).
     """
-    adapter: Provider
-    if provider == "openai":
-        adapter = OpenAIProvider()
-    elif provider == "anthropic":
-        adapter = AnthropicProvider()
-    else:
-        raise ConfigurationError(f"unknown provider {provider!r}; supported: 'openai', 'anthropic'")
+    adapter = provider_named(provider)
     if not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise ConfigurationError(f"max_concurrency must be an int >= 1, not {max_concurrency!r}")
     url = _resolve_base_url(base_url, adapter)
-    key = api_key if api_key is not None else os.environ.get(adapter.api_key_env)
-    host = urlsplit(url).hostname or ""
-    if not key and not _is_loopback(host):
-        raise ConfigurationError(
-            f"no API key for {url}: pass api_key= or set ${adapter.api_key_env}"
-        )
-    default_headers = {
-        "user-agent": f"trio-llm/{__version__}",
-        "content-type": "application/json",
-        "accept": "application/json",
-    }
-    default_headers.update(adapter.auth_headers(key))
-    if headers:
-        default_headers.update(headers)
+    timeouts = timeouts or Timeouts()
     limits = httpx2.Limits(
         max_connections=max_concurrency, max_keepalive_connections=max_concurrency
     )
-    timeouts = timeouts or Timeouts()
-    if transport is None:
-        # Its cost per request stays flat as requests in flight grow, where httpx2's pool
-        # rescans every connection (docs/performance.md). Timeouts reach it per request.
-        transport = TrioTransport(limits=limits)
+    # Its cost per request stays flat as requests in flight grow, where httpx2's pool
+    # rescans every connection (docs/performance.md). Timeouts reach it per request.
+    transport = transport or TrioTransport(limits=limits)
     http = httpx2.AsyncClient(
-        headers=default_headers,
+        headers=_default_headers(adapter, url, api_key, headers),
         timeout=timeouts.to_httpx(),
         limits=limits,
         transport=transport,
         follow_redirects=False,
     )
+    requester = Requester(
+        http=http,
+        direct=direct_transport_for(transport, url),
+        provider=adapter,
+        rate=RateLimiter(rate_limit) if rate_limit is not None else None,
+        max_concurrency=max_concurrency,
+        timeouts=timeouts,
+    )
     async with http:
         yield Client(
-            http=http,
+            requester=requester,
             base_url=url,
             model=model,
-            max_concurrency=max_concurrency,
-            provider=adapter,
-            timeouts=timeouts,
             retry=RetryPolicy() if retry is CLIENT_DEFAULT else retry,
-            rate_limit=rate_limit,
         )

@@ -97,7 +97,8 @@ class APIResponseError(LLMError):
 
     Attributes:
         status_code: the HTTP status.
-        request_id: the server's ``x-request-id``, if any.
+        request_id: the server's request id (``x-request-id`` for OpenAI, ``request-id``
+            for Anthropic), if any.
     """
 
     def __init__(self, message: str, *, status_code: int, request_id: str | None) -> None:
@@ -200,7 +201,8 @@ class APIStatusError(LLMError):
         status_code: the HTTP status.
         message: the server's own error message, or the reason phrase.
         body: the decoded JSON error body (``None`` if it was not JSON).
-        request_id: the server's ``x-request-id`` (or ``request-id``), if any.
+        request_id: the server's request id (``x-request-id`` for OpenAI, ``request-id``
+            for Anthropic), if any.
         error_type: ``error.type`` from the body, if any.
         code: ``error.code`` from the body, if any.
         retry_after: seconds the server asked us to wait (``retry-after-ms`` or
@@ -322,9 +324,24 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 
 
 def error_from_response(
-    status_code: int, headers: Mapping[str, str], content: bytes, *, reason: str = ""
+    status_code: int,
+    headers: Mapping[str, str],
+    content: bytes,
+    *,
+    reason: str = "",
+    request_id: str | None,
 ) -> APIStatusError:
-    """Build the most specific :class:`APIStatusError` for an error response."""
+    """Build the most specific :class:`APIStatusError` for an error response.
+
+    Args:
+        status_code: the response's status (>= 400).
+        headers: its headers, for the generic ``retry-after-ms``, ``retry-after`` and
+            ``x-should-retry`` (lower-case keys, or ``httpx2.Headers``).
+        content: its body: a JSON error object in any of the usual shapes, or text.
+        reason: the reason phrase, the message when the body gives none.
+        request_id: the server's request id, as the provider adapter reads it
+            (``Provider.request_id``).
+    """
     body: object = None
     message = reason or "error"
     error_type: str | None = None
@@ -349,7 +366,6 @@ def error_from_response(
                 code = str(error["code"])
         elif isinstance(error, str) and error:
             message = error
-    request_id = headers.get("x-request-id") or headers.get("request-id")
     should_retry = {"true": True, "false": False}.get(headers.get("x-should-retry", ""))
     fields: dict[str, Any] = {
         "status_code": status_code,

@@ -1,6 +1,6 @@
 """Bounded fan-out: run an async function over many items, at most ``limit`` at a time.
 
-Usable without a client. One engine serves every shape (:class:`_Workers`): a fixed set
+Usable without a client. One engine serves every shape (:class:`Workers`): a fixed set
 of at most ``limit`` worker tasks, each pulling the next ``(index, item)`` as soon as it is
 free, so the window stays full and memory stays O(limit) whatever the length of the input
 (a pending trio task costs ~3.7 KB; spawning one per item up front does not scale, and a
@@ -8,6 +8,9 @@ spawn loop that awaits a semaphore for every item falls behind its workers).
 
 - :func:`map_concurrently`: results in input order, fail-fast.
 - :func:`as_completed`: ``(index, result)`` pairs in completion order, through a channel.
+- :func:`open_task_channel`: the one way tasks feed a channel that a block reads (the
+  pattern of trio's ``as_safe_channel``); :func:`as_completed`, a chat stream's reader and
+  ``stream_many``'s workers all run through it.
 - :func:`capture_errors`: wraps ``fn`` so that each item's exception becomes a
   :class:`~trio_llm.Result` instead of cancelling the rest; compose it with either of the
   above for per-item failure capture.
@@ -29,14 +32,21 @@ import trio
 
 from ._types import Result
 
-__all__ = ["as_completed", "capture_errors", "map_concurrently"]
+__all__ = [
+    "Worker",
+    "Workers",
+    "as_completed",
+    "capture_errors",
+    "map_concurrently",
+    "open_task_channel",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 # What a worker awaits for each item, and what it closes when it exits.
 _Handler = Callable[[int, T], Awaitable[object]]
-_Worker = tuple[_Handler[T], AbstractContextManager[object]]
+Worker = tuple[_Handler[T], AbstractContextManager[object]]
 _NOTHING_TO_CLOSE: AbstractContextManager[object] = nullcontext()
 
 
@@ -52,7 +62,7 @@ def _check_limit(limit: int) -> None:
 
 
 @final
-class _Workers(Generic[T]):
+class Workers(Generic[T]):
     """The engine: at most ``limit`` worker tasks awaiting a handler for each item.
 
     Started in the caller's nursery (so the caller's block owns every task and a failure
@@ -63,7 +73,7 @@ class _Workers(Generic[T]):
     iterator.
     """
 
-    def __init__(self, new_worker: Callable[[], _Worker[T]], limit: int) -> None:
+    def __init__(self, new_worker: Callable[[], Worker[T]], limit: int) -> None:
         self._new_worker = new_worker
         self._limit = limit
         self._scopes: list[trio.CancelScope] = []
@@ -206,7 +216,7 @@ async def map_concurrently(
     async def store(index: int, item: T) -> None:
         results[index] = await fn(item)
 
-    workers = _Workers(lambda: (store, _NOTHING_TO_CLOSE), limit)
+    workers = Workers(lambda: (store, _NOTHING_TO_CLOSE), limit)
     # A checkpoint even for an empty input, as trio expects of every async function.
     await trio.lowlevel.checkpoint()
     async with trio.open_nursery() as nursery:
@@ -253,57 +263,72 @@ def as_completed(
     return _as_completed(fn, items, limit)
 
 
-@asynccontextmanager
-async def _as_completed(
+def _as_completed(
     fn: Callable[[T], Awaitable[R]],
     items: Iterable[T] | AsyncIterable[T],
     limit: int,
-) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, R]]]:
-    # The pattern of trio.as_safe_channel: the nursery opens inside the context manager
-    # and the receive channel is yielded from it. The ``yield`` stands for the block's
-    # body, so no task outlives the ``async with``, and an exception thrown in at the
-    # yield unwinds through the nursery like any body's (ASYNC119 exempts context
-    # managers for this reason). The workers run in this same nursery, so a failure is
-    # one flat ExceptionGroup, and each sends through its own clone: the stream ends when
-    # the last worker exits.
-    send, receive = trio.open_memory_channel[tuple[int, R]](limit)
+) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[tuple[int, R]]]:
+    def fill(nursery: trio.Nursery, send: trio.MemorySendChannel[tuple[int, R]]) -> None:
+        # Each worker sends through its own clone: the stream ends when the last exits.
+        def new_worker() -> Worker[T]:
+            clone = send.clone()
 
-    def new_worker() -> _Worker[T]:
-        clone = send.clone()
-
-        async def deliver(index: int, item: T) -> None:
-            value = await fn(item)
-            try:
-                # Skip send()'s schedule point while the buffer has room: fn's own awaits
-                # are the worker's checkpoints.
+            async def deliver(index: int, item: T) -> None:
+                value = await fn(item)
                 try:
-                    clone.send_nowait((index, value))
-                except trio.WouldBlock:
-                    await clone.send((index, value))
-            except trio.BrokenResourceError:
-                # The block closed the channel: nobody wants the rest.
-                raise _StopFanout from None
+                    # Skip send()'s schedule point while the buffer has room: fn's own
+                    # awaits are the worker's checkpoints.
+                    try:
+                        clone.send_nowait((index, value))
+                    except trio.WouldBlock:
+                        await clone.send((index, value))
+                except trio.BrokenResourceError:
+                    # The block closed the channel: nobody wants the rest.
+                    raise _StopFanout from None
 
-        return deliver, clone
+            return deliver, clone
 
-    workers = _Workers(new_worker, limit)
+        Workers(new_worker, limit).start(nursery, items, spawner=send)
+
+    return open_task_channel(fill, limit)
+
+
+@asynccontextmanager
+async def open_task_channel(
+    fill: Callable[[trio.Nursery, trio.MemorySendChannel[T]], None], buffer: int
+) -> AsyncIterator[trio.MemoryReceiveChannel[T]]:
+    """Run tasks that feed a channel, inside the block that reads it.
+
+    ``fill(nursery, send)`` starts the tasks in a nursery owned by this block and owns
+    ``send``: it closes it, or hands it (or clones of it) to tasks that close theirs when
+    done; the channel ends when every clone is closed. The block reads the receive end.
+
+    The pattern of trio's ``as_safe_channel``: the ``yield`` stands for the block's body,
+    so no task outlives the ``async with``, and an exception thrown in at the ``yield``
+    unwinds through the nursery like any body's (ASYNC119 exempts context managers for
+    this reason). Leaving the block, normally or not, cancels the tasks still running
+    before the receive end closes, so a task blocked in ``send()`` sees ``Cancelled``, not
+    ``BrokenResourceError``. An exception of the block comes out as raised unless a task
+    failed at the same moment (then both come in a group); a task's failure comes out as
+    the nursery's ``ExceptionGroup``, never unwrapped.
+
+    Cancellation: the tasks are cancelled and the channel closed; buffered items dropped.
+    """
+    send, receive = trio.open_memory_channel[T](buffer)
     body_error: BaseException | None = None
     try:
         with receive:
             async with trio.open_nursery() as nursery:
-                workers.start(nursery, items, spawner=send)
+                fill(nursery, send)
                 try:
                     yield receive
                 except BaseException as exc:
                     body_error = exc
                     raise
-                # Left early (break) or at the end: cancel whatever still runs, before
-                # ``receive`` closes, so a worker blocked in send() sees Cancelled, not a
-                # BrokenResourceError that would count as a failure.
                 nursery.cancel_scope.cancel()
     except BaseException as exc:
         # With strict exception groups the nursery wraps the body's own exception: give it
-        # back as raised when it is the group's only one (the workers' Cancelled are
+        # back as raised when it is the group's only one (the tasks' Cancelled are
         # absorbed). Duck-typed: ``BaseExceptionGroup`` is a builtin only from 3.11.
         inner = getattr(exc, "exceptions", None)
         if (

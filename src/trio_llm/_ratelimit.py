@@ -1,16 +1,16 @@
 """Client-side rate limits: requests and tokens per minute, shared by every task of a client.
 
 A limit of ``N`` per minute is a continuously refilled token bucket holding at most ``N``
-and refilling at ``N / 60`` per second, starting full: the model OpenAI and Anthropic
-describe for their own limits, so a client that paces itself by the same rule runs at the
-limit without being refused. One :class:`RateLimiter` holds two such buckets (requests and
+and refilling at ``N / 60`` per second, starting full: the model the providers describe
+for their own limits, so a client that paces itself by the same rule runs at the limit
+without being refused. One :class:`RateLimiter` holds two such buckets (requests and
 tokens) and serves waiters strictly first come, first served.
 
 A request's token cost is unknown until its response arrives, so it is estimated before
 sending (:func:`estimate_tokens`), then corrected (:meth:`Reservation.reconcile`) or
-given back (:meth:`Reservation.refund`). The server's ``x-ratelimit-*`` (OpenAI) and
-``anthropic-ratelimit-*`` headers correct the buckets further
-(:meth:`RateLimiter.update_from_headers`), and a 429 pauses the whole client
+given back (:meth:`Reservation.refund`). The levels a response reports (its rate-limit
+headers, translated by the provider adapter into :class:`RateLimitLevels`) correct the
+buckets further (:meth:`RateLimiter.update`), and a 429 pauses the whole client
 (:meth:`RateLimiter.pause`).
 
 All times come from ``trio.current_time()``, so ``trio.testing.MockClock`` drives them.
@@ -22,12 +22,9 @@ import functools
 import importlib
 import json
 import math
-import re
-import time
 from collections import deque
 from collections.abc import Mapping
-from datetime import datetime, timezone
-from typing import Any, final
+from typing import Any, TypeGuard, final
 
 import attrs
 import trio
@@ -35,6 +32,8 @@ import trio
 __all__ = [
     "DEFAULT_COMPLETION_TOKENS",
     "RateLimit",
+    "RateLimitLevel",
+    "RateLimitLevels",
     "RateLimiter",
     "RateLimiterStatistics",
     "Reservation",
@@ -42,16 +41,19 @@ __all__ = [
 ]
 
 
+def _is_number(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_or_none(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if value is not None and not (_is_number(value) and value > 0):
         raise ValueError(f"{attribute.name} must be a positive number or None, not {value!r}")
+
+
+def _non_negative_or_none(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not (_is_number(value) and value >= 0):
+        raise ValueError(f"{attribute.name} must be a number >= 0 or None, not {value!r}")
 
 
 @final
@@ -60,7 +62,7 @@ class RateLimit:
     """Requests and tokens a client may use per minute (``None``: no limit of that kind).
 
     ``RateLimit()`` sets no limit, but the client's limiter still learns the server's
-    limits from its ``x-ratelimit-limit-*`` headers (see :class:`RateLimiter`).
+    limits from its responses' rate-limit headers (see :class:`RateLimiter`).
 
     Attributes:
         requests_per_minute: Requests started per minute.
@@ -69,6 +71,42 @@ class RateLimit:
 
     requests_per_minute: float | None = attrs.field(default=None, validator=_positive_or_none)
     tokens_per_minute: float | None = attrs.field(default=None, validator=_positive_or_none)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class RateLimitLevel:
+    """One kind of server limit (requests or tokens) as a response reports it.
+
+    ``None`` stands for a value the response did not give (or gave malformed).
+
+    Attributes:
+        limit: The server's limit, taken as per minute.
+        remaining: What the server's bucket holds now.
+        reset_seconds: Seconds until the server's bucket is full again.
+    """
+
+    limit: float | None = attrs.field(default=None, validator=_positive_or_none)
+    remaining: float | None = attrs.field(default=None, validator=_non_negative_or_none)
+    reset_seconds: float | None = attrs.field(default=None, validator=_non_negative_or_none)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class RateLimitLevels:
+    """A response's rate-limit headers as neutral numbers, built by the provider adapter.
+
+    Attributes:
+        requests: The requests limit.
+        tokens: The tokens limit.
+        tokens_per_direction: The server limits input and output tokens separately
+            (``tokens`` is the tighter of the two), so the tokens in flight (estimated as
+            totals) do not count against a first ``tokens`` limit.
+    """
+
+    requests: RateLimitLevel = attrs.Factory(RateLimitLevel)
+    tokens: RateLimitLevel = attrs.Factory(RateLimitLevel)
+    tokens_per_direction: bool = False
 
 
 # Float error in refill arithmetic must not turn "exactly enough" into one more tiny sleep.
@@ -140,18 +178,12 @@ class _Bucket:
         self.stamp = now
         return True
 
-    def correct(
-        self,
-        now: float,
-        limit: float | None,
-        remaining: float | None,
-        reset: float | None,
-        in_flight: float = 0.0,
-    ) -> bool:
-        """Apply one header group; True if waiters should look again (the limit changed).
+    def correct(self, now: float, level: RateLimitLevel, in_flight: float = 0.0) -> bool:
+        """Apply the server's ``level``; True if waiters should look again (the limit changed).
 
         ``in_flight``: see :meth:`learn`.
         """
+        limit, remaining, reset = level.limit, level.remaining, level.reset_seconds
         changed = self.learn(now, limit, in_flight) if limit is not None else False
         capacity = self.capacity
         if capacity is None or remaining is None:
@@ -280,9 +312,8 @@ class RateLimiter:
     delays the requests after it) rather than waiting forever.
 
     Limits come from the :class:`RateLimit` and from the server: with no configured
-    limit of a kind, the limiter adopts the server's ``x-ratelimit-limit-*`` (or
-    ``anthropic-ratelimit-*-limit``) as its per-minute limit; with one, the lower of the
-    two is in force. See :meth:`update_from_headers`.
+    limit of a kind, the limiter adopts the limit the server's headers report as its
+    per-minute limit; with one, the lower of the two is in force. See :meth:`update`.
     """
 
     def __init__(self, limit: RateLimit | None = None) -> None:
@@ -416,62 +447,33 @@ class RateLimiter:
         if until > self._paused_until:
             self._paused_until = until
 
-    def update_from_headers(self, headers: Mapping[str, str]) -> None:
-        """Correct the buckets from a response's rate-limit headers.
-
-        Reads OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (resets as
-        Go durations: ``6m0s``, ``12ms``, ``1m30.5s``) and Anthropic's
-        ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (resets as RFC
-        3339 times; when only ``input-tokens``/``output-tokens`` groups are sent, the one
-        with less remaining counts).
+    def update(self, levels: RateLimitLevels | None) -> None:
+        """Correct the buckets from the levels a response reported (``None``: it had none).
 
         - ``limit``: becomes the per-minute limit of a kind that has none configured (or
           lowers a configured one that is higher). A first limit starts its bucket below
           full by what is in flight (taken, not yet settled): an adaptive client learns
           the limits from the first response of its first burst, and the rest of that
-          burst counts.
+          burst counts. With ``tokens_per_direction``, the tokens in flight do not count:
+          they are totals, and the limit is on one direction only.
         - ``remaining``: lowers the bucket to it, never raises it. This keeps the client
           in step with the server when its bucket started at another moment or other
           clients share the key (without it, a client whose bucket runs a fraction of a
           second ahead of the server's gets refused at every refill). ``remaining`` is
           as old as the response's latency, so a burst answered late can cost up to
           ``rate * latency`` of capacity, once.
-        - ``reset`` (time until the server's bucket is full again): used only when
-          ``remaining`` is 0, so that the next unit comes no sooner than the server's
-          (``reset / limit`` from now).
+        - ``reset_seconds`` (time until the server's bucket is full again): used only
+          when ``remaining`` is 0, so that the next unit comes no sooner than the
+          server's (``reset_seconds / limit`` from now).
 
-        Call it with every response, 429s included. Header names are matched
-        case-insensitively; malformed values are ignored.
+        Call it with every response, 429s included.
         """
-        openai: dict[str, str] = {}
-        anthropic: dict[str, str] = {}
-        for name, value in headers.items():
-            lower = name.lower()
-            if lower.startswith("x-ratelimit-"):
-                openai[lower[12:]] = value
-            elif lower.startswith("anthropic-ratelimit-"):
-                anthropic[lower[20:]] = value
-        if not openai and not anthropic:
+        if levels is None:
             return
         now = trio.current_time()
-        changed = False
-        for bucket, kind, in_flight in (
-            (self._requests, "requests", self._in_flight_requests),
-            (self._tokens, "tokens", self._in_flight_tokens),
-        ):
-            if openai:
-                changed |= bucket.correct(
-                    now,
-                    _parse_limit(openai.get(f"limit-{kind}")),
-                    _parse_count(openai.get(f"remaining-{kind}")),
-                    _parse_duration(openai.get(f"reset-{kind}")),
-                    in_flight,
-                )
-            if anthropic:
-                # Anthropic's token limits are per direction (input, output) while the
-                # estimates are totals: what is in flight is counted against requests only.
-                counted = in_flight if kind == "requests" else 0
-                changed |= bucket.correct(now, *_anthropic_group(anthropic, kind), counted)
+        changed = self._requests.correct(now, levels.requests, self._in_flight_requests)
+        in_flight_tokens = 0 if levels.tokens_per_direction else self._in_flight_tokens
+        changed |= self._tokens.correct(now, levels.tokens, in_flight_tokens)
         if changed:
             self._wake_head()
 
@@ -488,101 +490,6 @@ class RateLimiter:
             requests_per_minute=self._requests.capacity,
             tokens_per_minute=self._tokens.capacity,
         )
-
-
-# --- header parsing ----------------------------------------------------------------------
-
-_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_SECONDS_PER_UNIT = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # U+00B5 MICRO SIGN, what Go prints
-    "μs": 1e-6,  # U+03BC GREEK SMALL LETTER MU
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
-_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:?\d\d)?")
-
-
-def _parse_count(value: str | None) -> float | None:
-    """A non-negative finite number, or None."""
-    if value is None:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
-
-
-def _parse_limit(value: str | None) -> float | None:
-    number = _parse_count(value)
-    return number if number else None
-
-
-def _parse_duration(value: str | None) -> float | None:
-    """Seconds in a Go duration (``1m30.5s``, ``12ms``, ``0s``, ``0``), or plain seconds."""
-    if value is None:
-        return None
-    text = value.strip()
-    if _PLAIN_NUMBER.fullmatch(text):
-        return float(text)
-    total = 0.0
-    position = 0
-    for match in _GO_DURATION_PART.finditer(text):
-        if match.start() != position:
-            return None
-        total += float(match[1]) * _SECONDS_PER_UNIT[match[2]]
-        position = match.end()
-    if position == 0 or position != len(text):
-        return None
-    return total
-
-
-def _parse_rfc3339_delay(value: str | None) -> float | None:
-    """Seconds from now (wall clock) until an RFC 3339 time; a duration is accepted too."""
-    if value is None:
-        return None
-    text = value.strip()
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        return _parse_duration(text)
-    day, clock, fraction, zone = match.groups()
-    # datetime.fromisoformat before 3.11 takes neither "Z" nor fractions other than 3 or
-    # 6 digits, so normalise both.
-    fraction = f".{(fraction or '')[:6]:0<6}"
-    if zone is None or zone in "Zz":
-        zone = "+00:00"
-    elif ":" not in zone:
-        zone = f"{zone[:3]}:{zone[3:]}"
-    try:
-        moment = datetime.fromisoformat(f"{day}T{clock}{fraction}{zone}")
-    except ValueError:
-        return None
-    return max(0.0, moment.astimezone(timezone.utc).timestamp() - time.time())
-
-
-def _anthropic_group(
-    fields: Mapping[str, str], kind: str
-) -> tuple[float | None, float | None, float | None]:
-    """``(limit, remaining, reset)`` for ``requests`` or ``tokens`` from Anthropic headers."""
-    groups = [kind]
-    if kind == "tokens" and not any(name.startswith("tokens-") for name in fields):
-        groups = ["input-tokens", "output-tokens"]
-    best: tuple[float | None, float | None, float | None] = (None, None, None)
-    for group in groups:
-        parsed = (
-            _parse_limit(fields.get(f"{group}-limit")),
-            _parse_count(fields.get(f"{group}-remaining")),
-            _parse_rfc3339_delay(fields.get(f"{group}-reset")),
-        )
-        # The most restrictive group counts: the one with the least remaining.
-        if best[1] is None or (parsed[1] is not None and parsed[1] < best[1]):
-            best = parsed
-    return best
 
 
 # --- token estimates ---------------------------------------------------------------------
@@ -649,7 +556,7 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     """Estimate the tokens a request will use, before sending it.
 
     The prompt counts ``ceil(characters / 4)`` of its text (message contents, content-part
-    lists, names, tool calls, Anthropic's ``system``, tool definitions), plus 4 tokens per
+    lists, names, tool calls, a top-level ``system`` prompt, tool definitions), plus 4 tokens per
     message and 3 for the reply, plus 765 per image, audio or document part. When
     `tiktoken <https://github.com/openai/tiktoken>`_ is installed and can load
     ``o200k_base`` (the first call may block while it does), the text is counted with it

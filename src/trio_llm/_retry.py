@@ -1,7 +1,8 @@
 """Retries through stamina, inside a trio cancel scope that enforces the deadline.
 
-The first attempt runs bare: stamina costs ~30 us per call even when nothing fails, so it is
-entered only after a retryable failure, which is then replayed into it as its first
+The deadline is one cancel scope around the whole call, every attempt and wait included.
+The first attempt runs bare: stamina costs ~16-30 us per call even when nothing fails, so
+it is entered only after a retryable failure, which becomes the outcome of its first
 attempt. The policy, the waits and stamina's instrumentation are the same either way.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, final
+from contextlib import nullcontext
+from typing import Final, Protocol, TypeVar, final
 
 import stamina
 import trio
@@ -19,12 +21,11 @@ from ._config import RetryPolicy
 from ._errors import (
     APIConnectionError,
     APIStatusError,
-    APITimeoutError,
     LLMError,
     RetryDeadlineExceeded,
 )
 
-__all__ = ["call_with_retries", "is_retryable"]
+__all__ = ["Call", "Stats", "call_with_retries", "is_retryable"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,8 @@ logger = logging.getLogger("trio_llm.retry")
 # Statuses that say "try again later"; 501 and 505 are server errors no retry can fix.
 _RETRIED_STATUSES = frozenset({408, 409, 429})
 _NEVER_RETRIED_5XX = frozenset({501, 505})
+
+_NO_SCOPE: Final = nullcontext()
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -45,92 +48,97 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, APIConnectionError)
 
 
+class Call(Protocol):
+    """What the retry loop reads of the call it repeats."""
+
+    @property
+    def label(self) -> str:
+        """What the call is, for log records and messages (``"POST <url>"``)."""
+        ...
+
+    @property
+    def waiting_for(self) -> str:
+        """What the attempt in flight is waiting for now (``"a concurrency slot"``, ...)."""
+        ...
+
+
+class Stats(Protocol):
+    """Where the retry loop counts what happened."""
+
+    def count_retry(self, error: LLMError) -> None:
+        """Count a retry decided after ``error``."""
+        ...
+
+    def count_failure(self, error: LLMError) -> None:
+        """Count a call that failed with ``error`` (after its last attempt)."""
+        ...
+
+
 async def call_with_retries(
-    attempt: Callable[[float], Awaitable[T]],
+    attempt: Callable[[], Awaitable[T]],
     policy: RetryPolicy | None,
     *,
-    label: str,
-    on_retry: Callable[[LLMError], None] | None = None,
-    bounded: bool = False,
+    call: Call,
+    stats: Stats,
 ) -> T:
     """Run ``attempt`` under ``policy``: retried on retryable errors, within its deadline.
 
+    The deadline is one cancel scope around every attempt and wait, the first attempt
+    included. The first attempt runs without stamina (it costs ~16-30 us per call even
+    when nothing fails); only a retryable failure enters it, as its first attempt's
+    outcome, so the waits, attempts and instrumentation are stamina's own.
+
     Args:
-        attempt: makes one attempt, given the deadline as a trio time (``math.inf`` for
-            none); raises an :class:`LLMError` on failure.
+        attempt: makes one attempt; raises an :class:`LLMError` on failure.
         policy: the retry policy; ``None`` runs one attempt with no deadline.
-        label: what the call is, for log records and messages (``"POST <url>"``).
-        on_retry: called with the error each time a retry is decided.
-        bounded: ``attempt`` itself ends by the deadline it is given (every wait and I/O
-            timeout cut short to it, raising :class:`APITimeoutError`), so the first
-            attempt needs no cancel scope: a scope costs CPU and about 0.8 KB per request
-            in flight, and most calls succeed at once. Otherwise a scope enforces it.
+        call: the call being made, for messages (see :class:`Call`).
+        stats: counts each retry decided and the call's failure.
 
     Raises:
-        RetryDeadlineExceeded: the deadline passed, or a server-requested wait would
-            end past it; the last error is chained.
+        RetryDeadlineExceeded: the deadline passed (the last error chained, or the
+            message says what the call was waiting for), or a server-requested wait
+            would end past it.
         LLMError: the last attempt's error, when it was not retryable or the attempts
             ran out.
 
     Cancellation: a cancel scope of the caller cancels the attempt in flight or the wait;
     nothing is retried after it.
     """
-    if policy is None:
-        return await attempt(math.inf)
-    deadline = policy.deadline
-    if deadline is None or bounded:
-        deadline_at = math.inf if deadline is None else trio.current_time() + deadline
-        try:
-            return await attempt(deadline_at)
-        except LLMError as exc:
-            if (
-                deadline is not None
-                and isinstance(exc, APITimeoutError)
-                and trio.current_time() >= deadline_at
-            ):
-                # A wait the attempt cut short at the deadline: the deadline passed. (Any
-                # other error stands: a reply that came in time is the call's outcome.)
-                raise _deadline_passed(label, deadline, 1, None) from None
-            if policy.attempts == 1 or not is_retryable(exc):
-                raise
-            first_error = exc
-        if deadline is None:
-            return await _retry(
-                attempt, policy, first_error, _Progress(), deadline_at, label, on_retry
-            )
+    try:
+        if policy is None:
+            return await attempt()
+        deadline = policy.deadline
         progress = _Progress()
-        with trio.move_on_at(deadline_at):
-            return await _retry(
-                attempt, policy, first_error, progress, deadline_at, label, on_retry
-            )
-    else:
-        progress = _Progress()
-        deadline_at = trio.current_time() + deadline
-        with trio.move_on_at(deadline_at):
+        # No scope without a deadline: a scope costs CPU and memory per call in flight.
+        with trio.move_on_after(deadline) if deadline is not None else _NO_SCOPE as scope:
             try:
-                return await attempt(deadline_at)
+                return await attempt()
             except LLMError as exc:
                 if policy.attempts == 1 or not is_retryable(exc):
                     raise
                 first_error = exc
-            return await _retry(
-                attempt, policy, first_error, progress, deadline_at, label, on_retry
-            )
-    # Only reached when the deadline's cancel scope fired.
-    raise _deadline_passed(
-        label, deadline, progress.attempts, progress.last_error
-    ) from progress.last_error
+            deadline_at = math.inf if scope is None else scope.deadline
+            return await _retry(attempt, policy, first_error, progress, deadline_at, call, stats)
+        # Only reached when the deadline's cancel scope fired.
+        assert deadline is not None
+        raise _deadline_passed(call, deadline, progress) from progress.last_error
+    except LLMError as exc:
+        stats.count_failure(exc)
+        raise
 
 
-def _deadline_passed(
-    label: str, deadline: float, attempts: int, last_error: LLMError | None
-) -> RetryDeadlineExceeded:
-    what = f"{type(last_error).__name__}: {last_error}" if last_error else "no response yet"
+def _deadline_passed(call: Call, deadline: float, progress: _Progress) -> RetryDeadlineExceeded:
+    last_error = progress.last_error
+    what = (
+        f"last error: {type(last_error).__name__}: {last_error}"
+        if last_error
+        else f"no response yet: waiting for {call.waiting_for}"
+    )
     return RetryDeadlineExceeded(
-        f"{label}: deadline of {deadline:g} s passed ({attempts} attempt(s) started; "
-        f"last error: {what})",
+        f"{call.label}: deadline of {deadline:g} s passed "
+        f"({progress.attempts} attempt(s) started; {what})",
         deadline=deadline,
-        attempts=attempts,
+        attempts=progress.attempts,
         last_error=last_error,
     )
 
@@ -147,15 +155,20 @@ class _Progress:
 
 
 async def _retry(
-    attempt: Callable[[float], Awaitable[T]],
+    attempt: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     first_error: LLMError,
     progress: _Progress,
     deadline_at: float,
-    label: str,
-    on_retry: Callable[[LLMError], None] | None,
+    call: Call,
+    stats: Stats,
 ) -> T:
-    """Retry after the retryable ``first_error``, through stamina, until ``deadline_at``."""
+    """Retry after the retryable ``first_error``, through stamina.
+
+    ``deadline_at`` is the trio time the deadline's scope fires: a wait that would end
+    past it is not started.
+    """
+    label = call.label
     progress.last_error = first_error
     pending: LLMError | None = first_error
     past_deadline: list[float] = []
@@ -176,8 +189,7 @@ async def _retry(
         if trio.current_time() + shortest > deadline_at:
             past_deadline.append(shortest)
             return False
-        if on_retry is not None:
-            on_retry(exc)
+        stats.count_retry(exc)
         if logger.isEnabledFor(logging.INFO):
             why = (
                 f"server asked for {requested:g} s"
@@ -209,7 +221,7 @@ async def _retry(
                     error, pending = pending, None
                     raise error
                 progress.attempts += 1
-                return await attempt(deadline_at)
+                return await attempt()
     except LLMError as exc:
         if past_deadline:
             raise RetryDeadlineExceeded(

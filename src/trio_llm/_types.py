@@ -91,7 +91,7 @@ class ChatResponse:
         usage: token counts.
         choices: every choice, for ``n`` > 1.
         raw: the whole decoded payload.
-        request_id: the server's ``x-request-id`` for the request, if it sent one.
+        request_id: the server's id for the request (the provider's header), if it sent one.
     """
 
     id: str
@@ -219,7 +219,7 @@ class EmbeddingResponse:
         model: the model that answered.
         usage: token counts.
         raw: the whole decoded payload.
-        request_id: the server's ``x-request-id`` for the request, if it sent one.
+        request_id: the server's id for the request (the provider's header), if it sent one.
     """
 
     vectors: list[list[float]] = attrs.field(repr=lambda v: f"<{len(v)} vectors>")

@@ -26,6 +26,9 @@ from .._client import Client
 from .._errors import ConfigurationError, LLMError
 from .._fanout import as_completed
 from .._types import Usage
+from ..providers._anthropic import AnthropicProvider
+from ..providers._base import Provider
+from ..providers._openai import OpenAIProvider
 from ._input import (
     CHAT_URL,
     MESSAGES_URL,
@@ -170,10 +173,8 @@ class _Run:
         model = fields.pop("model", None)
         usage: Usage
         try:
-            if item.url == MESSAGES_URL and self._client._provider.name != "anthropic":
-                raise ConfigurationError(
-                    f"{MESSAGES_URL} lines need a client opened with provider='anthropic'"
-                )
+            if not self._client._provider.accepts_batch_url(item.url):
+                raise ConfigurationError(_wrong_provider(item.url))
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # An Anthropic body passes the anthropic adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
@@ -360,6 +361,13 @@ async def run_batch(
         elapsed=trio.current_time() - started,
         interrupted=run.interrupted,
     )
+
+
+def _wrong_provider(url: str) -> str:
+    """Say which providers a client needs to send ``url`` lines (the client's cannot)."""
+    adapters: tuple[Provider, ...] = (OpenAIProvider(), AnthropicProvider())
+    names = [f"provider={adapter.name!r}" for adapter in adapters if adapter.accepts_batch_url(url)]
+    return f"{url} lines need a client opened with {' or '.join(names)}"
 
 
 def _is_same_file(file: IO[bytes], path: str) -> bool:

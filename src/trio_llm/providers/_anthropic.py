@@ -18,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
 from .._errors import ConfigurationError
+from .._ratelimit import RateLimitLevel, RateLimitLevels
 from .._types import ChatResponse, Choice, EmbeddingResponse, JSONObject, Usage
 from ._base import Messages
+from ._headers import parse_count, parse_limit, parse_rfc3339_delay, prefixed
 from ._openai import as_messages
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider"]
@@ -39,6 +41,10 @@ _FINISH_REASONS: Final = {
 }
 
 _TOOL_CHOICES: Final = {"auto": "auto", "required": "any", "any": "any", "none": "none"}
+
+# The endpoints of a batch file this adapter can send: Messages bodies pass its
+# translation unchanged, and OpenAI chat bodies are translated like any chat call.
+_BATCH_URLS: Final = frozenset({"/v1/messages", "/v1/chat/completions"})
 
 
 def finish_reason(stop_reason: object) -> str | None:
@@ -264,6 +270,29 @@ def message_to_openai(payload: Mapping[str, Any]) -> tuple[str | None, JSONObjec
     return text, message
 
 
+def _rate_limit_level(fields: Mapping[str, str], kind: str) -> RateLimitLevel:
+    """Return the ``requests`` or ``tokens`` level of ``anthropic-ratelimit-*`` headers.
+
+    Without a combined ``tokens-*`` group, the tokens level is the ``input-tokens`` or
+    ``output-tokens`` group with less remaining: the most restrictive counts.
+    """
+    groups = [kind]
+    if kind == "tokens" and not any(name.startswith("tokens-") for name in fields):
+        groups = ["input-tokens", "output-tokens"]
+    best = RateLimitLevel()
+    for group in groups:
+        level = RateLimitLevel(
+            limit=parse_limit(fields.get(f"{group}-limit")),
+            remaining=parse_count(fields.get(f"{group}-remaining")),
+            reset_seconds=parse_rfc3339_delay(fields.get(f"{group}-reset")),
+        )
+        if best.remaining is None or (
+            level.remaining is not None and level.remaining < best.remaining
+        ):
+            best = level
+    return best
+
+
 @final
 class _MessageStream:
     """Translate one stream's Messages events into ``chat.completion.chunk`` payloads."""
@@ -417,3 +446,28 @@ class AnthropicProvider:
     ) -> EmbeddingResponse:  # pragma: no cover - embeddings_body always raises
         """Never called: :meth:`embeddings_body` refuses first."""
         raise ConfigurationError("the anthropic provider has no embeddings endpoint")
+
+    def request_id(self, headers: Mapping[str, str]) -> str | None:
+        """Return the ``request-id`` header, or ``x-request-id`` (some proxies send that)."""
+        return headers.get("request-id") or headers.get("x-request-id") or None
+
+    def rate_limit_levels(self, headers: Mapping[str, str]) -> RateLimitLevels | None:
+        """Read ``anthropic-ratelimit-{group}-{limit,remaining,reset}``.
+
+        Groups: ``requests``, and ``tokens`` or else the tighter of ``input-tokens`` and
+        ``output-tokens``. Resets are RFC 3339 times, converted with the wall clock. Token
+        limits are per direction (``tokens_per_direction``). ``None`` when the response
+        has no ``anthropic-ratelimit-*`` header.
+        """
+        fields = prefixed(headers, "anthropic-ratelimit-")
+        if not fields:
+            return None
+        return RateLimitLevels(
+            requests=_rate_limit_level(fields, "requests"),
+            tokens=_rate_limit_level(fields, "tokens"),
+            tokens_per_direction=True,
+        )
+
+    def accepts_batch_url(self, url: str) -> bool:
+        """Return whether ``url`` is ``/v1/messages`` or ``/v1/chat/completions``."""
+        return url in _BATCH_URLS

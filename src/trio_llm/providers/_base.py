@@ -2,7 +2,9 @@
 
 An adapter builds request bodies and turns replies into trio-llm types; the client owns
 the HTTP side (connections, limits, retries). Streams are normalised to OpenAI-shaped
-``chat.completion.chunk`` payloads, so one aggregation serves every provider.
+``chat.completion.chunk`` payloads, so one aggregation serves every provider. Wire details
+of the responses (the request-id header, the rate-limit headers) are read here too, and
+reach the client as neutral values.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from .._ratelimit import RateLimitLevels
 from .._types import ChatResponse, EmbeddingResponse, JSONObject
 
 __all__ = ["Provider", "StreamTranslator"]
@@ -94,4 +97,31 @@ class Provider(Protocol):
         self, payload: dict[str, Any], request_id: str | None
     ) -> EmbeddingResponse:
         """Parse an embeddings reply."""
+        ...
+
+    def request_id(self, headers: Mapping[str, str]) -> str | None:
+        """Return the server's id for the request a response answers, if it sent one.
+
+        Args:
+            headers: the response's headers (lower-case keys, or ``httpx2.Headers``).
+        """
+        ...
+
+    def rate_limit_levels(self, headers: Mapping[str, str]) -> RateLimitLevels | None:
+        """Return a response's rate-limit headers as neutral numbers.
+
+        ``None`` when the response carries none of them. Malformed values count as
+        absent; this never raises.
+
+        Args:
+            headers: the response's headers (any case, or ``httpx2.Headers``).
+        """
+        ...
+
+    def accepts_batch_url(self, url: str) -> bool:
+        """Return whether a batch line with this ``url`` can be sent through the adapter.
+
+        ``url`` is a batch line's endpoint: ``/v1/chat/completions``, ``/v1/embeddings``
+        or ``/v1/messages``.
+        """
         ...

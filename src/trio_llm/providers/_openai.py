@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
+from .._ratelimit import RateLimitLevel, RateLimitLevels
 from .._types import ChatResponse, EmbeddingResponse
 from ._base import Messages
+from ._headers import parse_count, parse_go_duration, parse_limit, prefixed
 
 __all__ = ["Messages", "OpenAIProvider", "as_messages"]
 
@@ -22,6 +24,19 @@ def as_messages(prompt_or_messages: Messages) -> list[Mapping[str, Any]]:
                 f"messages[{position}] must be a mapping with a 'role', not {message!r:.80}"
             )
     return messages
+
+
+# The endpoints of a batch file (OpenAI's Batch API format) this adapter can send.
+_BATCH_URLS: Final = frozenset({"/v1/chat/completions", "/v1/embeddings"})
+
+
+def _level(fields: Mapping[str, str], kind: str) -> RateLimitLevel:
+    """Return the ``requests`` or ``tokens`` level of ``x-ratelimit-*`` headers."""
+    return RateLimitLevel(
+        limit=parse_limit(fields.get(f"limit-{kind}")),
+        remaining=parse_count(fields.get(f"remaining-{kind}")),
+        reset_seconds=parse_go_duration(fields.get(f"reset-{kind}")),
+    )
 
 
 @final
@@ -83,3 +98,22 @@ class OpenAIProvider:
     ) -> EmbeddingResponse:
         """Parse an embeddings payload."""
         return EmbeddingResponse.from_json(payload, request_id=request_id)
+
+    def request_id(self, headers: Mapping[str, str]) -> str | None:
+        """Return the ``x-request-id`` header, if the response has one."""
+        return headers.get("x-request-id") or None
+
+    def rate_limit_levels(self, headers: Mapping[str, str]) -> RateLimitLevels | None:
+        """Read ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``.
+
+        Resets are Go durations (``6m0s``, ``12ms``, ``1m30.5s``) or plain seconds.
+        ``None`` when the response has no ``x-ratelimit-*`` header.
+        """
+        fields = prefixed(headers, "x-ratelimit-")
+        if not fields:
+            return None
+        return RateLimitLevels(requests=_level(fields, "requests"), tokens=_level(fields, "tokens"))
+
+    def accepts_batch_url(self, url: str) -> bool:
+        """Return whether ``url`` is ``/v1/chat/completions`` or ``/v1/embeddings``."""
+        return url in _BATCH_URLS

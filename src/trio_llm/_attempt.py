@@ -1,0 +1,499 @@
+"""The request lifecycle: one HTTP attempt, as ``chat``, ``embed`` and ``stream`` share it.
+
+One attempt, in order (:meth:`Requester.open_exchange`, then the caller reads)::
+
+    rate-limit reservation (estimate)        waits FIFO; a cancelled wait takes nothing
+    concurrency slot                         waits FIFO; held until the exchange closes
+    send                                     trio-llm's transport directly, or httpx2
+    transport errors -> LLMError             mapped here, at each place I/O happens
+    status >= 400 -> APIStatusError          429: refund, then header feedback, then pause
+    rate-limit header feedback               the provider turns headers into levels
+    -- the open response goes to the caller: chat/embed read the body, a stream its events
+    settle (finish / fail / close)           reconcile with usage, keep, or refund
+    statistics                               counted here and nowhere else
+
+The retry policy repeats whole attempts, inside one cancel scope that is the call's
+deadline (:func:`trio_llm._retry.call_with_retries`). Where later features hook in:
+endpoint choice picks the :class:`Requester` (its URL, transport and limits) before
+:meth:`Requester.open_exchange`; a cache lookup runs in :meth:`Requester.call` before the
+retry loop (a hit is no attempt); cost is computed where :meth:`Exchange.finish` has the
+usage; a tracing span wraps one :meth:`Requester.open_exchange` to :meth:`Exchange.aclose`.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any, Final, TypeVar, final
+from urllib.parse import urlsplit
+
+import httpx2
+import trio
+
+from . import _json
+from ._config import RetryPolicy, Timeouts
+from ._errors import (
+    APIResponseError,
+    APITimeoutError,
+    LLMError,
+    error_from_response,
+    error_from_transport,
+)
+from ._http import HTTPResponse, TrioTransport
+from ._ratelimit import RateLimiter, Reservation, estimate_tokens
+from ._retry import call_with_retries
+from ._types import Usage
+from .providers._base import Provider
+
+__all__ = ["Exchange", "Request", "Requester", "direct_transport_for"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("trio_llm")
+
+# A shielded close of an httpx2 response must not hang on a dead peer.
+_CLOSE_GRACE: Final = 5.0
+
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+
+
+def direct_transport_for(
+    transport: httpx2.AsyncBaseTransport, base_url: str, *, trust_env: bool = True
+) -> TrioTransport | None:
+    """Return ``transport`` if requests to ``base_url`` may skip httpx2's client layer.
+
+    That is, when it is trio-llm's own transport and httpx2 would not route the URL
+    through a proxy from the environment (``HTTPS_PROXY``, ``ALL_PROXY``, ... unless
+    ``NO_PROXY`` names the host). httpx2's client layer costs as much CPU as the rest of a
+    request (docs/performance.md), and adds nothing to a plain POST: the client sets no
+    auth, hooks, cookies or redirects.
+    """
+    if type(transport) is not TrioTransport:
+        return None
+    if trust_env:
+        parts = urlsplit(base_url)
+        proxies = urllib.request.getproxies()
+        if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(
+            parts.hostname or ""
+        ):
+            return None
+    return transport
+
+
+@final
+class Request:
+    """One call's request, encoded once and sent by each attempt.
+
+    ``waiting_for`` says what the call is waiting for now, for the message of a deadline
+    that passes before any response.
+    """
+
+    __slots__ = ("content", "estimate", "stream", "url", "waiting_for")
+
+    def __init__(self, url: str, content: bytes, estimate: int, *, stream: bool) -> None:
+        self.url = url
+        self.content = content
+        self.estimate = estimate
+        self.stream = stream
+        self.waiting_for = "the response"
+
+    @property
+    def label(self) -> str:
+        """What the request is, for messages: ``POST <url>``."""
+        return f"POST {self.url} (stream)" if self.stream else f"POST {self.url}"
+
+
+@final
+class _HttpxResponse:
+    """An ``httpx2.Response`` seen through the interface of :class:`HTTPResponse`.
+
+    For clients whose transport is not trio-llm's own (``MockTransport``, httpx2's own for
+    HTTP/2 or proxies): every request then goes through httpx2's client layer.
+    """
+
+    __slots__ = ("_parts", "_response", "headers", "reason_phrase", "status_code")
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response = response
+        self._parts = response.aiter_bytes()
+        self.status_code = response.status_code
+        self.reason_phrase = response.reason_phrase
+        self.headers: Mapping[str, str] = response.headers
+
+    async def read(self) -> bytes:
+        return await self._response.aread()
+
+    async def receive_some(self) -> bytes:
+        try:
+            return await self._parts.__anext__()
+        except StopAsyncIteration:
+            return b""
+
+    async def aclose(self) -> None:
+        # Shielded: this runs on the way out of cancelled scopes too, and a half-read
+        # connection must be closed rather than left to the garbage collector.
+        with trio.move_on_after(_CLOSE_GRACE, shield=True):
+            await self._parts.aclose()
+            await self._response.aclose()
+
+
+@final
+class Exchange:
+    """One attempt's response, open: its concurrency slot and reservation held.
+
+    Obtained from :meth:`Requester.open_exchange` with a success status. Read it with
+    :meth:`read_json` (a whole reply) or :meth:`receive_some` (a stream), then
+    :meth:`finish` with the reply's usage or :meth:`fail`, and always :meth:`aclose`.
+    """
+
+    __slots__ = ("_requester", "_reservation", "_response", "_slot", "request", "request_id")
+
+    def __init__(
+        self,
+        requester: Requester,
+        request: Request,
+        response: HTTPResponse | _HttpxResponse,
+        reservation: Reservation | None,
+    ) -> None:
+        self._requester = requester
+        self._response = response
+        self._reservation = reservation
+        self._slot = True
+        self.request = request
+        self.request_id = requester.provider.request_id(response.headers)
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status_code
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def reason_phrase(self) -> str:
+        return self._response.reason_phrase
+
+    async def read(self) -> bytes:
+        """Read the whole body; the slot is released once it is read.
+
+        Raises:
+            APIConnectionError: the connection failed (``APITimeoutError``: the read
+                timeout expired) before the end of the body.
+
+        Cancellation: the connection is closed; the exchange is left to :meth:`aclose`.
+        """
+        try:
+            body = await self._response.read()
+        except httpx2.HTTPError as exc:
+            raise error_from_transport(exc, method="POST", url=self.request.url) from exc
+        self._release_slot()
+        return body
+
+    async def read_json(self) -> dict[str, Any]:
+        """Read the whole body and decode it as a JSON object.
+
+        Raises:
+            APIResponseError: the body is not a JSON object.
+            APIConnectionError: as for :meth:`read`.
+        """
+        body = await self.read()
+        try:
+            payload = _json.loads(body)
+        except ValueError as exc:
+            raise self.bad_reply(f"is not JSON: {body[:200].decode('utf-8', 'replace')!r}") from exc
+        if not isinstance(payload, dict):
+            raise self.bad_reply("is not a JSON object")
+        return payload
+
+    async def receive_some(self) -> bytes:
+        """Return the next bytes of the body (``b""`` at its end).
+
+        Raises:
+            APIConnectionError: the connection failed or the read timeout expired.
+
+        Cancellation: nothing was received; the connection is closed.
+        """
+        try:
+            return await self._response.receive_some()
+        except httpx2.HTTPError as exc:
+            raise error_from_transport(exc, method="POST", url=self.request.url) from exc
+
+    def bad_reply(self, what: str) -> APIResponseError:
+        """Return the error for a success reply whose body ``what`` (e.g. "is not JSON")."""
+        return APIResponseError(
+            f"HTTP {self.status_code} from {self.request.label} {what}",
+            status_code=self.status_code,
+            request_id=self.request_id,
+        )
+
+    def finish(self, usage: Usage) -> None:
+        """Count the call as succeeded with ``usage``; settle the reservation with it.
+
+        A reply that reports no tokens settles at the estimate.
+        """
+        requester = self._requester
+        requester.succeeded += 1
+        requester.prompt_tokens += usage.prompt_tokens
+        requester.completion_tokens += usage.completion_tokens
+        reservation = self._reservation
+        if reservation is not None:
+            self._reservation = None
+            if usage.total_tokens:
+                reservation.reconcile(usage.total_tokens)
+            else:
+                reservation.keep()
+
+    def settle(self, *, refund: bool) -> None:
+        """Settle the reservation of an error reply: refunded, or charged no tokens."""
+        reservation = self._reservation
+        if reservation is not None:
+            self._reservation = None
+            reservation.refund() if refund else reservation.reconcile(0)
+
+    def fail(self) -> None:
+        """Count the call as failed after its response began (a stream that broke)."""
+        self._requester.failed += 1
+
+    def _release_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            self._requester.limiter.release()
+
+    async def aclose(self) -> None:
+        """Close the response and release the slot; an unsettled reservation is kept.
+
+        A body not read to its end closes its connection. Never raises; safe in
+        ``finally`` blocks of cancelled scopes.
+        """
+        response = self._response
+        try:
+            if type(response) is HTTPResponse:
+                response.close()
+            else:
+                await response.aclose()
+        finally:
+            if self._reservation is not None:
+                # Answered, usage unknown (left early, failed): the estimate stays charged.
+                self._reservation.keep()
+                self._reservation = None
+            self._release_slot()
+
+
+@final
+class Requester:
+    """The lifecycle of a client's requests: limits, sending, settling and statistics.
+
+    One per client, shared by all its tasks. The counters are the client's statistics.
+    """
+
+    __slots__ = (
+        "_headers",
+        "_http",
+        "_limits",
+        "_stream_headers",
+        "completion_tokens",
+        "direct",
+        "failed",
+        "limiter",
+        "prompt_tokens",
+        "provider",
+        "rate",
+        "rate_limited",
+        "retried",
+        "sent",
+        "succeeded",
+        "timeouts",
+    )
+
+    def __init__(
+        self,
+        *,
+        http: httpx2.AsyncClient,
+        direct: TrioTransport | None,
+        provider: Provider,
+        rate: RateLimiter | None,
+        max_concurrency: int,
+        timeouts: Timeouts,
+    ) -> None:
+        self._http = http
+        self.direct = direct
+        # Read once: httpx2 builds a new list on each read.
+        self._headers = http.headers.raw
+        # A stream is read as it arrives, undecoded: ask for it uncompressed.
+        self._stream_headers = [
+            (name, value)
+            for name, value in self._headers
+            if name.lower() not in (b"accept", b"accept-encoding")
+        ] + [(b"accept", b"text/event-stream"), (b"accept-encoding", b"identity")]
+        self._limits = timeouts.to_httpx()
+        self.provider = provider
+        self.rate = rate
+        self.limiter = trio.CapacityLimiter(max_concurrency)
+        self.timeouts = timeouts
+        self.sent = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.retried = 0
+        self.rate_limited = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def request(self, url: str, body: Mapping[str, Any], *, stream: bool = False) -> Request:
+        """Encode ``body`` for ``url`` once, with its token estimate when rate-limited."""
+        estimate = estimate_tokens(body) if self.rate is not None else 0
+        return Request(url, _json.dumps(body), estimate, stream=stream)
+
+    def call(
+        self,
+        request: Request,
+        read: Callable[[Exchange], Awaitable[T]],
+        policy: RetryPolicy | None,
+    ) -> Awaitable[T]:
+        """Run attempts under ``policy``: each opens an exchange and ``read`` s it.
+
+        Returns the call's coroutine (a plain function: one frame fewer held by every
+        request in flight). See :meth:`attempt` for ``read``.
+
+        Raises:
+            LLMError: the last attempt's error (counted as a failed call), or
+                :class:`RetryDeadlineExceeded`.
+
+        Cancellation: the attempt in flight is abandoned (its connection closed, slot
+        released, reservation refunded if nothing was sent); nothing is retried.
+        """
+        attempt = partial(self.attempt, request, read)
+        idle = self.timeouts.stream_idle
+        if request.stream and idle is not None:
+            attempt = partial(_first_event_within, idle, request, attempt)
+        return call_with_retries(attempt, policy, call=request, stats=self)
+
+    def count_retry(self, _error: LLMError) -> None:
+        """Count a retry decided after ``_error``."""
+        self.retried += 1
+
+    def count_failure(self, _error: LLMError) -> None:
+        """Count a call that failed with ``_error``."""
+        self.failed += 1
+
+    async def attempt(self, request: Request, read: Callable[[Exchange], Awaitable[T]]) -> T:
+        """Make one attempt: reserve, take a slot, send, check the status, then ``read``.
+
+        ``read`` gets the open :class:`Exchange` of a success status and returns the
+        call's result. It owns the exchange only if it keeps it past its return (a
+        stream): otherwise reading the body to its end and :meth:`Exchange.finish` leave
+        nothing open. If ``read`` raises, the exchange is closed.
+
+        Raises:
+            APIStatusError: the server answered with an error status (its body read).
+            APIConnectionError: no response arrived (``APITimeoutError``: a timeout).
+            LLMError: what ``read`` raises.
+
+        Cancellation: nothing is held: the slot is released, the connection closed, and
+        the reservation refunded if no response came.
+        """
+        # A cancelled call stops here, before it takes a slot or a pooled connection (the
+        # waits below do not checkpoint when nothing has to wait).
+        await _checkpoint_if_cancelled()
+        rate = self.rate
+        reservation: Reservation | None = None
+        if rate is not None:
+            try:
+                reservation = rate.acquire_nowait(request.estimate)
+            except trio.WouldBlock:
+                request.waiting_for = "the rate limiter"
+                reservation = await rate.acquire(request.estimate)
+        limiter = self.limiter
+        try:
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                request.waiting_for = "a concurrency slot"
+                await limiter.acquire()
+            request.waiting_for = "the response"
+            try:
+                self.sent += 1
+                response = await self._send(request)
+            except BaseException as exc:
+                limiter.release()
+                if isinstance(exc, httpx2.HTTPError):
+                    raise error_from_transport(exc, method="POST", url=request.url) from exc
+                raise
+        except BaseException as exc:
+            # No response: the server most likely never counted it (and if the caller
+            # cancelled, it must not cost the other tasks capacity).
+            if reservation is not None:
+                reservation.refund()
+            if isinstance(exc, Exception):
+                # A failure before any I/O (a header h11 refuses, a closed transport) must
+                # still be a schedule point, as every trio call is.
+                await _cancel_shielded_checkpoint()
+            raise
+        exchange = Exchange(self, request, response, reservation)
+        try:
+            if response.status_code >= 400:
+                await self._raise_status_error(exchange)
+            if rate is not None:
+                rate.update(self.provider.rate_limit_levels(response.headers))
+            return await read(exchange)
+        except BaseException:
+            await exchange.aclose()
+            raise
+
+    def _send(self, request: Request) -> Awaitable[HTTPResponse | _HttpxResponse]:
+        """Send ``request``: a coroutine returning the response once its head arrived.
+
+        Transport errors become :class:`APIConnectionError` (mapped here, for sending, and
+        in :class:`Exchange` for reading the body).
+        """
+        direct = self.direct
+        if direct is None:
+            return self._send_through_httpx(request)
+        headers = self._stream_headers if request.stream else self._headers
+        return direct.open_response("POST", request.url, headers, request.content, self._limits)
+
+    async def _send_through_httpx(self, request: Request) -> _HttpxResponse:
+        http = self._http
+        extra = {"accept": "text/event-stream"} if request.stream else None
+        built = http.build_request("POST", request.url, content=request.content, headers=extra)
+        return _HttpxResponse(await http.send(built, stream=True))
+
+    async def _raise_status_error(self, exchange: Exchange) -> None:
+        """Read an error reply, settle its reservation, feed its headers back; raise it."""
+        body = await exchange.read()
+        status = exchange.status_code
+        headers = exchange.headers
+        error = error_from_response(
+            status, headers, body, reason=exchange.reason_phrase, request_id=exchange.request_id
+        )
+        # A 429 was not counted by the server; another error cost it no tokens.
+        exchange.settle(refund=status == 429)
+        rate = self.rate
+        if rate is not None:
+            # After the refund: the server's remaining count is the truth from here on,
+            # and a refund on top of it would put this client ahead of the server.
+            rate.update(self.provider.rate_limit_levels(headers))
+        if status == 429:
+            self.rate_limited += 1
+            if rate is not None and error.retry_after:
+                rate.pause(error.retry_after)  # every task of the client waits it out
+        raise error
+
+
+async def _first_event_within(
+    idle: float, request: Request, attempt: Callable[[], Awaitable[T]]
+) -> T:
+    """Run a stream's ``attempt``: ``Timeouts.stream_idle`` bounds its wait for an event.
+
+    From the request to the first event, as it bounds the wait between events after.
+    """
+    with trio.move_on_after(idle):
+        return await attempt()
+    raise APITimeoutError(
+        f"no event from POST {request.url} within stream_idle={idle}s",
+        method="POST",
+        url=request.url,
+    )
