@@ -11,7 +11,8 @@ import sys
 import httpx2
 import pytest
 
-from trio_llm._cli import EXIT_USAGE, build_parser, main
+from trio_llm._cli import build_parser, main
+from trio_llm._cli_options import EXIT_USAGE
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -164,7 +165,7 @@ def test_fake_server_has_one_flag_per_config_field() -> None:
     from trio_llm.testing import FakeLLMConfig
 
     parser = build_parser()
-    help_text = parser._subparsers._group_actions[0].choices["fake-server"].format_help()  # type: ignore[union-attr]
+    help_text = parser._subparsers._group_actions[0].choices["fake-server"].format_help()  # type: ignore[union-attr,index]
     for field in attrs.fields(FakeLLMConfig):
         assert "--" + field.name.replace("_", "-") in help_text
     assert "--rpm" in help_text
@@ -181,6 +182,21 @@ def test_help_reads_well() -> None:
     assert status == 0
     assert "--simulate" in out
     assert "--base-url" in out
+
+
+def test_command_modules_do_not_import_the_top_level_command() -> None:
+    """Shared CLI pieces and each command import without `trio_llm._cli`: no import cycle."""
+    code = (
+        "import sys\n"
+        "for name in ('trio_llm._cli_options', 'trio_llm.batch._command',\n"
+        "             'trio_llm.serve._command'):\n"
+        "    __import__(name)\n"
+        "    assert 'trio_llm._cli' not in sys.modules, f'{name} imports trio_llm._cli'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_fake_server_command_serves_until_interrupted() -> None:

@@ -10,7 +10,16 @@ from typing import Any, Final
 
 import trio
 
-from .. import _cli
+from .._cli_options import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_connection_options,
+    non_negative_float,
+    open_cli_client,
+    positive_float,
+)
 from .._client import Client
 from .._errors import BatchInputError, ConfigurationError, LLMError
 from .._ratelimit import RateLimit
@@ -50,13 +59,13 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         required=True,
         help="the answers (created, or appended to when resuming)",
     )
-    _cli._add_connection_options(batch)
+    add_connection_options(batch)
     limits = batch.add_argument_group("rate limits (default: adopt the server's headers)")
     limits.add_argument(
-        "--rpm", metavar="N", type=_cli._positive_float, help="requests per minute, at most"
+        "--rpm", metavar="N", type=positive_float, help="requests per minute, at most"
     )
     limits.add_argument(
-        "--tpm", metavar="N", type=_cli._positive_float, help="tokens per minute, at most"
+        "--tpm", metavar="N", type=positive_float, help="tokens per minute, at most"
     )
     run = batch.add_argument_group("run")
     run.add_argument(
@@ -72,7 +81,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     run.add_argument(
         "--grace",
         metavar="SECONDS",
-        type=_cli._non_negative_float,
+        type=non_negative_float,
         default=30.0,
         help="after Ctrl-C or SIGTERM, how long requests in flight may finish "
         "(default: %(default)s)",
@@ -80,7 +89,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     run.add_argument(
         "--progress-interval",
         metavar="SECONDS",
-        type=_cli._positive_float,
+        type=positive_float,
         default=10.0,
         help="seconds between progress lines when stderr is not a terminal (default: %(default)s)",
     )
@@ -88,7 +97,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
     rate_limit = RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
-    return _cli._open_cli_client(
+    return open_cli_client(
         args,
         rate_limit=rate_limit,
         simulate_latency=_SIMULATED_LATENCY,
@@ -149,16 +158,16 @@ def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
             f"answered in {summary.output_path}, {summary.unanswered:,} not yet. "
             f"To resume, run the same command again: {_resume_command(args)}"
         )
-        return _cli.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     if summary.errors:
         _say(
             f"done: {summary.errors:,} of {summary.total:,} lines answered with an error "
             f'(their lines in {summary.output_path} have "error" set); '
             "rerun with --retry-failed to send them again"
         )
-        return _cli.EXIT_ERROR
+        return EXIT_ERROR
     _say(f"done: all {summary.total:,} lines answered OK in {summary.output_path}")
-    return _cli.EXIT_OK
+    return EXIT_OK
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -178,7 +187,7 @@ def _report_failure(exc: BaseException, args: argparse.Namespace) -> int:
     if leaves and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         # Ctrl-C before the run's own signal handling started: nothing was sent.
         _say(f"interrupted before sending; run the same command again: {_resume_command(args)}")
-        return _cli.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     if len(leaves) != 1:
         raise exc
     error = leaves[0]
@@ -186,16 +195,16 @@ def _report_failure(exc: BaseException, args: argparse.Namespace) -> int:
         _say(f"error: {error}")
         if error.path == args.input:
             _say("fix these lines, or pass --skip-invalid to record them as error lines")
-        return _cli.EXIT_USAGE
+        return EXIT_USAGE
     if isinstance(error, ConfigurationError):
         _say(f"error: {error}")
-        return _cli.EXIT_USAGE
+        return EXIT_USAGE
     if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
         _say(f"error: {error.strerror}: {error.filename}")
-        return _cli.EXIT_USAGE
+        return EXIT_USAGE
     if isinstance(error, (LLMError, OSError)):
         _say(f"error: {type(error).__name__}: {error}; rerun the same command to resume")
-        return _cli.EXIT_ERROR
+        return EXIT_ERROR
     raise exc
 
 

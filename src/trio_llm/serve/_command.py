@@ -11,7 +11,13 @@ from typing import Any
 
 import trio
 
-from .. import _cli
+from .._cli_options import (
+    DEFAULT_MODEL,
+    EXIT_OK,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from .._client import open_client
 from .._config import RetryPolicy
 from .._errors import ConfigurationError
@@ -49,26 +55,25 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     upstream.add_argument(
         "--model",
         metavar="MODEL",
-        help=f"model for requests that name none (default: $TRIO_LLM_MODEL or "
-        f"{_cli._DEFAULT_MODEL})",
+        help=f"model for requests that name none (default: $TRIO_LLM_MODEL or {DEFAULT_MODEL})",
     )
     upstream.add_argument(
         "--concurrency",
         metavar="N",
-        type=_cli._positive_int,
+        type=positive_int,
         default=64,
         help="upstream requests in flight at once (default: %(default)s)",
     )
     upstream.add_argument(
-        "--rpm", metavar="N", type=_cli._positive_float, help="upstream requests per minute"
+        "--rpm", metavar="N", type=positive_float, help="upstream requests per minute"
     )
     upstream.add_argument(
-        "--tpm", metavar="N", type=_cli._positive_float, help="upstream tokens per minute"
+        "--tpm", metavar="N", type=positive_float, help="upstream tokens per minute"
     )
     upstream.add_argument(
         "--max-attempts",
         metavar="N",
-        type=_cli._positive_int,
+        type=positive_int,
         default=3,
         help="attempts per upstream call, the first included (default: %(default)s)",
     )
@@ -88,7 +93,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     server.add_argument(
         "--grace",
         metavar="SECONDS",
-        type=_cli._non_negative_float,
+        type=non_negative_float,
         default=30.0,
         help="after SIGINT or SIGTERM, how long requests in flight may finish "
         "(default: %(default)s)",
@@ -110,7 +115,7 @@ async def _serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get(args.api_key_env) or None
     if args.api_key_env != "OPENAI_API_KEY" and api_key is None:
         raise ConfigurationError(f"${args.api_key_env} is not set (named by --api-key-env)")
-    model = args.model or os.environ.get("TRIO_LLM_MODEL") or _cli._DEFAULT_MODEL
+    model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODEL
     async with open_client(
         base_url=args.upstream,
         api_key=api_key,
@@ -149,7 +154,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     print("trio-llm serve: stopped", file=sys.stderr, flush=True)
-    return _cli.EXIT_OK
+    return EXIT_OK
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
