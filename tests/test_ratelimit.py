@@ -16,15 +16,14 @@ import pytest
 import trio
 import trio.testing
 
-from trio_llm import _ratelimit
+from trio_llm import _estimate
+from trio_llm._estimate import DEFAULT_COMPLETION_TOKENS, estimate_tokens
 from trio_llm._ratelimit import (
-    DEFAULT_COMPLETION_TOKENS,
     RateLimit,
     RateLimiter,
     RateLimitLevel,
     RateLimitLevels,
     Reservation,
-    estimate_tokens,
 )
 
 
@@ -449,9 +448,9 @@ async def test_per_direction_token_limits_leave_out_what_is_in_flight(
 def no_tiktoken(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Make tiktoken unimportable, as when it is not installed."""
     monkeypatch.setitem(sys.modules, "tiktoken", None)
-    _ratelimit._tiktoken_encoding.cache_clear()
+    _estimate._tiktoken_encoding.cache_clear()
     yield
-    _ratelimit._tiktoken_encoding.cache_clear()
+    _estimate._tiktoken_encoding.cache_clear()
 
 
 @pytest.mark.usefixtures("no_tiktoken")
@@ -540,11 +539,11 @@ def test_estimate_falls_back_when_tiktoken_cannot_load(monkeypatch: pytest.Monke
         raise OSError("offline: cannot download o200k_base")
 
     monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=get_encoding))
-    _ratelimit._tiktoken_encoding.cache_clear()
+    _estimate._tiktoken_encoding.cache_clear()
     try:
         assert estimate_tokens({"input": "a" * 12}) == 3
     finally:
-        _ratelimit._tiktoken_encoding.cache_clear()
+        _estimate._tiktoken_encoding.cache_clear()
 
 
 def test_estimate_uses_tiktoken_when_it_loads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -561,10 +560,10 @@ def test_estimate_uses_tiktoken_when_it_loads(monkeypatch: pytest.MonkeyPatch) -
         return Encoding()
 
     monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=get_encoding))
-    _ratelimit._tiktoken_encoding.cache_clear()
+    _estimate._tiktoken_encoding.cache_clear()
     try:
         assert estimate_tokens({"input": "one two three four five"}) == 5
         assert estimate_tokens({"input": "six"}) == 1
         assert names == ["o200k_base"]
     finally:
-        _ratelimit._tiktoken_encoding.cache_clear()
+        _estimate._tiktoken_encoding.cache_clear()

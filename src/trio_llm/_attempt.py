@@ -41,8 +41,9 @@ from ._errors import (
     error_from_response,
     error_from_transport,
 )
+from ._estimate import estimate_tokens
 from ._http import HTTPResponse, TrioTransport
-from ._ratelimit import RateLimiter, Reservation, estimate_tokens
+from ._ratelimit import RateLimiter, Reservation
 from ._retry import call_with_retries
 from ._types import Usage
 from .providers._base import Provider

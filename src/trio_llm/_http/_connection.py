@@ -51,6 +51,7 @@ _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
+_current_effective_deadline = trio.current_effective_deadline
 
 
 @final
@@ -156,28 +157,40 @@ def _stdlib_socket_of(sock: trio.socket.SocketType) -> _stdlib_socket.socket | N
     return raw if isinstance(raw, _stdlib_socket.socket) else None
 
 
-async def _send_on_socket(socket: trio.socket.SocketType, data: bytes) -> None:
-    """Send all of ``data`` on a plain-TCP trio socket (``OSError`` on failure).
+def _phase_deadline(seconds: float | None) -> float:
+    """When a phase limit of ``seconds`` starting now ends; ``inf`` if it needs no scope.
 
-    Used instead of ``trio.SocketStream.send_all``, which wraps each call in context
-    managers (error translation, conflict detection, a memoryview) that cost more than
-    the system call; the errors are translated where the calls are made.
-
-    Cancellation: part of ``data`` may have been sent; the caller closes the socket.
+    A limit that cannot end before an enclosing deadline (the call's retry deadline, a
+    caller's scope) would never fire first: no scope is made for it, since a scope costs
+    CPU and memory on every request in flight. (A deadline moved later after this check
+    is not seen: the phase then waits until that deadline.)
     """
-    sent = await socket.send(data)
-    if sent < len(data):
-        view = memoryview(data)
-        while sent < len(data):
-            sent += await socket.send(view[sent:])
+    if seconds is None:
+        return _INF
+    deadline = _now() + seconds
+    return _INF if deadline >= _current_effective_deadline() else deadline
 
 
-async def _send_on_raw_socket(sock: _stdlib_socket.socket, data: bytes) -> None:
-    """:func:`_send_on_socket` on the standard-library socket under a trio socket.
+def _write_timeout(seconds: float | None) -> httpx2.WriteTimeout:
+    return httpx2.WriteTimeout(f"could not send within the write timeout ({seconds} s)")
+
+
+def _read_timeout(seconds: float | None) -> httpx2.ReadTimeout:
+    return httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
+
+
+async def _send_on_raw_socket(
+    sock: _stdlib_socket.socket, data: bytes, seconds: float | None
+) -> None:
+    """Send all of ``data``, each wait for the socket within ``seconds`` (``OSError``).
 
     Does what trio's socket methods do (a checkpoint, the system call, a wait for the
     socket only when it would block) without their two layers of coroutines and context
-    managers: less CPU per call, and fewer frames held by each request waiting.
+    managers: less CPU per call, and fewer frames held by each request waiting. The write
+    timeout's scope is made only when the socket is full.
+
+    Raises:
+        httpx2.WriteTimeout: the socket stayed full for ``seconds``.
 
     Cancellation: part of ``data`` may have been sent; the caller closes the socket.
     """
@@ -188,19 +201,31 @@ async def _send_on_raw_socket(sock: _stdlib_socket.socket, data: bytes) -> None:
         try:
             sent += sock.send(data if view is None else view[sent:])
         except BlockingIOError:
-            await _wait_writable(sock)
-            continue
+            deadline = _phase_deadline(seconds)
+            if deadline == _INF:
+                await _wait_writable(sock)
+                continue
+            with trio.CancelScope(deadline=deadline):
+                await _wait_writable(sock)
+                continue
+            raise _write_timeout(seconds) from None
         if sent >= len(data):
             break
         view = memoryview(data)
     await _cancel_shielded_checkpoint()
 
 
-async def _receive_on_raw_socket(sock: _stdlib_socket.socket, max_bytes: int) -> bytes:
+async def _receive_on_raw_socket(
+    sock: _stdlib_socket.socket, max_bytes: int, seconds: float | None
+) -> bytes:
     """Receive up to ``max_bytes`` (``b""`` at the end) as trio's ``socket.recv`` does.
 
     A checkpoint, then the system call, waiting for the socket only if it would block
-    (see :func:`_send_on_raw_socket` for why not trio's own).
+    (see :func:`_send_on_raw_socket` for why not trio's own), within ``seconds``: the
+    read timeout's scope is made only for that wait.
+
+    Raises:
+        httpx2.ReadTimeout: nothing arrived within ``seconds``.
 
     Cancellation: nothing was received.
     """
@@ -212,12 +237,64 @@ async def _receive_on_raw_socket(sock: _stdlib_socket.socket, max_bytes: int) ->
     else:
         await _cancel_shielded_checkpoint()
         return data
+    deadline = _phase_deadline(seconds)
     while True:
-        await _wait_readable(sock)
+        if deadline == _INF:
+            await _wait_readable(sock)
+        else:
+            with trio.CancelScope(deadline=deadline) as scope:
+                await _wait_readable(sock)
+            if scope.cancelled_caught:
+                raise _read_timeout(seconds)
         try:
             return sock.recv(max_bytes)
         except BlockingIOError:
             pass
+
+
+async def _send_within(
+    send: Callable[[bytes], Awaitable[object]], data: bytes, seconds: float | None
+) -> None:
+    """Send ``data`` with a stream's or trio socket's own method, within ``seconds``.
+
+    Raises:
+        httpx2.WriteTimeout: the send did not complete within ``seconds``.
+    """
+    deadline = _phase_deadline(seconds)
+    if deadline == _INF:
+        await _send_all(send, data)
+        return
+    with trio.CancelScope(deadline=deadline):
+        await _send_all(send, data)
+        return
+    raise _write_timeout(seconds)
+
+
+async def _send_all(send: Callable[[bytes], Awaitable[object]], data: bytes) -> None:
+    # A trio socket's send() may send part (it returns a count); a stream's sends all.
+    sent = await send(data)
+    if isinstance(sent, int) and sent < len(data):
+        view = memoryview(data)
+        while sent < len(data):
+            more = await send(view[sent:])  # type: ignore[arg-type]  # bytes-like
+            assert isinstance(more, int)
+            sent += more
+
+
+async def _receive_within(
+    receive: Callable[[int], Awaitable[bytes | bytearray]], max_bytes: int, seconds: float | None
+) -> bytes | bytearray:
+    """Receive with a stream's or trio socket's own method, within ``seconds``.
+
+    Raises:
+        httpx2.ReadTimeout: nothing arrived within ``seconds``.
+    """
+    deadline = _phase_deadline(seconds)
+    if deadline == _INF:
+        return await receive(max_bytes)
+    with trio.CancelScope(deadline=deadline):
+        return await receive(max_bytes)
+    raise _read_timeout(seconds)
 
 
 @final
@@ -235,18 +312,20 @@ class Connection:
 
     def __init__(self, socket: trio.socket.SocketType, tls: trio.SSLStream[Any] | None) -> None:
         self.socket = socket
-        self.send_all: Callable[[bytes], Awaitable[None]]
-        self.receive_some: Callable[[int], Awaitable[bytes | bytearray]]
+        #: ``send_all(data, seconds)``: send all of ``data``, each wait within ``seconds``.
+        self.send_all: Callable[[bytes, float | None], Awaitable[None]]
+        #: ``receive_some(max_bytes, seconds)``: some bytes, waiting at most ``seconds``.
+        self.receive_some: Callable[[int, float | None], Awaitable[bytes | bytearray]]
         raw = None if tls is not None else _stdlib_socket_of(socket)
         if raw is not None:
             self.send_all = partial(_send_on_raw_socket, raw)
             self.receive_some = partial(_receive_on_raw_socket, raw)
         elif tls is None:
-            self.send_all = partial(_send_on_socket, socket)
-            self.receive_some = socket.recv
+            self.send_all = partial(_send_within, socket.send)
+            self.receive_some = partial(_receive_within, socket.recv)
         else:
-            self.send_all = tls.send_all
-            self.receive_some = tls.receive_some
+            self.send_all = partial(_send_within, tls.send_all)
+            self.receive_some = partial(_receive_within, tls.receive_some)
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.body: Body | None = None
         self.idle_since = 0.0
@@ -324,10 +403,11 @@ async def exchange(
     ``head`` is the request's head and its body comes from ``stream``. The body stays
     unread, in ``conn.body``. The caller closes the connection on any failure.
 
-    One cancel scope covers both phases, its deadline moved before each write (``write``
-    timeout) and each read (``read`` timeout): a scope costs more than the I/O it guards.
-    (The deadline of the first write is set when the scope is made, to move it less.)
-    One function rather than several: each frame is held by every request waiting.
+    Each write has the ``write`` timeout and each read the ``read`` timeout, as cancel
+    scopes made only where the socket has to be waited for, and only when an enclosing
+    deadline would not end first (see :func:`_phase_deadline`): a scope costs more than
+    the I/O it guards. One function rather than several: each frame is held by every
+    request waiting.
 
     Raises:
         StaleConnection: ``conn`` was ``reused`` and ended before the first byte of the
@@ -336,89 +416,65 @@ async def exchange(
         httpx2.RemoteProtocolError, httpx2.LocalProtocolError: as their names say.
     """
     state = conn.h11
-    write = timeouts.write
     read = timeouts.read
-    writing = True
     received = False
-    # Created with the write deadline: each change of a scope's deadline costs a few us.
-    with trio.CancelScope(deadline=_INF if write is None else _now() + write) as scope:
-        try:
-            with WRITE_ERRORS:
-                if wire is not None:
-                    state.send(head)
-                    state.send(_END_EVENT)
-                    await conn.send_all(wire)
-                else:
-                    assert stream is not None
-                    await _send_streamed(conn, head, stream, scope, write)
-            writing = False
-            if read is None and write is not None:
-                scope.deadline = _INF  # the write timeout no longer applies
-            # Nothing of the response can be buffered yet (a connection with bytes past
-            # its last response is never reused), so the first step is a read.
-            event: object = _NEED_DATA
-            with READ_ERRORS:
-                while True:
-                    if event is _NEED_DATA:
-                        if read is not None:
-                            scope.deadline = _now() + read
-                        incoming = await conn.receive_some(RECEIVE_SIZE)
-                        if not incoming and not received:
-                            error = httpx2.RemoteProtocolError(
-                                "the server closed the connection without sending a response"
-                            )
-                            raise StaleConnection(error) if reused else error
-                        received = True
-                        state.receive_data(incoming)  # type: ignore[arg-type]  # any bytes-like
-                    elif type(event) is _RESPONSE:
-                        conn.body = Body(event, head.method, state)
-                        return event
-                    elif not isinstance(event, h11.InformationalResponse):
-                        # (100 Continue and the like are skipped: the real response follows.)
-                        raise httpx2.RemoteProtocolError(
-                            f"unexpected {type(event).__name__} before the response head"
+    try:
+        with WRITE_ERRORS:
+            if wire is not None:
+                state.send(head)
+                state.send(_END_EVENT)
+                await conn.send_all(wire, timeouts.write)
+            else:
+                assert stream is not None
+                await _send_streamed(conn, head, stream, timeouts.write)
+        # Nothing of the response can be buffered yet (a connection with bytes past its
+        # last response is never reused), so the first step is a read.
+        event: object = _NEED_DATA
+        with READ_ERRORS:
+            while True:
+                if event is _NEED_DATA:
+                    incoming = await conn.receive_some(RECEIVE_SIZE, read)
+                    if not incoming and not received:
+                        error = httpx2.RemoteProtocolError(
+                            "the server closed the connection without sending a response"
                         )
-                    event = state.next_event()
-        except (httpx2.WriteError, httpx2.ReadError) as exc:
-            if reused and not received:
-                raise StaleConnection(exc) from exc
-            raise
-    if writing:
-        raise httpx2.WriteTimeout(f"could not send within the write timeout ({write} s)")
-    raise httpx2.ReadTimeout(f"no data within the read timeout ({read} s)")
+                        raise StaleConnection(error) if reused else error
+                    received = True
+                    state.receive_data(incoming)  # type: ignore[arg-type]  # any bytes-like
+                elif type(event) is _RESPONSE:
+                    conn.body = Body(event, head.method, state)
+                    return event
+                elif not isinstance(event, h11.InformationalResponse):
+                    # (100 Continue and the like are skipped: the real response follows.)
+                    raise httpx2.RemoteProtocolError(
+                        f"unexpected {type(event).__name__} before the response head"
+                    )
+                event = state.next_event()
+    except (httpx2.WriteError, httpx2.ReadError) as exc:
+        if reused and not received:
+            raise StaleConnection(exc) from exc
+        raise
 
 
 async def _send_streamed(
-    conn: Connection,
-    head: h11.Request,
-    stream: httpx2.AsyncByteStream,
-    scope: trio.CancelScope,
-    write: float | None,
+    conn: Connection, head: h11.Request, stream: httpx2.AsyncByteStream, write: float | None
 ) -> None:
-    """Send ``head``, then the body as ``stream`` produces it, within ``scope``.
+    """Send ``head``, then the body as ``stream`` produces it; each write within ``write``.
 
-    Each write has ``write`` seconds; producing the next part is not writing.
+    Producing the next part is not writing: only the sends are timed.
     """
     state = conn.h11
     send_all = conn.send_all
-    await send_all(state.send(head) or b"")  # within the scope's first deadline
-    if write is not None:
-        scope.deadline = _INF
+    await send_all(state.send(head) or b"", write)
     parts = stream.__aiter__()
     try:
         async for chunk in parts:
             if chunk:
-                if write is not None:
-                    scope.deadline = _now() + write
-                await send_all(state.send(h11.Data(data=chunk)) or b"")
-                if write is not None:
-                    scope.deadline = _INF  # producing the next part is not writing
+                await send_all(state.send(h11.Data(data=chunk)) or b"", write)
     finally:
         if isinstance(parts, AsyncGenerator):
             await parts.aclose()  # at once, not by the garbage collector
-    if write is not None:
-        scope.deadline = _now() + write
-    await send_all(state.send(h11.EndOfMessage()) or b"")
+    await send_all(state.send(h11.EndOfMessage()) or b"", write)
 
 
 async def receive(conn: Connection, seconds: float | None) -> bytes:
@@ -431,11 +487,5 @@ async def receive(conn: Connection, seconds: float | None) -> bytes:
     Cancellation: nothing was read.
     """
     with READ_ERRORS:
-        if seconds is None:
-            data = await conn.receive_some(RECEIVE_SIZE)
-        else:
-            with trio.CancelScope(deadline=_now() + seconds) as scope:
-                data = await conn.receive_some(RECEIVE_SIZE)
-            if scope.cancelled_caught:
-                raise httpx2.ReadTimeout(f"no data within the read timeout ({seconds} s)")
+        data = await conn.receive_some(RECEIVE_SIZE, seconds)
     return data if type(data) is bytes else bytes(data)  # trio may give a bytearray

@@ -198,90 +198,113 @@ def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request |
         line: its line number, for messages.
         default_model: the model used when a body names none (``None``: a body must).
     """
+    # Runs once per line, twice per run: the checks of a valid line stay inline or in
+    # one call each; only the failures build their messages in helpers.
     try:
         text = raw.decode()
     except UnicodeDecodeError as exc:
-        return Invalid(
-            line=line,
-            custom_id=None,
-            code="invalid_json",
-            reason=f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}",
-        )
+        return _not_utf8(raw, line, exc)
     if line == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors write
         text = text[1:]
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        # Positions count characters of the line, whose newline is no part of the JSON.
-        at_end = exc.pos >= len(text.rstrip())
-        where = "at the end of the line" if at_end else f"column {exc.pos + 1}"
-        return Invalid(
-            line=line,
-            custom_id=None,
-            code="invalid_json",
-            reason=f"invalid JSON: {exc.msg} ({where})",
-        )
+        return _not_json(text, line, exc)
     if not isinstance(payload, dict):
-        return Invalid(
-            line=line,
-            custom_id=None,
-            code="invalid_json",
-            reason=f"expected a JSON object, got {_json_type(payload)}",
+        return _anonymous(
+            line, "invalid_json", f"expected a JSON object, got {_json_type(payload)}"
         )
     if "custom_id" not in payload:
-        return Invalid(line=line, custom_id=None, code="missing_custom_id", reason="no custom_id")
+        return _anonymous(line, "missing_custom_id", "no custom_id")
     custom_id = payload["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:
-        return Invalid(
-            line=line,
-            custom_id=None,
-            code="invalid_custom_id",
-            reason=f"custom_id must be a non-empty string, not {_json_type(custom_id)}",
+        return _anonymous(
+            line,
+            "invalid_custom_id",
+            f"custom_id must be a non-empty string, not {_json_type(custom_id)}",
         )
-
-    def invalid(code: str, reason: str) -> Invalid:
-        return Invalid(line=line, custom_id=custom_id, code=code, reason=reason)
-
     if "prompt" in payload:
-        if {"method", "url", "body"}.intersection(payload):
-            return invalid(
-                "invalid_request",
-                "a line has either 'prompt' (short form) or 'method', 'url' and 'body'",
-            )
-        prompt = payload["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            return invalid(
-                "invalid_prompt", f"prompt must be a non-empty string, not {_json_type(prompt)}"
-            )
+        problem = _short_form_problem(payload, line, custom_id)
+        if problem is not None:
+            return problem
         body = {k: v for k, v in payload.items() if k not in ("custom_id", "prompt")}
-        if "messages" in body:
-            return invalid("invalid_request", "a line has either 'prompt' or 'messages'")
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = [{"role": "user", "content": payload["prompt"]}]
         url = CHAT_URL
     else:
-        method = payload.get("method")
-        if method != "POST":
-            shown = "missing" if "method" not in payload else f"{method!r}"
-            return invalid("invalid_method", f'method must be "POST" ({shown})')
-        given_url = payload.get("url")
-        if given_url not in _URLS:
-            shown = "missing" if "url" not in payload else f"{given_url!r}"
-            return invalid("invalid_url", f"unsupported url {shown}; supported: {', '.join(_URLS)}")
-        url = str(given_url)
-        given_body = payload.get("body")
-        if not isinstance(given_body, dict):
-            return invalid(
-                "invalid_body", f"body must be a JSON object, not {_json_type(given_body)}"
-            )
-        body = given_body
-    problem = _check_body(url, body, default_model)
-    if problem is not None:
-        return invalid("invalid_body", problem)
+        problem = _batch_form_problem(payload, line, custom_id)
+        if problem is not None:
+            return problem
+        url = payload["url"]
+        body = payload["body"]
+    reason = _check_body(url, body, default_model)
+    if reason is not None:
+        return Invalid(line=line, custom_id=custom_id, code="invalid_body", reason=reason)
     if "\\u" in text and _LONE_SURROGATE.search(text) and not _encodable(body):
-        return invalid(
-            "invalid_body", "the body holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8"
+        return Invalid(
+            line=line,
+            custom_id=custom_id,
+            code="invalid_body",
+            reason="the body holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8",
         )
     return Request(line=line, custom_id=custom_id, url=url, body=body)
+
+
+def _anonymous(line: int, code: str, reason: str) -> Invalid:
+    """Return the :class:`Invalid` of a line with no usable ``custom_id``."""
+    return Invalid(line=line, custom_id=None, code=code, reason=reason)
+
+
+def _not_utf8(raw: bytes, line: int, exc: UnicodeDecodeError) -> Invalid:
+    reason = f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
+    return _anonymous(line, "invalid_json", reason)
+
+
+def _not_json(text: str, line: int, exc: json.JSONDecodeError) -> Invalid:
+    # Positions count characters of the line, whose newline is no part of the JSON.
+    at_end = exc.pos >= len(text.rstrip())
+    where = "at the end of the line" if at_end else f"column {exc.pos + 1}"
+    return _anonymous(line, "invalid_json", f"invalid JSON: {exc.msg} ({where})")
+
+
+# The fields of the Batch API form, which the short form (``prompt``) must not mix in.
+_BATCH_FORM_FIELDS: Final = frozenset({"method", "url", "body"})
+
+
+def _short_form_problem(payload: dict[str, Any], line: int, custom_id: str) -> Invalid | None:
+    """Return what is wrong with the envelope of a ``prompt`` line, or ``None``."""
+    if not _BATCH_FORM_FIELDS.isdisjoint(payload):
+        reason = "a line has either 'prompt' (short form) or 'method', 'url' and 'body'"
+        return Invalid(line=line, custom_id=custom_id, code="invalid_request", reason=reason)
+    prompt = payload["prompt"]
+    if not isinstance(prompt, str) or not prompt:
+        reason = f"prompt must be a non-empty string, not {_json_type(prompt)}"
+        return Invalid(line=line, custom_id=custom_id, code="invalid_prompt", reason=reason)
+    if "messages" in payload:
+        reason = "a line has either 'prompt' or 'messages'"
+        return Invalid(line=line, custom_id=custom_id, code="invalid_request", reason=reason)
+    return None
+
+
+def _batch_form_problem(payload: dict[str, Any], line: int, custom_id: str) -> Invalid | None:
+    """Return what is wrong with the envelope of a Batch API line, or ``None``.
+
+    ``None`` means its ``url`` is one of :data:`_URLS` and its ``body`` an object.
+    """
+    method = payload.get("method")
+    if method != "POST":
+        shown = "missing" if "method" not in payload else f"{method!r}"
+        reason = f'method must be "POST" ({shown})'
+        return Invalid(line=line, custom_id=custom_id, code="invalid_method", reason=reason)
+    url = payload.get("url")
+    if url not in _URLS:
+        shown = "missing" if "url" not in payload else f"{url!r}"
+        reason = f"unsupported url {shown}; supported: {', '.join(_URLS)}"
+        return Invalid(line=line, custom_id=custom_id, code="invalid_url", reason=reason)
+    body = payload.get("body")
+    if not isinstance(body, dict):
+        reason = f"body must be a JSON object, not {_json_type(body)}"
+        return Invalid(line=line, custom_id=custom_id, code="invalid_body", reason=reason)
+    return None
 
 
 def read_lines(file: IO[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -391,6 +414,75 @@ def _problem_message(path: str, problems: list[Invalid], count: int) -> str:
     return f"{path}: {count} invalid lines; nothing was sent:\n{listed}{more}"
 
 
+@final
+class _Planner:
+    """Count each checked line into the plan: answered already, to send, or to record.
+
+    Invalid lines not answered already are problems: the first few (by line number) are
+    kept for the error message, and all are counted.
+    """
+
+    __slots__ = ("_answered_ok", "_failed", "_failed_lines", "plan", "problem_count", "problems")
+
+    def __init__(self, plan: InputPlan, answered: AnsweredKeys, *, retry_failed: bool) -> None:
+        self.plan = plan
+        self._answered_ok = answered.ok
+        # With retry_failed, lines answered with an error count as unanswered: their error
+        # lines are removed before the run.
+        self._failed = HashSet() if retry_failed else answered.failed
+        self._failed_lines: set[int] = set() if retry_failed else answered.failed_lines
+        self.problems: list[Invalid] = []
+        self.problem_count = 0
+
+    def add(self, item: Request | Invalid) -> None:
+        """Plan ``item``'s line."""
+        plan = self.plan
+        if isinstance(item, Invalid):
+            if item.keyed_by_line:
+                if item.line in self._failed_lines:
+                    plan.answered_failed += 1
+                    return
+            elif item.custom_id is None:  # pragma: no cover - keyed_by_line covers it
+                raise AssertionError(item)
+            elif item.custom_id in self._answered_ok:  # answered before the line was changed
+                plan.answered_ok += 1
+                return
+            elif item.custom_id in self._failed:
+                plan.answered_failed += 1
+                return
+            self._add_problem(item)
+            plan.to_record += 1
+            plan.handle.set(item.line)
+        elif item.custom_id in self._answered_ok:
+            plan.answered_ok += 1
+        elif item.custom_id in self._failed:
+            plan.answered_failed += 1
+        else:
+            plan.to_send += 1
+            plan.handle.set(item.line)
+
+    def _add_problem(self, item: Invalid) -> None:
+        problems = self.problems
+        self.problem_count += 1
+        if len(problems) < _LISTED_PROBLEMS or item.line < problems[-1].line:
+            # Keep the first few by line number (duplicates are decided last).
+            bisect.insort(problems, item, key=lambda problem: problem.line)
+            del problems[_LISTED_PROBLEMS:]
+
+    def error(self) -> BatchInputError:
+        """Return the error that reports the problems (there must be some)."""
+        path = self.plan.path
+        first = self.problems[0]
+        return BatchInputError(
+            _problem_message(path, self.problems, self.problem_count),
+            path=path,
+            line=first.line,
+            reason=first.reason,
+            custom_id=first.custom_id,
+            invalid_lines=self.problem_count,
+        )
+
+
 async def check_input(
     file: IO[bytes],
     path: str,
@@ -417,45 +509,10 @@ async def check_input(
     Memory: a 64-bit hash per ``custom_id`` (see ``_keys``) and a bit per line.
     """
     plan = InputPlan(path=path, identity=file_identity(file))
+    planner = _Planner(plan, answered, retry_failed=retry_failed)
+    plan_line = planner.add
     seen = HashSet()
     suspects: dict[int, int] = {}
-    problems: list[Invalid] = []
-    problem_count = 0
-    # With retry_failed, lines answered with an error count as unanswered: their error
-    # lines are removed before the run.
-    failed = HashSet() if retry_failed else answered.failed
-    failed_lines: set[int] = set() if retry_failed else answered.failed_lines
-
-    def plan_line(item: Request | Invalid) -> None:
-        nonlocal problem_count
-        if isinstance(item, Invalid):
-            if item.keyed_by_line:
-                if item.line in failed_lines:
-                    plan.answered_failed += 1
-                    return
-            elif item.custom_id is None:  # pragma: no cover - keyed_by_line covers it
-                raise AssertionError(item)
-            elif item.custom_id in answered.ok:  # answered before the line was changed
-                plan.answered_ok += 1
-                return
-            elif item.custom_id in failed:
-                plan.answered_failed += 1
-                return
-            problem_count += 1
-            if len(problems) < _LISTED_PROBLEMS or item.line < problems[-1].line:
-                # Keep the first few by line number (duplicates are decided last).
-                bisect.insort(problems, item, key=lambda problem: problem.line)
-                del problems[_LISTED_PROBLEMS:]
-            plan.to_record += 1
-            plan.handle.set(item.line)
-        elif item.custom_id in answered.ok:
-            plan.answered_ok += 1
-        elif item.custom_id in failed:
-            plan.answered_failed += 1
-        else:
-            plan.to_send += 1
-            plan.handle.set(item.line)
-
     for number, raw in read_lines(file):
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
@@ -473,14 +530,6 @@ async def check_input(
             plan_line(duplicate_line(number, custom_id, first_line))
         for item in collided:
             plan_line(item)
-    if problem_count and not skip_invalid:
-        first = problems[0]
-        raise BatchInputError(
-            _problem_message(path, problems, problem_count),
-            path=path,
-            line=first.line,
-            reason=first.reason,
-            custom_id=first.custom_id,
-            invalid_lines=problem_count,
-        )
+    if planner.problem_count and not skip_invalid:
+        raise planner.error()
     return plan

@@ -22,7 +22,7 @@ from typing import IO, Any, final
 import attrs
 import trio
 
-from .._client import Client
+from .._client import Client, ClientStatistics
 from .._errors import ConfigurationError, LLMError
 from .._fanout import as_completed
 from .._types import Usage
@@ -131,6 +131,7 @@ class _Run:
         self._counters = counters
         self._reporter = reporter
         self._default_model = client.model
+        self._answered_before = plan.answered_ok + plan.answered_failed
         self._stopping = False
         self.interrupted = False
         self.scope = trio.CancelScope()
@@ -203,6 +204,47 @@ class _Run:
             async with as_completed(self._handle, self._work(), limit=limit) as done:
                 async for _ in done:
                     pass  # each worker wrote its line already
+
+    async def execute(self, limit: int, *, handle_signals: bool, grace: float) -> None:
+        """Handle every marked line (:meth:`send_all`), reporting progress meanwhile.
+
+        With ``handle_signals``, SIGINT and SIGTERM stop the run (:meth:`watch_signals`).
+        The reporter is closed however this ends.
+        """
+        reporter = self._reporter
+        reporter.start(_plan_text(self._plan, self._output.path, self._answered_before))
+        try:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    await nursery.start(self.watch_signals, grace)
+                nursery.start_soon(reporter.run)
+                await self.send_all(limit)
+                nursery.cancel_scope.cancel()
+        finally:
+            reporter.close()
+
+    def summary(self, *, before: ClientStatistics, started: float) -> BatchSummary:
+        """Say what the run did, given the client's statistics and the clock at its start."""
+        plan, counters = self._plan, self._counters
+        after = self._client.statistics()
+        return BatchSummary(
+            input_path=plan.path,
+            output_path=self._output.path,
+            total=plan.total,
+            succeeded=counters.succeeded,
+            failed=counters.failed,
+            invalid=counters.invalid,
+            skipped=self._answered_before,
+            skipped_failed=plan.answered_failed,
+            unanswered=plan.total - self._answered_before - counters.handled,
+            retries=after.retried - before.retried,
+            rate_limited=after.rate_limited - before.rate_limited,
+            prompt_tokens=counters.prompt_tokens,
+            completion_tokens=counters.completion_tokens,
+            tokens=counters.prompt_tokens + counters.completion_tokens,
+            elapsed=trio.current_time() - started,
+            interrupted=self.interrupted,
+        )
 
     def stop(self, grace: float) -> None:
         """Start no new request; cancel those in flight after ``grace`` seconds."""
@@ -297,69 +339,68 @@ async def run_batch(
         if _is_same_file(input_file, target):
             raise ConfigurationError(f"the output file {target} is the input file")
         with OutputFile.open(target) as output:
-            scan = await output.scan()
-            plan = await check_input(
+            run = await _prepare_run(
+                client,
                 input_file,
-                source,
-                scan.answered,
-                default_model=client.model,
+                output,
+                input_path=source,
                 skip_invalid=skip_invalid,
                 retry_failed=retry_failed,
+                progress=progress,
+                progress_interval=progress_interval,
             )
-            notes = await output.prepare(retry_failed=retry_failed)
-            counters = Counters()
-            answered_before = plan.answered_ok + plan.answered_failed
-            to_handle = plan.to_send + plan.to_record
-            reporter = open_reporter(
-                Watched(
-                    client=client,
-                    counters=counters,
-                    total=plan.total,
-                    answered_before=answered_before,
-                    to_handle=to_handle,
-                ),
-                enabled=progress,
-                interval=progress_interval,
-            )
-            for note in notes:
-                reporter.note(note)
-            run = _Run(
-                client=client,
-                input_file=input_file,
-                plan=plan,
-                output=output,
-                counters=counters,
-                reporter=reporter,
-            )
-            reporter.start(_plan_text(plan, target, answered_before))
-            try:
-                async with trio.open_nursery() as nursery:
-                    if handle_signals:
-                        await nursery.start(run.watch_signals, grace)
-                    nursery.start_soon(reporter.run)
-                    await run.send_all(concurrency or client.max_concurrency)
-                    nursery.cancel_scope.cancel()
-            finally:
-                reporter.close()
-    after = client.statistics()
-    handled = counters.handled
-    return BatchSummary(
-        input_path=source,
-        output_path=target,
-        total=plan.total,
-        succeeded=counters.succeeded,
-        failed=counters.failed,
-        invalid=counters.invalid,
-        skipped=answered_before,
-        skipped_failed=plan.answered_failed,
-        unanswered=plan.total - answered_before - handled,
-        retries=after.retried - before.retried,
-        rate_limited=after.rate_limited - before.rate_limited,
-        prompt_tokens=counters.prompt_tokens,
-        completion_tokens=counters.completion_tokens,
-        tokens=counters.prompt_tokens + counters.completion_tokens,
-        elapsed=trio.current_time() - started,
-        interrupted=run.interrupted,
+            limit = concurrency or client.max_concurrency
+            await run.execute(limit, handle_signals=handle_signals, grace=grace)
+    return run.summary(before=before, started=started)
+
+
+async def _prepare_run(
+    client: Client,
+    input_file: IO[bytes],
+    output: OutputFile,
+    *,
+    input_path: str,
+    skip_invalid: bool,
+    retry_failed: bool,
+    progress: bool,
+    progress_interval: float,
+) -> _Run:
+    """Scan OUTPUT, check INPUT and repair OUTPUT (steps 2 to 4); return the run to make.
+
+    Raises:
+        BatchInputError: as :func:`run_batch`, before any request is sent.
+    """
+    scan = await output.scan()
+    plan = await check_input(
+        input_file,
+        input_path,
+        scan.answered,
+        default_model=client.model,
+        skip_invalid=skip_invalid,
+        retry_failed=retry_failed,
+    )
+    notes = await output.prepare(retry_failed=retry_failed)
+    counters = Counters()
+    reporter = open_reporter(
+        Watched(
+            client=client,
+            counters=counters,
+            total=plan.total,
+            answered_before=plan.answered_ok + plan.answered_failed,
+            to_handle=plan.to_send + plan.to_record,
+        ),
+        enabled=progress,
+        interval=progress_interval,
+    )
+    for note in notes:
+        reporter.note(note)
+    return _Run(
+        client=client,
+        input_file=input_file,
+        plan=plan,
+        output=output,
+        counters=counters,
+        reporter=reporter,
     )
 
 

@@ -21,7 +21,7 @@ import trio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .._client import Client
 from .._errors import (
@@ -34,6 +34,7 @@ from .._errors import (
     RetryDeadlineExceeded,
     StreamError,
 )
+from ._metrics import RequestCounter, metrics_text
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "GenerationRecord", "create_app"]
 
@@ -43,15 +44,6 @@ DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 _LOG_BUFFER: Final = 1024
 
 logger = logging.getLogger("trio_llm.serve")
-
-_ROUTES: Final = (
-    "/v1/chat/completions",
-    "/v1/embeddings",
-    "/v1/models",
-    "/generate",
-    "/healthz",
-    "/metrics",
-)
 
 
 @final
@@ -116,29 +108,6 @@ def _upstream_error(exc: LLMError) -> tuple[int, dict[str, Any], dict[str, str]]
     if isinstance(exc, (APIConnectionError, APIResponseError)):
         return 502, _error_body(f"upstream failed: {exc}", "upstream_error", "bad_gateway"), {}
     return 502, _error_body(f"upstream failed: {exc}", "upstream_error", None), {}
-
-
-@final
-class _RequestCounter:
-    """Pure ASGI middleware: count responses by route and status for ``/metrics``."""
-
-    def __init__(self, app: ASGIApp, *, counts: Counter[tuple[str, int]]) -> None:
-        self.app = app
-        self.counts = counts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        route = path if path in _ROUTES else "other"
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.counts[route, int(message["status"])] += 1
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
 
 
 @final
@@ -232,9 +201,77 @@ def create_app(
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, not {max_body_bytes!r}")
-    state = _State()
+    gateway = _Gateway(
+        client,
+        require_key=require_key,
+        max_body_bytes=max_body_bytes,
+        on_generation=on_generation,
+    )
+    app = FastAPI(
+        title="trio-llm gateway",
+        lifespan=gateway.lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        exception_handlers={_GatewayError: _gateway_error, StarletteHTTPException: _http_error},
+    )
+    app.add_middleware(RequestCounter, counts=gateway.state.counts)
+    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", gateway.embeddings, methods=["POST"])
+    app.add_api_route("/generate", gateway.generate, methods=["POST"])
+    app.add_api_route("/v1/models", gateway.models, methods=["GET"])
+    app.add_api_route("/healthz", gateway.healthz, methods=["GET"])
+    app.add_api_route("/metrics", gateway.metrics, methods=["GET"])
+    return app
 
-    async def log_worker(receive: trio.MemoryReceiveChannel[GenerationRecord]) -> None:
+
+async def _gateway_error(_request: Request, exc: _GatewayError) -> Response:
+    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(
+        _error_body(exc.message, exc.kind, exc.code), status_code=exc.status, headers=headers
+    )
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(_error_body(str(exc.detail), kind, None), status_code=exc.status_code)
+
+
+@final
+class _Gateway:
+    """The app's routes and lifespan, around the client and options they share."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        require_key: str | None,
+        max_body_bytes: int,
+        on_generation: Callable[[GenerationRecord], Awaitable[None]] | None,
+    ) -> None:
+        self._client = client
+        self._require_key = require_key
+        self._max_body_bytes = max_body_bytes
+        self._on_generation = on_generation
+        self.state = _State()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        """Run the log worker while the app serves; on the way out, let it finish."""
+        state = self.state
+        send, receive = trio.open_memory_channel[GenerationRecord](_LOG_BUFFER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._log_worker, receive)
+            async with send:
+                state.log_send = send
+                try:
+                    yield
+                finally:
+                    state.log_send = None
+            # The channel is closed: the worker handles what is queued, then returns.
+
+    async def _log_worker(self, receive: trio.MemoryReceiveChannel[GenerationRecord]) -> None:
+        on_generation = self._on_generation
         async with receive:
             async for record in receive:
                 logger.info(
@@ -252,46 +289,12 @@ def create_app(
                         await on_generation(record)
                     except Exception:
                         logger.exception("on_generation hook failed")
-                state.logged += 1
+                self.state.logged += 1
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        send, receive = trio.open_memory_channel[GenerationRecord](_LOG_BUFFER)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(log_worker, receive)
-            async with send:
-                state.log_send = send
-                try:
-                    yield
-                finally:
-                    state.log_send = None
-            # The channel is closed: the worker handles what is queued, then returns.
-
-    app = FastAPI(
-        title="trio-llm gateway",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.add_middleware(_RequestCounter, counts=state.counts)
-
-    @app.exception_handler(_GatewayError)
-    async def gateway_error(_request: Request, exc: _GatewayError) -> Response:
-        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(
-            _error_body(exc.message, exc.kind, exc.code), status_code=exc.status, headers=headers
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(_error_body(str(exc.detail), kind, None), status_code=exc.status_code)
-
-    def authorize(request: Request) -> None:
-        if require_key is None:
+    def _authorize(self, request: Request) -> None:
+        if self._require_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {require_key}":
+        if request.headers.get("authorization", "") != f"Bearer {self._require_key}":
             raise _GatewayError(
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -299,8 +302,8 @@ def create_app(
                 code="invalid_api_key",
             )
 
-    async def call_upstream(
-        route: str, model: str | None, call: Callable[[], Awaitable[Any]]
+    async def _call_upstream(
+        self, route: str, model: str | None, call: Callable[[], Awaitable[Any]]
     ) -> Response:
         """Await ``call``, record it, and answer with its ``raw`` (or the error)."""
         started = trio.current_time()
@@ -308,7 +311,7 @@ def create_app(
             reply = await call()
         except LLMError as exc:
             status, body, headers = _upstream_error(exc)
-            state.record(
+            self.state.record(
                 GenerationRecord(
                     route=route,
                     model=model or "",
@@ -318,7 +321,7 @@ def create_app(
                 )
             )
             return JSONResponse(body, status_code=status, headers=headers)
-        state.record(
+        self.state.record(
             GenerationRecord(
                 route=route,
                 model=model or "",
@@ -332,28 +335,29 @@ def create_app(
             return JSONResponse({"generated_text": reply.text})
         return JSONResponse(reply.raw)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        body = await _read_json(request, max_body_bytes)
+    async def chat_completions(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``: a chat reply, or its SSE stream."""
+        self._authorize(request)
+        body = await _read_json(request, self._max_body_bytes)
         messages = _require(
             body, "messages", lambda v: isinstance(v, list) and bool(v), "a non-empty array"
         )
         model = _check_model(body)
         stream = body.get("stream") is True
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
+        client = self._client
         if stream:
-            return _RelayedStream(client, state, messages, model, params)
-        return await call_upstream(
+            return _RelayedStream(client, self.state, messages, model, params)
+        return await self._call_upstream(
             "/v1/chat/completions",
             model,
             lambda: client.chat(messages, model=model, **params),
         )
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        authorize(request)
-        body = await _read_json(request, max_body_bytes)
+    async def embeddings(self, request: Request) -> Response:
+        """``POST /v1/embeddings``: embeddings of ``input``."""
+        self._authorize(request)
+        body = await _read_json(request, self._max_body_bytes)
         texts = _require(
             body,
             "input",
@@ -362,80 +366,45 @@ def create_app(
         )
         model = _check_model(body)
         params = {k: v for k, v in body.items() if k not in ("input", "model")}
-        return await call_upstream(
+        client = self._client
+        return await self._call_upstream(
             "/v1/embeddings", model, lambda: client.embed(texts, model=model, **params)
         )
 
-    @app.post("/generate")
-    async def generate(request: Request) -> Response:
-        authorize(request)
-        body = await _read_json(request, max_body_bytes)
+    async def generate(self, request: Request) -> Response:
+        """``POST /generate``: ``{"prompt"}`` in, ``{"generated_text"}`` out."""
+        self._authorize(request)
+        body = await _read_json(request, self._max_body_bytes)
         prompt = _require(body, "prompt", lambda v: isinstance(v, str), "a string")
         model = _check_model(body)
         params = {k: v for k, v in body.items() if k not in ("prompt", "model", "stream")}
-        return await call_upstream(
+        client = self._client
+        return await self._call_upstream(
             "/generate", model, lambda: client.chat(prompt, model=model, **params)
         )
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        authorize(request)
+    async def models(self, request: Request) -> Response:
+        """``GET /v1/models``: the client's default model, if it has one."""
+        self._authorize(request)
         data = []
-        if client.model:
+        if self._client.model:
             data.append(
-                {"id": client.model, "object": "model", "created": 0, "owned_by": "trio-llm"}
+                {"id": self._client.model, "object": "model", "created": 0, "owned_by": "trio-llm"}
             )
         return JSONResponse({"object": "list", "data": data})
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
+    async def healthz(self) -> Response:
+        """``GET /healthz``: always ok, and open to all (no key needed)."""
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        authorize(request)
-        return PlainTextResponse(_prometheus(client, state), media_type="text/plain; version=0.0.4")
-
-    return app
-
-
-_STAT_HELP: Final = {
-    "in_flight": ("gauge", "Upstream requests holding a concurrency slot."),
-    "waiting": ("gauge", "Upstream requests waiting for a slot or rate-limit capacity."),
-    "max_concurrency": ("gauge", "The upstream concurrency limit."),
-    "sent": ("counter", "Upstream HTTP attempts started."),
-    "succeeded": ("counter", "Upstream calls that returned a result."),
-    "failed": ("counter", "Upstream calls that raised an error."),
-    "retried": ("counter", "Upstream retry attempts."),
-    "rate_limited": ("counter", "429 responses received from upstream."),
-    "prompt_tokens": ("counter", "Prompt tokens reported by upstream."),
-    "completion_tokens": ("counter", "Completion tokens reported by upstream."),
-}
-
-
-def _prometheus(client: Client, state: _State) -> str:
-    """Render the client's statistics and the gateway's counters as Prometheus text."""
-    lines = []
-    stats = attrs.asdict(client.statistics())
-    for name, (kind, help_text) in _STAT_HELP.items():
-        metric = f"trio_llm_client_{name}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
-        lines.append(f"{metric} {stats[name]}")
-    lines += [
-        "# HELP trio_llm_serve_requests_total Gateway responses by route and status.",
-        "# TYPE trio_llm_serve_requests_total counter",
-    ]
-    for (route, status), count in sorted(state.counts.items()):
-        lines.append(f'trio_llm_serve_requests_total{{route="{route}",status="{status}"}} {count}')
-    lines += [
-        "# HELP trio_llm_serve_generations_logged_total Records the background logger handled.",
-        "# TYPE trio_llm_serve_generations_logged_total counter",
-        f"trio_llm_serve_generations_logged_total {state.logged}",
-        "# HELP trio_llm_serve_generations_dropped_total Records dropped: log queue full.",
-        "# TYPE trio_llm_serve_generations_dropped_total counter",
-        f"trio_llm_serve_generations_dropped_total {state.log_dropped}",
-    ]
-    return "\n".join(lines) + "\n"
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: the client's statistics and the gateway's counters."""
+        self._authorize(request)
+        state = self.state
+        text = metrics_text(
+            self._client, state.counts, logged=state.logged, dropped=state.log_dropped
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 def _sse(payload: object) -> bytes:
