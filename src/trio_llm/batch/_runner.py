@@ -26,9 +26,7 @@ from .._client import Client, ClientStatistics
 from .._errors import ConfigurationError, LLMError
 from .._fanout import as_completed
 from .._types import Usage
-from ..providers._anthropic import AnthropicProvider
-from ..providers._base import Provider
-from ..providers._openai import OpenAIProvider
+from ..providers._registry import PROVIDER_NAMES, provider_named
 from ._input import (
     CHAT_URL,
     MESSAGES_URL,
@@ -177,7 +175,7 @@ class _Run:
             if not self._client._provider.accepts_batch_url(item.url):
                 raise ConfigurationError(_wrong_provider(item.url))
             if item.url in (CHAT_URL, MESSAGES_URL):
-                # An Anthropic body passes the anthropic adapter's translation unchanged.
+                # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
                 body, request_id, usage = chat.raw, chat.request_id, chat.usage
             else:
@@ -406,7 +404,7 @@ async def _prepare_run(
 
 def _wrong_provider(url: str) -> str:
     """Say which providers a client needs to send ``url`` lines (the client's cannot)."""
-    adapters: tuple[Provider, ...] = (OpenAIProvider(), AnthropicProvider())
+    adapters = [provider_named(name) for name in PROVIDER_NAMES]
     names = [f"provider={adapter.name!r}" for adapter in adapters if adapter.accepts_batch_url(url)]
     return f"{url} lines need a client opened with {' or '.join(names)}"
 
