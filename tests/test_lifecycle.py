@@ -327,3 +327,54 @@ def test_direct_path_only_for_own_transport_without_a_proxy(
     assert direct_transport_for(own, url, trust_env=False) is own
     monkeypatch.setenv("NO_PROXY", "api.example.com")
     assert direct_transport_for(own, url) is own
+
+
+def stream_reply(body: bytes) -> bytes:
+    """A 200 event-stream response with ``body`` as its events."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+def overloaded_stream(provider: str, kind: str) -> bytes:
+    """A stream that starts (framing only) and then reports an error of ``kind``."""
+    if provider == "anthropic":
+        start = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}
+        framing = _event("message_start", message={**start, "content": [], "usage": {}})
+        error = _event("error", error={"type": kind, "message": "Overloaded"})
+    else:
+        framing = _chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+        error = b"data: " + json.dumps({"error": {"message": "Overloaded", "type": kind}}).encode()
+        error += b"\n\n"
+    return stream_reply(framing + error)
+
+
+@pytest.mark.parametrize(
+    ("provider", "kind"), [("anthropic", "overloaded_error"), ("openai", "server_error")]
+)
+async def test_an_error_event_before_the_reply_is_retried(
+    provider: str, kind: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """An error event before any content is retried as its status; no chunk of it leaks."""
+    policy = trio_llm.RetryPolicy(attempts=2, wait_initial=0.0, wait_jitter=0.0)
+    server = Server(lambda body: overloaded_stream(provider, kind), answer(provider))
+    async with client_for(server, provider, retry=policy) as client:
+        async with client.stream("hi") as stream:
+            texts = [chunk.text async for chunk in stream]
+        stats = client.statistics()
+    assert "".join(texts) == "ok"
+    assert stream.response.text == "ok"
+    assert len(server.times) == 2
+    assert (stats.sent, stats.retried, stats.succeeded, stats.failed) == (2, 1, 1, 0)
+
+
+async def test_an_invalid_request_error_event_is_not_retried(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An error event that stands for a 400 raises BadRequestError at once."""
+    policy = trio_llm.RetryPolicy(attempts=3, wait_initial=0.0, wait_jitter=0.0)
+    server = Server(lambda body: overloaded_stream("anthropic", "invalid_request_error"))
+    async with client_for(server, "anthropic", retry=policy) as client:
+        with pytest.raises(trio_llm.BadRequestError, match="Overloaded"):
+            async with client.stream("hi"):
+                pass
+    assert len(server.times) == 1

@@ -402,15 +402,26 @@ async def test_error_typed_event_and_malformed_event() -> None:
         assert caught.value.text_so_far == "Hel"
 
 
-async def test_error_as_first_event_raises_from_the_loop() -> None:
-    """An error event before any chunk still raises StreamError from the loop, not earlier."""
+async def test_error_as_first_event_raises_its_status_from_async_with() -> None:
+    """An error event before any content raises as its status from ``async with``."""
+    async with mock_client(scripted(sse({"error": "model overloaded"}))) as client:
+        with pytest.raises(ServerError, match="model overloaded") as caught:
+            async with open_chat_stream(client, "hi"):
+                pass
+    assert caught.value.status_code == 500
+    assert client.statistics().failed == 1
+
+
+async def test_error_after_content_raises_from_the_loop() -> None:
+    """An error event after content has been delivered raises StreamError from the loop."""
     async with (
-        mock_client(scripted(sse({"error": "model overloaded"}))) as client,
+        mock_client(scripted(*HELLO[:3], sse({"error": "model overloaded"}))) as client,
         open_chat_stream(client, "hi") as stream,
     ):
         with pytest.raises(StreamError, match="model overloaded") as caught:
-            await stream.__anext__()
-    assert caught.value.text_so_far == ""
+            async for _ in stream:
+                pass
+    assert caught.value.text_so_far == "Hello"
     assert caught.value.error_body == "model overloaded"
 
 
@@ -592,7 +603,20 @@ async def test_idle_timeout_before_first_event(autojump_clock: trio.abc.Clock) -
 
 async def test_idle_timeout_between_events(autojump_clock: trio.abc.Clock) -> None:
     """A server that goes quiet mid-stream raises StreamError after stream_idle."""
+    async with mock_client(scripted(*HELLO[:3], 100.0, *HELLO[3:]), stream_idle=5.0) as client:
+        start = trio.current_time()
+        with pytest.raises(StreamError, match=r"stream_idle=5\.0") as caught:
+            await collect(client, "hi")
+        assert trio.current_time() - start == pytest.approx(5.0)
+    assert caught.value.text_so_far == "Hello"
+
+
+async def test_silence_after_the_role_is_a_timeout_before_the_reply(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A stream quiet after its role-only first event times out before the reply: retried."""
     config = FakeLLMConfig(tokens_per_second=0.01)  # 100 s per token
+    policy = trio_llm.RetryPolicy(attempts=2, wait_initial=0.0, wait_jitter=0.0)
     async with (
         open_fake_llm(config) as server,
         trio_llm.open_client(
@@ -600,10 +624,11 @@ async def test_idle_timeout_between_events(autojump_clock: trio.abc.Clock) -> No
         ) as client,
     ):
         start = trio.current_time()
-        with pytest.raises(StreamError, match=r"stream_idle=5\.0") as caught:
-            await collect(client, "hi")
-        assert trio.current_time() - start == pytest.approx(5.0)
-    assert caught.value.text_so_far == ""  # the first event carries the role only
+        with pytest.raises(APITimeoutError, match=r"stream_idle=5\.0"):
+            async with client.stream("hi", retry=policy):
+                pass
+        assert trio.current_time() - start == pytest.approx(10.0)
+        assert client.statistics().sent == 2
 
 
 async def test_keep_alive_comments_do_not_reset_idle(autojump_clock: trio.abc.Clock) -> None:
@@ -786,7 +811,8 @@ async def test_stream_many_multiplexes_in_order(autojump_clock: trio.abc.Clock) 
     assert sorted(finished) == list(range(len(prompts)))
     assert [r.unwrap().text for r in results] == [e.text for e in expected]
     assert server.stats.peak_concurrency == 2
-    assert order[:4] != sorted(order[:4])  # the first two streams interleave
+    first_two = [index for index in order if index < 2]
+    assert first_two != sorted(first_two)  # the first two streams interleave
 
 
 async def test_stream_many_reports_failures_as_results() -> None:

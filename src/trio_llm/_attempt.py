@@ -36,6 +36,7 @@ from . import _json
 from ._config import RetryPolicy, Timeouts
 from ._errors import (
     APIResponseError,
+    APIStatusError,
     APITimeoutError,
     LLMError,
     error_from_response,
@@ -228,6 +229,21 @@ class Exchange:
         return APIResponseError(
             f"HTTP {self.status_code} from {self.request.label} {what}",
             status_code=self.status_code,
+            request_id=self.request_id,
+        )
+
+    def error_event(self, status: int, error: object) -> APIStatusError:
+        """Return the error for an error event that came before any of the reply.
+
+        Built as an error reply of ``status`` carrying ``error`` would be, so it is retried
+        (or not) as that status is.
+        """
+        body = _json.dumps({"error": error})
+        return error_from_response(
+            status,
+            self.headers,
+            body,
+            reason="error event in the stream",
             request_id=self.request_id,
         )
 

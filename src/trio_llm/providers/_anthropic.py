@@ -293,6 +293,20 @@ def _rate_limit_level(fields: Mapping[str, str], kind: str) -> RateLimitLevel:
     return best
 
 
+# Anthropic's error types, as the statuses they come with.
+_ERROR_STATUSES: Final = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
 @final
 class _MessageStream:
     """Translate one stream's Messages events into ``chat.completion.chunk`` payloads."""
@@ -410,6 +424,22 @@ class AnthropicProvider:
     def stream_translator(self) -> _MessageStream:
         """Return a translator of one stream's events."""
         return _MessageStream()
+
+    def stream_content_started(self, event: str, payload: JSONObject) -> bool:
+        """Whether an event carries part of the reply: a delta, a tool call, the end.
+
+        ``message_start``, ``ping`` and the start of a text or thinking block are framing.
+        """
+        kind = payload.get("type", event)
+        if kind == "content_block_start":
+            block = payload.get("content_block")
+            return isinstance(block, Mapping) and block.get("type") not in ("text", "thinking")
+        return kind not in ("message_start", "ping")
+
+    def stream_error_status(self, error: object) -> int:
+        """The status of an error event's ``type`` (``overloaded_error``: 529; else 500)."""
+        kind = error.get("type") if isinstance(error, Mapping) else None
+        return _ERROR_STATUSES.get(str(kind), 500)
 
     def parse_chat(self, payload: dict[str, Any], request_id: str | None) -> ChatResponse:
         """Parse a Messages reply; ``raw`` keeps it as sent."""

@@ -118,6 +118,18 @@ class Provider(Protocol):
         """
         ...
 
+    def stream_content_started(self, event: str, payload: JSONObject) -> bool:
+        """Return whether a stream event carries part of the reply (not only framing).
+
+        Until one does, an error event is retried like the matching status: nothing has
+        reached the caller yet.
+        """
+        ...
+
+    def stream_error_status(self, error: object) -> int:
+        """Return the HTTP status an error event of a stream stands for (5xx if unknown)."""
+        ...
+
     def accepts_batch_url(self, url: str) -> bool:
         """Return whether a batch line with this ``url`` can be sent through the adapter.
 

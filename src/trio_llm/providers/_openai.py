@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
 from .._ratelimit import RateLimitLevel, RateLimitLevels
-from .._types import ChatResponse, EmbeddingResponse
+from .._types import ChatResponse, EmbeddingResponse, JSONObject
 from ._base import Messages
 from ._headers import parse_count, parse_go_duration, parse_limit, prefixed
 
@@ -37,6 +37,21 @@ def _level(fields: Mapping[str, str], kind: str) -> RateLimitLevel:
         remaining=parse_count(fields.get(f"remaining-{kind}")),
         reset_seconds=parse_go_duration(fields.get(f"reset-{kind}")),
     )
+
+
+# Error types and codes of OpenAI's error objects, as statuses.
+_ERROR_STATUSES: Final = {
+    "invalid_request_error": 400,
+    "invalid_api_key": 401,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "service_unavailable": 503,
+}
 
 
 @final
@@ -81,6 +96,33 @@ class OpenAIProvider:
 
     def stream_translator(self) -> None:
         """Return ``None``: the events are ``chat.completion.chunk`` payloads already."""
+
+    def stream_content_started(self, event: str, payload: JSONObject) -> bool:
+        """Whether a chunk carries content, a tool call, a finish reason or the usage.
+
+        A first chunk with only the role (and ``content: ""``) is framing.
+        """
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return "usage" in payload  # the usage-only chunk that ends a stream
+        for choice in choices:
+            if not isinstance(choice, Mapping) or choice.get("finish_reason") is not None:
+                return True
+            delta = choice.get("delta")
+            if not isinstance(delta, Mapping):
+                return True
+            if any(value not in (None, "") for key, value in delta.items() if key != "role"):
+                return True
+        return False
+
+    def stream_error_status(self, error: object) -> int:
+        """The status an error event's ``type`` or ``code`` names; 500 when it names none."""
+        if isinstance(error, Mapping):
+            for field in ("code", "type"):
+                status = _ERROR_STATUSES.get(str(error.get(field)))
+                if status is not None:
+                    return status
+        return 500
 
     def embeddings_body(
         self, texts: str | Sequence[str], model: str, params: Mapping[str, Any]
