@@ -378,3 +378,59 @@ async def test_an_invalid_request_error_event_is_not_retried(
             async with client.stream("hi"):
                 pass
     assert len(server.times) == 1
+
+
+def endless_chunked(body: dict[str, Any]) -> bytes:
+    """A chunked reply that keeps sending (here: far past any small limit)."""
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    return head + b"400\r\n" + b"x" * 1024 + b"\r\n" + (b"400\r\n" + b"y" * 1024 + b"\r\n") * 64
+
+
+def declared_huge(body: dict[str, Any]) -> bytes:
+    """A reply that declares a body of 10 GB."""
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 10000000000\r\n\r\n{"
+    )
+
+
+# Left mid-body, httpx2's own transport leaves httpcore2's body generator to the garbage
+# collector (a ResourceWarning; see test_transport.py::test_break_while_the_reader_waits).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("own_transport", [True, False], ids=["own", "httpx2"])
+@pytest.mark.parametrize("responder", [endless_chunked, declared_huge])
+async def test_a_body_past_max_response_bytes_fails_the_call(
+    responder: Responder, own_transport: bool
+) -> None:
+    """A reply larger than max_response_bytes fails at once with APIResponseError."""
+    transport = None if own_transport else httpx2.AsyncHTTPTransport()
+    timeouts = trio_llm.Timeouts(read=5.0)
+    async with client_for(
+        Server(responder), max_response_bytes=4096, transport=transport, timeouts=timeouts
+    ) as client:
+        with pytest.raises(trio_llm.APIResponseError, match="4,096-byte limit"):
+            await client.chat("hi")
+        assert client.statistics().in_flight == 0
+
+
+async def test_a_stream_event_past_max_response_bytes_fails_the_stream() -> None:
+    """One event larger than max_response_bytes ends the stream with an error."""
+    huge = _chunk([{"index": 0, "delta": {"content": "z" * 10_000}}])
+    server = Server(lambda body: stream_reply(huge))
+    async with client_for(server, max_response_bytes=4096) as client:
+        with pytest.raises(trio_llm.APIResponseError, match="4096"):
+            async with client.stream("hi"):
+                pass
+
+
+def test_max_response_bytes_must_be_positive() -> None:
+    """A size limit of 0 or a non-int is refused when the client opens."""
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(trio_llm.ConfigurationError, match="max_response_bytes"):
+            trio.run(_open_with_limit, bad)
+
+
+async def _open_with_limit(limit: Any) -> None:
+    async with trio_llm.open_client(base_url="http://127.0.0.1:9/v1", max_response_bytes=limit):
+        pass

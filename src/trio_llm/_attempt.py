@@ -43,7 +43,7 @@ from ._errors import (
     error_from_transport,
 )
 from ._estimate import estimate_tokens
-from ._http import HTTPResponse, TrioTransport
+from ._http import BodyTooLarge, HTTPResponse, TrioTransport
 from ._ratelimit import RateLimiter, Reservation
 from ._retry import call_with_retries
 from ._types import Usage
@@ -125,8 +125,20 @@ class _HttpxResponse:
         self.reason_phrase = response.reason_phrase
         self.headers: Mapping[str, str] = response.headers
 
-    async def read(self) -> bytes:
-        return await self._response.aread()
+    async def read(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            return await self._response.aread()
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise BodyTooLarge(max_bytes)
+        parts = []
+        size = 0
+        async for part in self._parts:
+            size += len(part)
+            if size > max_bytes:
+                raise BodyTooLarge(max_bytes)
+            parts.append(part)
+        return b"".join(parts)
 
     async def receive_some(self) -> bytes:
         try:
@@ -179,19 +191,31 @@ class Exchange:
     def reason_phrase(self) -> str:
         return self._response.reason_phrase
 
+    @property
+    def max_response_bytes(self) -> int | None:
+        """The largest body (or streamed event) the client accepts."""
+        return self._requester.max_response_bytes
+
     async def read(self) -> bytes:
         """Read the whole body; the slot is released once it is read.
 
         Raises:
             APIConnectionError: the connection failed (``APITimeoutError``: the read
                 timeout expired) before the end of the body.
+            APIResponseError: the body is larger than the client's ``max_response_bytes``.
 
         Cancellation: the connection is closed; the exchange is left to :meth:`aclose`.
         """
+        limit = self._requester.max_response_bytes
         try:
-            body = await self._response.read()
+            body = await self._response.read(limit)
         except httpx2.HTTPError as exc:
             raise error_from_transport(exc, method="POST", url=self.request.url) from exc
+        except BodyTooLarge as exc:
+            raise self.bad_reply(
+                f"is larger than the {exc.limit:,}-byte limit (open_client's "
+                "max_response_bytes); its connection was closed"
+            ) from None
         self._release_slot()
         return body
 
@@ -316,6 +340,7 @@ class Requester:
         "direct",
         "failed",
         "limiter",
+        "max_response_bytes",
         "prompt_tokens",
         "provider",
         "rate",
@@ -335,6 +360,7 @@ class Requester:
         rate: RateLimiter | None,
         max_concurrency: int,
         timeouts: Timeouts,
+        max_response_bytes: int | None = None,
     ) -> None:
         self._http = http
         self.direct = direct
@@ -351,6 +377,7 @@ class Requester:
         self.rate = rate
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self.timeouts = timeouts
+        self.max_response_bytes = max_response_bytes
         self.sent = 0
         self.succeeded = 0
         self.failed = 0

@@ -46,6 +46,9 @@ class _ClientDefault(enum.Enum):
 #: A per-call setting left at this value takes the client's setting.
 CLIENT_DEFAULT: Final = _ClientDefault.CLIENT_DEFAULT
 
+#: The largest reply body a client accepts by default (``open_client(max_response_bytes=)``).
+DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
+
 # No limit of its own: adopts the server's limits from its rate-limit headers.
 _ADAPTIVE: Final = RateLimit()
 
@@ -387,6 +390,19 @@ def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
     return url.rstrip("/")
 
 
+def _check_sizes(**sizes: int | None) -> None:
+    """Refuse a size that is not a whole number >= 1 (``max_response_bytes`` may be None).
+
+    Raises:
+        ConfigurationError: naming the setting.
+    """
+    for name, value in sizes.items():
+        if value is None and name == "max_response_bytes":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
+
+
 def _default_headers(
     adapter: Provider, url: str, api_key: str | None, extra: Mapping[str, str] | None
 ) -> dict[str, str]:
@@ -424,6 +440,7 @@ async def open_client(
     timeouts: Timeouts | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
     headers: Mapping[str, str] | None = None,
+    max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> AsyncIterator[Client]:
     """Open a client: a connection pool and the limits every task using it shares.
 
@@ -449,19 +466,20 @@ async def open_client(
         timeouts: per-phase I/O limits (:class:`Timeouts`).
         transport: the HTTP transport. Default: a :class:`TrioTransport` with one
             connection per concurrency slot. Any ``httpx2.AsyncBaseTransport`` works:
-            ``httpx2.AsyncHTTPTransport(...)`` for HTTP/2 or proxies,
-            ``httpx2.MockTransport`` in tests.
+            ``httpx2.AsyncHTTPTransport(...)`` (HTTP/2, proxies), ``MockTransport``.
         headers: extra headers sent with every request (e.g. ``OpenAI-Organization``).
+        max_response_bytes: the largest reply body (default 64 MiB) and stream event
+            (at most 16 MiB) accepted; a larger one fails the call at once with
+            :class:`APIResponseError`. ``None``: no limit.
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
 
-    Leaving the block closes every connection; calls still running in other tasks must
-    have finished by then (open the client outside the nursery that uses it).
+    Leaving the block closes every connection: open the client outside the nursery
+    whose tasks use it, so that their calls have finished by then.
     """
     adapter = provider_named(provider)
-    if not isinstance(max_concurrency, int) or max_concurrency < 1:
-        raise ConfigurationError(f"max_concurrency must be an int >= 1, not {max_concurrency!r}")
+    _check_sizes(max_concurrency=max_concurrency, max_response_bytes=max_response_bytes)
     url = _resolve_base_url(base_url, adapter)
     timeouts = timeouts or Timeouts()
     limits = httpx2.Limits(
@@ -470,12 +488,9 @@ async def open_client(
     # Its cost per request stays flat as requests in flight grow, where httpx2's pool
     # rescans every connection (docs/performance.md). Timeouts reach it per request.
     transport = transport or TrioTransport(limits=limits)
+    headers = _default_headers(adapter, url, api_key, headers)
     http = httpx2.AsyncClient(
-        headers=_default_headers(adapter, url, api_key, headers),
-        timeout=timeouts.to_httpx(),
-        limits=limits,
-        transport=transport,
-        follow_redirects=False,
+        headers=headers, timeout=timeouts.to_httpx(), limits=limits, transport=transport
     )
     requester = Requester(
         http=http,
@@ -484,6 +499,7 @@ async def open_client(
         rate=RateLimiter(rate_limit) if rate_limit is not None else None,
         max_concurrency=max_concurrency,
         timeouts=timeouts,
+        max_response_bytes=max_response_bytes,
     )
     async with http:
         yield Client(

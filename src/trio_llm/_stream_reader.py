@@ -21,6 +21,7 @@ from ._aggregate import Aggregate
 from ._attempt import Exchange, Requester
 from ._config import RetryPolicy
 from ._errors import LLMError, StreamError
+from ._sse import DEFAULT_MAX_EVENT_SIZE as MAX_EVENT_SIZE
 from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder
 from ._types import ChatChunk, ChatResponse, JSONObject
 from .providers._base import Provider, StreamTranslator
@@ -296,7 +297,8 @@ async def open_reader(exchange: Exchange, provider: Provider, idle: float | None
         raise exchange.bad_reply(
             f"is JSON, not an event stream: {body[:200].decode('utf-8', 'replace')!r}"
         )
-    decoder = SSEDecoder()
+    limit = exchange.max_response_bytes
+    decoder = SSEDecoder(max_event_size=min(limit, MAX_EVENT_SIZE) if limit else MAX_EVENT_SIZE)
     events: list[ServerSentEvent] = []
     while data := await exchange.receive_some():
         try:

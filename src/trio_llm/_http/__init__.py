@@ -29,7 +29,8 @@ that makes the request. Content decoding (gzip, deflate, ...) is left to httpx2,
 it from the ``content-encoding`` header. Measurements: ``docs/performance.md``.
 """
 
+from ._response import BodyTooLarge as BodyTooLarge
 from ._response import HTTPResponse as HTTPResponse
 from ._transport import TrioTransport as TrioTransport
 
-__all__ = ["HTTPResponse", "TrioTransport"]
+__all__ = ["BodyTooLarge", "HTTPResponse", "TrioTransport"]

@@ -70,6 +70,10 @@ class Body:
         if self.done and self._buffer:
             self.reusable = False  # bytes after a body-less response: the server is confused
 
+    def declared_length(self) -> int | None:
+        """The body's ``Content-Length`` still to come, or ``None`` when it is not declared."""
+        return self._left if self._framing == self._LENGTH else None
+
     def take(self) -> list[bytes]:
         """Decode what is buffered; return the body bytes found (maybe none, never ``b""``).
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import final
+from typing import Final, final
 
 import h11
 import httpx2
@@ -11,7 +11,18 @@ import httpx2
 from ._connection import Connection, receive
 from ._pool import Pool
 
-__all__ = ["HTTPResponse", "ResponseStream"]
+__all__ = ["BodyTooLarge", "HTTPResponse", "ResponseStream"]
+
+
+class BodyTooLarge(Exception):
+    """A body read whole was larger than the size limit it was read with."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body is larger than the {limit:,}-byte limit")
+        self.limit = limit
+
+
+_UNLIMITED: Final = float("inf")
 
 
 @final
@@ -116,14 +127,20 @@ class HTTPResponse:
             self._pool.release(conn)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def read(self) -> bytes:
+    async def read(self, max_bytes: int | None = None) -> bytes:
         """Read the rest of the body; return it decoded as its ``content-encoding`` says.
 
         The connection then goes back to the pool. Decoding (gzip, deflate, ...) is
         httpx2's, and assumes the body is read from its start: mixed with
         :meth:`receive_some`, only an unencoded body makes sense.
 
+        Args:
+            max_bytes: the largest body accepted, as received and as decoded; a larger
+                one stops the read at once (a declared ``Content-Length`` before any
+                read), so memory stays bounded whatever the server sends.
+
         Raises:
+            BodyTooLarge: the body is larger than ``max_bytes`` (the connection closed).
             The errors of :meth:`receive_some`, and ``httpx2.DecodingError``.
 
         Cancellation: as for :meth:`receive_some`.
@@ -136,10 +153,19 @@ class HTTPResponse:
         # receive_some's loop, inline: one coroutine fewer on the hot path.
         body = conn.body
         assert body is not None
+        limit = max_bytes if max_bytes is not None else _UNLIMITED
         try:
+            declared = body.declared_length()
+            if declared is not None and declared > limit:
+                raise BodyTooLarge(int(limit))
             parts = body.take()
+            size = sum(map(len, parts))
             while not body.done:
-                parts += body.feed(await receive(conn, self._read))
+                more = body.feed(await receive(conn, self._read))
+                parts += more
+                size += sum(map(len, more))
+                if size > limit:
+                    raise BodyTooLarge(int(limit))
         except BaseException:
             self._conn = None
             self._pool.discard(conn)
@@ -150,7 +176,9 @@ class HTTPResponse:
         content = parts[0] if len(parts) == 1 else b"".join(parts)
         if "content-encoding" in self.headers:
             raw = self._event.headers.raw_items()
-            return httpx2.Response(self.status_code, headers=raw, content=content).content
+            content = httpx2.Response(self.status_code, headers=raw, content=content).content
+            if len(content) > limit:  # a small compressed body can decode to a huge one
+                raise BodyTooLarge(int(limit))
         return content
 
     def close(self) -> None:
