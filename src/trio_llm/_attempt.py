@@ -41,6 +41,7 @@ from ._errors import (
     LLMError,
     error_from_response,
     error_from_transport,
+    redact_url,
 )
 from ._estimate import estimate_tokens
 from ._http import BodyTooLarge, HTTPResponse, TrioTransport
@@ -67,16 +68,18 @@ def direct_transport_for(
 ) -> TrioTransport | None:
     """Return ``transport`` if requests to ``base_url`` may skip httpx2's client layer.
 
-    That is, when it is trio-llm's own transport and httpx2 would not route the URL
-    through a proxy from the environment (``HTTPS_PROXY``, ``ALL_PROXY``, ... unless
-    ``NO_PROXY`` names the host). httpx2's client layer costs as much CPU as the rest of a
-    request (docs/performance.md), and adds nothing to a plain POST: the client sets no
-    auth, hooks, cookies or redirects.
+    That is, when it is trio-llm's own transport, the URL holds no credentials, and
+    httpx2 would not route it through a proxy from the environment (``HTTPS_PROXY``,
+    ``ALL_PROXY``, ... unless ``NO_PROXY`` names the host). httpx2's client layer costs
+    as much CPU as the rest of a request (docs/performance.md), and adds nothing to a
+    plain POST: the client sets no auth, hooks, cookies or redirects.
     """
     if type(transport) is not TrioTransport:
         return None
+    parts = urlsplit(base_url)
+    if parts.username is not None:
+        return None  # credentials in the URL: httpx2's client layer sends them as auth
     if trust_env:
-        parts = urlsplit(base_url)
         proxies = urllib.request.getproxies()
         if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(
             parts.hostname or ""
@@ -93,10 +96,13 @@ class Request:
     that passes before any response.
     """
 
-    __slots__ = ("content", "estimate", "stream", "url", "waiting_for")
+    __slots__ = ("content", "estimate", "shown_url", "stream", "url", "waiting_for")
 
-    def __init__(self, url: str, content: bytes, estimate: int, *, stream: bool) -> None:
+    def __init__(
+        self, url: str, content: bytes, estimate: int, *, stream: bool, shown_url: str
+    ) -> None:
         self.url = url
+        self.shown_url = shown_url  # the URL as messages show it: credentials redacted
         self.content = content
         self.estimate = estimate
         self.stream = stream
@@ -105,7 +111,7 @@ class Request:
     @property
     def label(self) -> str:
         """What the request is, for messages: ``POST <url>``."""
-        return f"POST {self.url} (stream)" if self.stream else f"POST {self.url}"
+        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
 
 
 @final
@@ -210,7 +216,7 @@ class Exchange:
         try:
             body = await self._response.read(limit)
         except httpx2.HTTPError as exc:
-            raise error_from_transport(exc, method="POST", url=self.request.url) from exc
+            raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
         except BodyTooLarge as exc:
             raise self.bad_reply(
                 f"is larger than the {exc.limit:,}-byte limit (open_client's "
@@ -246,7 +252,7 @@ class Exchange:
         try:
             return await self._response.receive_some()
         except httpx2.HTTPError as exc:
-            raise error_from_transport(exc, method="POST", url=self.request.url) from exc
+            raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
 
     def bad_reply(self, what: str) -> APIResponseError:
         """Return the error for a success reply whose body ``what`` (e.g. "is not JSON")."""
@@ -335,6 +341,7 @@ class Requester:
         "_headers",
         "_http",
         "_limits",
+        "_shown",
         "_stream_headers",
         "completion_tokens",
         "direct",
@@ -373,6 +380,7 @@ class Requester:
             if name.lower() not in (b"accept", b"accept-encoding")
         ] + [(b"accept", b"text/event-stream"), (b"accept-encoding", b"identity")]
         self._limits = timeouts.to_httpx()
+        self._shown: dict[str, str] = {}  # URL: as messages show it
         self.provider = provider
         self.rate = rate
         self.limiter = trio.CapacityLimiter(max_concurrency)
@@ -389,7 +397,10 @@ class Requester:
     def request(self, url: str, body: Mapping[str, Any], *, stream: bool = False) -> Request:
         """Encode ``body`` for ``url`` once, with its token estimate when rate-limited."""
         estimate = estimate_tokens(body) if self.rate is not None else 0
-        return Request(url, _json.dumps(body), estimate, stream=stream)
+        shown = self._shown.get(url)
+        if shown is None:
+            shown = self._shown[url] = redact_url(url)
+        return Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
 
     def call(
         self,
@@ -464,7 +475,7 @@ class Requester:
             except BaseException as exc:
                 limiter.release()
                 if isinstance(exc, httpx2.HTTPError):
-                    raise error_from_transport(exc, method="POST", url=request.url) from exc
+                    raise error_from_transport(exc, method="POST", url=request.shown_url) from exc
                 raise
         except BaseException as exc:
             # No response: the server most likely never counted it (and if the caller
@@ -537,7 +548,7 @@ async def _first_event_within(
     with trio.move_on_after(idle):
         return await attempt()
     raise APITimeoutError(
-        f"no event from POST {request.url} within stream_idle={idle}s",
+        f"no event from POST {request.shown_url} within stream_idle={idle}s",
         method="POST",
-        url=request.url,
+        url=request.shown_url,
     )

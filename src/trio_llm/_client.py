@@ -24,7 +24,7 @@ import trio
 
 from ._attempt import Exchange, Requester, direct_transport_for
 from ._config import RetryPolicy, Timeouts
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._http import TrioTransport
 from ._ratelimit import RateLimit, RateLimiter
@@ -125,7 +125,8 @@ class Client:
 
     def __repr__(self) -> str:
         return (
-            f"<trio_llm.Client provider={self._provider.name!r} base_url={self._base_url!r} "
+            f"<trio_llm.Client provider={self._provider.name!r} "
+            f"base_url={redact_url(self._base_url)!r} "
             f"model={self._model!r} max_concurrency={self.max_concurrency}>"
         )
 
@@ -386,7 +387,9 @@ def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
     url = base_url or os.environ.get(provider.base_url_env) or provider.default_base_url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"base_url must be an http:// or https:// URL, not {url!r}")
+        raise ConfigurationError(
+            f"base_url must be an http:// or https:// URL, not {redact_url(url)!r}"
+        )
     return url.rstrip("/")
 
 
@@ -414,7 +417,7 @@ def _default_headers(
     key = api_key if api_key is not None else os.environ.get(adapter.api_key_env)
     if not key and not _is_loopback(urlsplit(url).hostname or ""):
         raise ConfigurationError(
-            f"no API key for {url}: pass api_key= or set ${adapter.api_key_env}"
+            f"no API key for {redact_url(url)}: pass api_key= or set ${adapter.api_key_env}"
         )
     headers = {
         "user-agent": f"trio-llm/{__version__}",

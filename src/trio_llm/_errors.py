@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any, final
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx2
 
@@ -58,6 +60,7 @@ __all__ = [
     "error_from_response",
     "error_from_transport",
     "parse_retry_after",
+    "redact_url",
 ]
 
 
@@ -394,3 +397,32 @@ def error_from_transport(exc: httpx2.HTTPError, *, method: str, url: str) -> LLM
         method=method,
         url=url,
     )
+
+
+# Query parameters whose values are secrets, by name (api_key, access_token, sig, ...).
+_SECRET_PARAMETER = re.compile(r"key|token|secret|password|passwd|sig|auth|credential", re.I)
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` fit to print: no password, no secret-looking query parameter values.
+
+    ``http://user:pw@host/v1?api_key=k&x=1`` becomes ``http://user:***@host/v1?api_key=***&x=1``.
+    Every URL the library prints or writes (errors, logs, reprs, batch output) passes here.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = []
+        for pair in query.split("&"):
+            name, equals, _value = pair.partition("=")
+            secret = equals and _SECRET_PARAMETER.search(unquote(name))
+            pairs.append(f"{name}=***" if secret else pair)
+        query = "&".join(pairs)
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -73,7 +73,7 @@ class StreamReader:
         idle: float | None,
     ) -> None:
         self._exchange = exchange
-        self._url = exchange.request.url
+        self._url = exchange.request.shown_url
         self._decoder = decoder
         self._events = events  # decoded by _open_reader, not yet delivered
         self._idle = idle
