@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 import trio_llm
-from trio_llm._attempt import direct_transport_for
+from trio_llm._attempt import direct_transport_for, environment_proxy_for
 
 Mode = str  # "chat" or "stream"
 MODES = ["chat", "stream"]
@@ -310,23 +310,28 @@ async def test_stream_and_chat_share_the_transport_path() -> None:
     assert (connections, idle, waiting) == (1, 1, 0)
 
 
-def test_direct_path_only_for_own_transport_without_a_proxy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Requests skip httpx2's client layer only on TrioTransport, and never past a proxy."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
+def test_direct_path_only_for_own_transport_without_credentials() -> None:
+    """Requests skip httpx2's client layer only on TrioTransport, and never with userinfo."""
     own = trio_llm.TrioTransport()
     url = "http://api.example.com/v1"
     assert direct_transport_for(own, url) is own
     assert direct_transport_for(httpx2.AsyncHTTPTransport(), url) is None
+    assert direct_transport_for(None, url) is None
+    assert direct_transport_for(own, "http://user:pw@api.example.com/v1") is None
+
+
+def test_environment_proxy_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy variable for the URL's scheme applies, unless NO_PROXY names the host."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    url = "http://api.example.com/v1"
+    assert not environment_proxy_for(url)
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.com:3128")
-    assert direct_transport_for(own, url) is None
-    assert direct_transport_for(own, "https://api.example.com/v1") is own  # only http proxied
-    assert direct_transport_for(own, url, trust_env=False) is own
+    assert environment_proxy_for(url)
+    assert not environment_proxy_for("https://api.example.com/v1")  # only http proxied
     monkeypatch.setenv("NO_PROXY", "api.example.com")
-    assert direct_transport_for(own, url) is own
+    assert not environment_proxy_for(url)
 
 
 def stream_reply(body: bytes) -> bytes:

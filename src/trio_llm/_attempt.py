@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import logging
 import urllib.request
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
 from functools import partial
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, Protocol, TypeVar, final
 from urllib.parse import urlsplit
 
 import httpx2
@@ -50,7 +52,7 @@ from ._retry import call_with_retries
 from ._types import Usage
 from .providers._base import Provider
 
-__all__ = ["Exchange", "Request", "Requester", "direct_transport_for"]
+__all__ = ["Exchange", "Request", "Requester", "direct_transport_for", "environment_proxy_for"]
 
 T = TypeVar("T")
 
@@ -59,32 +61,40 @@ logger = logging.getLogger("trio_llm")
 # A shielded close of an httpx2 response must not hang on a dead peer.
 _CLOSE_GRACE: Final = 5.0
 
+_NO_SCOPE: Final = nullcontext()
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
 
+def environment_proxy_for(base_url: str) -> bool:
+    """Whether a proxy from the environment applies to ``base_url``.
+
+    ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` (and the system's settings where the
+    standard library reads them), unless ``NO_PROXY`` names the host. A client whose URL
+    is proxied uses httpx2's own transport, which goes through the proxy.
+    """
+    parts = urlsplit(base_url)
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
+
+
 def direct_transport_for(
-    transport: httpx2.AsyncBaseTransport, base_url: str, *, trust_env: bool = True
+    transport: httpx2.AsyncBaseTransport | None, base_url: str
 ) -> TrioTransport | None:
     """Return ``transport`` if requests to ``base_url`` may skip httpx2's client layer.
 
-    That is, when it is trio-llm's own transport, the URL holds no credentials, and
-    httpx2 would not route it through a proxy from the environment (``HTTPS_PROXY``,
-    ``ALL_PROXY``, ... unless ``NO_PROXY`` names the host). httpx2's client layer costs
-    as much CPU as the rest of a request (docs/performance.md), and adds nothing to a
-    plain POST: the client sets no auth, hooks, cookies or redirects.
+    That is, when it is trio-llm's own transport and the URL holds no credentials (which
+    httpx2's client layer sends as basic auth). httpx2's client layer costs as much CPU as
+    the rest of a request (docs/performance.md), and adds nothing else to a plain POST:
+    the client sets no auth, hooks, cookies or redirects, and httpx2 applies no
+    environment proxy to a transport given to it.
     """
     if type(transport) is not TrioTransport:
         return None
-    parts = urlsplit(base_url)
-    if parts.username is not None:
-        return None  # credentials in the URL: httpx2's client layer sends them as auth
-    if trust_env:
-        proxies = urllib.request.getproxies()
-        if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(
-            parts.hostname or ""
-        ):
-            return None
+    if urlsplit(base_url).username is not None:
+        return None
     return transport
 
 
@@ -169,7 +179,15 @@ class Exchange:
     :meth:`finish` with the reply's usage or :meth:`fail`, and always :meth:`aclose`.
     """
 
-    __slots__ = ("_requester", "_reservation", "_response", "_slot", "request", "request_id")
+    __slots__ = (
+        "_decoder",
+        "_requester",
+        "_reservation",
+        "_response",
+        "_slot",
+        "request",
+        "request_id",
+    )
 
     def __init__(
         self,
@@ -184,6 +202,13 @@ class Exchange:
         self._slot = True
         self.request = request
         self.request_id = requester.provider.request_id(response.headers)
+        # Read part by part on trio-llm's transport, a stream is decoded here (httpx2 does
+        # it for its own responses).
+        self._decoder = (
+            _stream_decoder(response.headers.get("content-encoding"))
+            if request.stream and type(response) is HTTPResponse
+            else None
+        )
 
     @property
     def status_code(self) -> int:
@@ -213,6 +238,7 @@ class Exchange:
         Cancellation: the connection is closed; the exchange is left to :meth:`aclose`.
         """
         limit = self._requester.max_response_bytes
+        self.request.waiting_for = "the rest of the response"
         try:
             body = await self._response.read(limit)
         except httpx2.HTTPError as exc:
@@ -242,17 +268,30 @@ class Exchange:
         return payload
 
     async def receive_some(self) -> bytes:
-        """Return the next bytes of the body (``b""`` at its end).
+        """Return the next bytes of the body (``b""`` at its end), decoded if compressed.
 
         Raises:
             APIConnectionError: the connection failed or the read timeout expired.
+            APIResponseError: a compressed body does not decode.
 
         Cancellation: nothing was received; the connection is closed.
         """
         try:
-            return await self._response.receive_some()
+            data = await self._response.receive_some()
+            decoder = self._decoder
+            if decoder is None:
+                return data
+            # A server that compresses a stream although asked not to (a proxy, say).
+            while data:
+                decoded = decoder.decompress(data)
+                if decoded:
+                    return decoded
+                data = await self._response.receive_some()
+            return decoder.flush()
         except httpx2.HTTPError as exc:
             raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
+        except zlib.error as exc:
+            raise self.bad_reply(f"does not decode as its content-encoding says: {exc}") from exc
 
     def bad_reply(self, what: str) -> APIResponseError:
         """Return the error for a success reply whose body ``what`` (e.g. "is not JSON")."""
@@ -265,17 +304,11 @@ class Exchange:
     def error_event(self, status: int, error: object) -> APIStatusError:
         """Return the error for an error event that came before any of the reply.
 
-        Built as an error reply of ``status`` carrying ``error`` would be, so it is retried
-        (or not) as that status is.
+        Built and settled as an error reply of ``status`` carrying ``error`` would be, so
+        it is retried (or not), refunded and counted as that status is.
         """
         body = _json.dumps({"error": error})
-        return error_from_response(
-            status,
-            self.headers,
-            body,
-            reason="error event in the stream",
-            request_id=self.request_id,
-        )
+        return self._requester.status_error(self, status, body, "error event in the stream")
 
     def finish(self, usage: Usage) -> None:
         """Count the call as succeeded with ``usage``; settle the reservation with it.
@@ -421,9 +454,6 @@ class Requester:
         released, reservation refunded if nothing was sent); nothing is retried.
         """
         attempt = partial(self.attempt, request, read)
-        idle = self.timeouts.stream_idle
-        if request.stream and idle is not None:
-            attempt = partial(_first_event_within, idle, request, attempt)
         return call_with_retries(attempt, policy, call=request, stats=self)
 
     def count_retry(self, _error: LLMError) -> None:
@@ -463,40 +493,51 @@ class Requester:
                 reservation = await rate.acquire(request.estimate)
         limiter = self.limiter
         try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            request.waiting_for = "a concurrency slot"
             try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                request.waiting_for = "a concurrency slot"
                 await limiter.acquire()
-            request.waiting_for = "the response"
+            except BaseException:
+                if reservation is not None:
+                    reservation.refund()  # never sent: it must not cost the others capacity
+                raise
+        request.waiting_for = "the response"
+        # Timeouts.stream_idle bounds a stream's wait from its request to the start of the
+        # reply (after that, the wait between events); not the waits for capacity above.
+        idle = self.timeouts.stream_idle if request.stream else None
+        with _NO_SCOPE if idle is None else trio.move_on_after(idle):
             try:
                 self.sent += 1
                 response = await self._send(request)
             except BaseException as exc:
+                # No response: the server most likely never counted it.
                 limiter.release()
-                if isinstance(exc, httpx2.HTTPError):
-                    raise error_from_transport(exc, method="POST", url=request.shown_url) from exc
-                raise
-        except BaseException as exc:
-            # No response: the server most likely never counted it (and if the caller
-            # cancelled, it must not cost the other tasks capacity).
-            if reservation is not None:
-                reservation.refund()
-            if isinstance(exc, Exception):
+                if reservation is not None:
+                    reservation.refund()
+                if not isinstance(exc, Exception):
+                    raise
                 # A failure before any I/O (a header h11 refuses, a closed transport) must
                 # still be a schedule point, as every trio call is.
                 await _cancel_shielded_checkpoint()
-            raise
-        exchange = Exchange(self, request, response, reservation)
-        try:
-            if response.status_code >= 400:
-                await self._raise_status_error(exchange)
-            if rate is not None:
-                rate.update(self.provider.rate_limit_levels(response.headers))
-            return await read(exchange)
-        except BaseException:
-            await exchange.aclose()
-            raise
+                if isinstance(exc, httpx2.HTTPError):
+                    raise error_from_transport(exc, method="POST", url=request.shown_url) from exc
+                raise
+            exchange = Exchange(self, request, response, reservation)
+            try:
+                if response.status_code >= 400:
+                    await self._raise_status_error(exchange)
+                if rate is not None:
+                    rate.update(self.provider.rate_limit_levels(response.headers))
+                return await read(exchange)
+            except BaseException:
+                await exchange.aclose()
+                raise
+        raise APITimeoutError(
+            f"no event from {request.label} within stream_idle={idle}s",
+            method="POST",
+            url=request.shown_url,
+        )
 
     def _send(self, request: Request) -> Awaitable[HTTPResponse | _HttpxResponse]:
         """Send ``request``: a coroutine returning the response once its head arrived.
@@ -517,14 +558,23 @@ class Requester:
         return _HttpxResponse(await http.send(built, stream=True))
 
     async def _raise_status_error(self, exchange: Exchange) -> None:
-        """Read an error reply, settle its reservation, feed its headers back; raise it."""
+        """Read an error reply and raise its error, settled (see :meth:`status_error`)."""
         body = await exchange.read()
-        status = exchange.status_code
+        raise self.status_error(exchange, exchange.status_code, body, exchange.reason_phrase)
+
+    def status_error(
+        self, exchange: Exchange, status: int, body: bytes, reason: str
+    ) -> APIStatusError:
+        """Return the error of an error reply (or error event), its effects applied.
+
+        The reservation is refunded for a 429 (the server did not count it) and charged no
+        tokens otherwise; then the rate-limit headers apply; a 429 is counted and its
+        ``retry-after`` pauses every task of the client.
+        """
         headers = exchange.headers
         error = error_from_response(
-            status, headers, body, reason=exchange.reason_phrase, request_id=exchange.request_id
+            status, headers, body, reason=reason, request_id=exchange.request_id
         )
-        # A 429 was not counted by the server; another error cost it no tokens.
         exchange.settle(refund=status == 429)
         rate = self.rate
         if rate is not None:
@@ -535,20 +585,31 @@ class Requester:
             self.rate_limited += 1
             if rate is not None and error.retry_after:
                 rate.pause(error.retry_after)  # every task of the client waits it out
-        raise error
+        return error
 
 
-async def _first_event_within(
-    idle: float, request: Request, attempt: Callable[[], Awaitable[T]]
-) -> T:
-    """Run a stream's ``attempt``: ``Timeouts.stream_idle`` bounds its wait for an event.
+class _Decompressor(Protocol):
+    """What a ``zlib`` decompressor offers (``zlib.decompressobj()``)."""
 
-    From the request to the first event, as it bounds the wait between events after.
+    def decompress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+def _stream_decoder(encoding: str | None) -> _Decompressor | None:
+    """Return a ``zlib`` decompressor for a streamed body's ``content-encoding`` (or None).
+
+    Raises:
+        APIResponseError: an encoding other than gzip, deflate or identity.
     """
-    with trio.move_on_after(idle):
-        return await attempt()
-    raise APITimeoutError(
-        f"no event from POST {request.shown_url} within stream_idle={idle}s",
-        method="POST",
-        url=request.shown_url,
+    if encoding is None or encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise APIResponseError(
+        f"the event stream is encoded as {encoding!r}, which trio-llm does not decode",
+        status_code=200,
+        request_id=None,
     )

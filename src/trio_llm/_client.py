@@ -22,7 +22,7 @@ import attrs
 import httpx2
 import trio
 
-from ._attempt import Exchange, Requester, direct_transport_for
+from ._attempt import Exchange, Requester, direct_transport_for, environment_proxy_for
 from ._config import RetryPolicy, Timeouts
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
@@ -254,7 +254,10 @@ class Client:
 
     async def _read_embeddings(self, exchange: Exchange) -> EmbeddingResponse:
         payload = await exchange.read_json()
-        reply = self._provider.parse_embeddings(payload, exchange.request_id)
+        try:
+            reply = self._provider.parse_embeddings(payload, exchange.request_id)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
         exchange.finish(reply.usage)
         return reply
 
@@ -488,9 +491,11 @@ async def open_client(
     limits = httpx2.Limits(
         max_connections=max_concurrency, max_keepalive_connections=max_concurrency
     )
-    # Its cost per request stays flat as requests in flight grow, where httpx2's pool
-    # rescans every connection (docs/performance.md). Timeouts reach it per request.
-    transport = transport or TrioTransport(limits=limits)
+    if transport is None and not environment_proxy_for(url):
+        # Its cost per request stays flat as requests in flight grow, where httpx2's pool
+        # rescans every connection (docs/performance.md). Timeouts reach it per request.
+        # (Behind a proxy from the environment, httpx2's own transport goes through it.)
+        transport = TrioTransport(limits=limits)
     headers = _default_headers(adapter, url, api_key, headers)
     http = httpx2.AsyncClient(
         headers=headers, timeout=timeouts.to_httpx(), limits=limits, transport=transport

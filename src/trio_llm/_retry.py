@@ -24,6 +24,7 @@ from ._errors import (
     LLMError,
     RetryDeadlineExceeded,
 )
+from ._http import CALL_DEADLINE
 
 __all__ = ["Call", "Stats", "call_with_retries", "is_retryable"]
 
@@ -111,14 +112,21 @@ async def call_with_retries(
         progress = _Progress()
         # No scope without a deadline: a scope costs CPU and memory per call in flight.
         with trio.move_on_after(deadline) if deadline is not None else _NO_SCOPE as scope:
-            try:
-                return await attempt()
-            except LLMError as exc:
-                if policy.attempts == 1 or not is_retryable(exc):
-                    raise
-                first_error = exc
             deadline_at = math.inf if scope is None else scope.deadline
-            return await _retry(attempt, policy, first_error, progress, deadline_at, call, stats)
+            # The transport skips phase timeouts that could only end after it.
+            token = CALL_DEADLINE.set(deadline_at)
+            try:
+                try:
+                    return await attempt()
+                except LLMError as exc:
+                    if policy.attempts == 1 or not is_retryable(exc):
+                        raise
+                    first_error = exc
+                return await _retry(
+                    attempt, policy, first_error, progress, deadline_at, call, stats
+                )
+            finally:
+                CALL_DEADLINE.reset(token)
         # Only reached when the deadline's cancel scope fired.
         assert deadline is not None
         raise _deadline_passed(call, deadline, progress) from progress.last_error

@@ -185,9 +185,8 @@ class StreamReader:
                 try:
                     data = await self._exchange.receive_some()
                 except LLMError as exc:
-                    raise self._fail(
-                        f"the stream from POST {self._url} was cut off: {exc}"
-                    ) from exc
+                    # The error names the request already.
+                    raise self._fail(f"the stream was cut off: {exc}") from exc
                 if not data:
                     break
                 try:
@@ -297,6 +296,7 @@ async def open_reader(exchange: Exchange, provider: Provider, idle: float | None
         raise exchange.bad_reply(
             f"is JSON, not an event stream: {body[:200].decode('utf-8', 'replace')!r}"
         )
+    exchange.request.waiting_for = "the start of the reply"
     limit = exchange.max_response_bytes
     decoder = SSEDecoder(max_event_size=min(limit, MAX_EVENT_SIZE) if limit else MAX_EVENT_SIZE)
     events: list[ServerSentEvent] = []

@@ -145,9 +145,8 @@ class TrioTransport(httpx2.AsyncBaseTransport):
     The default transport of :func:`trio_llm.open_client`. Its CPU cost per request stays
     flat as requests in flight grow (measured in ``docs/performance.md``), where httpx2's
     own pool grows linearly. Choose ``httpx2.AsyncHTTPTransport`` instead for HTTP/2,
-    Unix sockets, client certificates or connect retries. Proxies from the environment
-    (``HTTPS_PROXY``, ...) still work: httpx2's client routes those URLs through its own
-    proxy transport, whatever the default transport is.
+    Unix sockets, client certificates, connect retries or proxies (``open_client`` picks
+    httpx2's own transport itself when a proxy from the environment applies).
 
     Each origin (scheme, host, port) has its own keep-alive pool. A connection the server
     closed while idle is dropped when next taken; a reused connection that ends before
