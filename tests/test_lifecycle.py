@@ -439,3 +439,22 @@ def test_max_response_bytes_must_be_positive() -> None:
 async def _open_with_limit(limit: Any) -> None:
     async with trio_llm.open_client(base_url="http://127.0.0.1:9/v1", max_response_bytes=limit):
         pass
+
+
+async def test_phase_timeouts_that_cannot_fire_before_the_deadline_are_left_out() -> None:
+    """Only phase limits shorter than what is left of the call's deadline reach the transport."""
+    async with trio_llm.open_client(base_url="http://127.0.0.1:9/v1", model="m") as client:
+        limits_before = client._requester._limits_before
+        now = trio.current_time()
+        defaults = trio_llm.Timeouts()  # connect 10, read 120, write 30, pool 60
+        within_120 = limits_before(now + 120.0)
+        assert (within_120.connect, within_120.write, within_120.pool) == (10.0, 30.0, 60.0)
+        assert within_120.read is None  # a read timeout of 120 s cannot fire first
+        within_20 = limits_before(now + 20.0)
+        assert (within_20.connect, within_20.read, within_20.write, within_20.pool) == (
+            defaults.connect,
+            None,
+            None,
+            None,
+        )
+        assert limits_before(now + 1000.0).read == defaults.read

@@ -1361,23 +1361,3 @@ async def test_a_call_failing_before_any_io_is_still_a_checkpoint() -> None:
     ) as client:
         with trio.testing.assert_checkpoints(), pytest.raises(trio_llm.APIConnectionError):
             await client.chat("hi")
-
-
-async def test_a_phase_limit_past_the_calls_deadline_makes_no_scope() -> None:
-    """A timeout that cannot fire before the call's own deadline gets no scope of its own."""
-    from trio_llm._http._connection import CALL_DEADLINE, _phase_deadline
-
-    now = trio.current_time()
-    assert _phase_deadline(None) == float("inf")
-    assert _phase_deadline(5.0) == pytest.approx(now + 5.0)
-    token = CALL_DEADLINE.set(now + 10.0)
-    try:
-        assert _phase_deadline(20.0) == float("inf")  # the call's deadline comes first
-        assert _phase_deadline(10.0) == float("inf")  # ...or at the same time
-        assert _phase_deadline(5.0) == pytest.approx(now + 5.0)
-    finally:
-        CALL_DEADLINE.reset(token)
-    # A caller's own scope may be moved later: it never stands in for a phase timeout.
-    with trio.move_on_after(10.0):
-        assert _phase_deadline(20.0) == pytest.approx(now + 20.0)
-        await trio.lowlevel.checkpoint()

@@ -23,6 +23,7 @@ usage; a tracing span wraps one :meth:`Requester.open_exchange` to :meth:`Exchan
 from __future__ import annotations
 
 import logging
+import math
 import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,6 +63,7 @@ logger = logging.getLogger("trio_llm")
 _CLOSE_GRACE: Final = 5.0
 
 _NO_SCOPE: Final = nullcontext()
+_INF: Final = math.inf
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
@@ -106,7 +108,15 @@ class Request:
     that passes before any response.
     """
 
-    __slots__ = ("content", "estimate", "shown_url", "stream", "url", "waiting_for")
+    __slots__ = (
+        "content",
+        "deadline_at",
+        "estimate",
+        "shown_url",
+        "stream",
+        "url",
+        "waiting_for",
+    )
 
     def __init__(
         self, url: str, content: bytes, estimate: int, *, stream: bool, shown_url: str
@@ -117,6 +127,7 @@ class Request:
         self.estimate = estimate
         self.stream = stream
         self.waiting_for = "the response"
+        self.deadline_at = _INF  # the call's deadline, set by the retry loop
 
     @property
     def label(self) -> str:
@@ -374,6 +385,7 @@ class Requester:
         "_headers",
         "_http",
         "_limits",
+        "_limits_by_phases",
         "_shown",
         "_stream_headers",
         "completion_tokens",
@@ -413,6 +425,7 @@ class Requester:
             if name.lower() not in (b"accept", b"accept-encoding")
         ] + [(b"accept", b"text/event-stream"), (b"accept-encoding", b"identity")]
         self._limits = timeouts.to_httpx()
+        self._limits_by_phases: dict[tuple[bool, ...], httpx2.Timeout] = {}
         self._shown: dict[str, str] = {}  # URL: as messages show it
         self.provider = provider
         self.rate = rate
@@ -549,7 +562,37 @@ class Requester:
         if direct is None:
             return self._send_through_httpx(request)
         headers = self._stream_headers if request.stream else self._headers
-        return direct.open_response("POST", request.url, headers, request.content, self._limits)
+        limits = self._limits
+        if request.deadline_at != _INF:
+            limits = self._limits_before(request.deadline_at)
+        return direct.open_response("POST", request.url, headers, request.content, limits)
+
+    def _limits_before(self, deadline_at: float) -> httpx2.Timeout:
+        """The phase timeouts that can still fire before the call's deadline.
+
+        A phase limit that would end at or after the trio time ``deadline_at`` (the
+        call's own deadline scope, which is never moved later) is left out: the
+        transport then makes no cancel scope for it, which saves CPU and memory on every
+        request in flight. With the defaults (read 120 s, a 120 s deadline) that is the
+        read timeout, the one every request waits under.
+        """
+        left = deadline_at - trio.current_time()
+        phases = self.timeouts
+        key = tuple(
+            limit is not None and limit < left
+            for limit in (phases.connect, phases.read, phases.write, phases.pool)
+        )
+        limits = self._limits_by_phases.get(key)
+        if limits is None:
+            connect, read, write, pool = (
+                limit if kept else None
+                for limit, kept in zip(
+                    (phases.connect, phases.read, phases.write, phases.pool), key, strict=True
+                )
+            )
+            limits = httpx2.Timeout(connect=connect, read=read, write=write, pool=pool)
+            self._limits_by_phases[key] = limits
+        return limits
 
     async def _send_through_httpx(self, request: Request) -> _HttpxResponse:
         http = self._http

@@ -24,7 +24,6 @@ from ._errors import (
     LLMError,
     RetryDeadlineExceeded,
 )
-from ._http import CALL_DEADLINE
 
 __all__ = ["Call", "Stats", "call_with_retries", "is_retryable"]
 
@@ -61,6 +60,10 @@ class Call(Protocol):
     def waiting_for(self) -> str:
         """What the attempt in flight is waiting for now (``"a concurrency slot"``, ...)."""
         ...
+
+    #: The trio time the call's deadline scope fires (``inf``: none), set by the loop: the
+    #: attempts need no phase timeout that could only end after it.
+    deadline_at: float
 
 
 class Stats(Protocol):
@@ -113,20 +116,14 @@ async def call_with_retries(
         # No scope without a deadline: a scope costs CPU and memory per call in flight.
         with trio.move_on_after(deadline) if deadline is not None else _NO_SCOPE as scope:
             deadline_at = math.inf if scope is None else scope.deadline
-            # The transport skips phase timeouts that could only end after it.
-            token = CALL_DEADLINE.set(deadline_at)
+            call.deadline_at = deadline_at
             try:
-                try:
-                    return await attempt()
-                except LLMError as exc:
-                    if policy.attempts == 1 or not is_retryable(exc):
-                        raise
-                    first_error = exc
-                return await _retry(
-                    attempt, policy, first_error, progress, deadline_at, call, stats
-                )
-            finally:
-                CALL_DEADLINE.reset(token)
+                return await attempt()
+            except LLMError as exc:
+                if policy.attempts == 1 or not is_retryable(exc):
+                    raise
+                first_error = exc
+            return await _retry(attempt, policy, first_error, progress, deadline_at, call, stats)
         # Only reached when the deadline's cancel scope fired.
         assert deadline is not None
         raise _deadline_passed(call, deadline, progress) from progress.last_error

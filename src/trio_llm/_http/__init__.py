@@ -29,9 +29,8 @@ that makes the request. Content decoding (gzip, deflate, ...) is left to httpx2,
 it from the ``content-encoding`` header. Measurements: ``docs/performance.md``.
 """
 
-from ._connection import CALL_DEADLINE as CALL_DEADLINE
 from ._response import BodyTooLarge as BodyTooLarge
 from ._response import HTTPResponse as HTTPResponse
 from ._transport import TrioTransport as TrioTransport
 
-__all__ = ["CALL_DEADLINE", "BodyTooLarge", "HTTPResponse", "TrioTransport"]
+__all__ = ["BodyTooLarge", "HTTPResponse", "TrioTransport"]

@@ -13,7 +13,6 @@ import select
 import socket as _stdlib_socket
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextvars import ContextVar
 from functools import partial
 from types import TracebackType
 from typing import Any, Final, final
@@ -25,7 +24,6 @@ import trio
 from ._body import MAX_HEAD, Body
 
 __all__ = [
-    "CALL_DEADLINE",
     "READ_ERRORS",
     "RECEIVE_SIZE",
     "WRITE_ERRORS",
@@ -158,26 +156,9 @@ def _stdlib_socket_of(sock: trio.socket.SocketType) -> _stdlib_socket.socket | N
     return raw if isinstance(raw, _stdlib_socket.socket) else None
 
 
-#: The trio time by which a cancel scope around the current call cancels it, where that
-#: scope is one that is never moved later while the call runs (the client's retry deadline
-#: sets it). A phase timeout that would end later needs no scope of its own.
-CALL_DEADLINE: ContextVar[float] = ContextVar("trio_llm_call_deadline", default=math.inf)
-
-
-_call_deadline = CALL_DEADLINE.get
-
-
 def _phase_deadline(seconds: float | None) -> float:
-    """When a phase limit of ``seconds`` starting now ends; ``inf`` if it needs no scope.
-
-    A limit that cannot end before the call's own deadline (:data:`CALL_DEADLINE`) would
-    never fire first: no scope is made for it, since a scope costs CPU and memory on every
-    request in flight. A caller's own scope does not count: it may be moved later.
-    """
-    if seconds is None:
-        return _INF
-    deadline = _now() + seconds
-    return _INF if deadline >= _call_deadline() else deadline
+    """When a phase limit of ``seconds`` starting now ends (``inf`` for no limit)."""
+    return _INF if seconds is None else _now() + seconds
 
 
 def _write_timeout(seconds: float | None) -> httpx2.WriteTimeout:

@@ -159,13 +159,14 @@ class HTTPResponse:
             if declared is not None and declared > limit:
                 raise BodyTooLarge(int(limit))
             parts = body.take()
-            size = sum(map(len, parts))
-            while not body.done:
-                more = body.feed(await receive(conn, self._read))
-                parts += more
-                size += sum(map(len, more))
-                if size > limit:
-                    raise BodyTooLarge(int(limit))
+            if not body.done:  # more to read (what one read brought is bounded by its size)
+                size = sum(map(len, parts))
+                while not body.done:
+                    more = body.feed(await receive(conn, self._read))
+                    parts += more
+                    size += sum(map(len, more))
+                    if size > limit:
+                        raise BodyTooLarge(int(limit))
         except BaseException:
             self._conn = None
             self._pool.discard(conn)
