@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 import trio_llm
-from trio_llm._attempt import direct_transport_for, environment_proxy_for
+from trio_llm._sending import direct_transport_for, environment_proxy_for
 
 Mode = str  # "chat" or "stream"
 MODES = ["chat", "stream"]

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
-import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Final, Protocol, TypeVar, final
-from urllib.parse import urlsplit
+from typing import Any, Final, TypeVar, final
 
 import httpx2
 import trio
@@ -50,54 +48,20 @@ from ._estimate import estimate_tokens
 from ._http import BodyTooLarge, HTTPResponse, TrioTransport
 from ._ratelimit import RateLimiter, Reservation
 from ._retry import call_with_retries
+from ._sending import HttpxResponse, stream_decoder
 from ._types import Usage
 from .providers._base import Provider
 
-__all__ = ["Exchange", "Request", "Requester", "direct_transport_for", "environment_proxy_for"]
+__all__ = ["Exchange", "Request", "Requester"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("trio_llm")
 
-# A shielded close of an httpx2 response must not hang on a dead peer.
-_CLOSE_GRACE: Final = 5.0
-
 _NO_SCOPE: Final = nullcontext()
 _INF: Final = math.inf
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-
-
-def environment_proxy_for(base_url: str) -> bool:
-    """Whether a proxy from the environment applies to ``base_url``.
-
-    ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` (and the system's settings where the
-    standard library reads them), unless ``NO_PROXY`` names the host. A client whose URL
-    is proxied uses httpx2's own transport, which goes through the proxy.
-    """
-    parts = urlsplit(base_url)
-    proxies = urllib.request.getproxies()
-    if not (proxies.get(parts.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(parts.hostname or "")
-
-
-def direct_transport_for(
-    transport: httpx2.AsyncBaseTransport | None, base_url: str
-) -> TrioTransport | None:
-    """Return ``transport`` if requests to ``base_url`` may skip httpx2's client layer.
-
-    That is, when it is trio-llm's own transport and the URL holds no credentials (which
-    httpx2's client layer sends as basic auth). httpx2's client layer costs as much CPU as
-    the rest of a request (docs/performance.md), and adds nothing else to a plain POST:
-    the client sets no auth, hooks, cookies or redirects, and httpx2 applies no
-    environment proxy to a transport given to it.
-    """
-    if type(transport) is not TrioTransport:
-        return None
-    if urlsplit(base_url).username is not None:
-        return None
-    return transport
 
 
 @final
@@ -136,52 +100,6 @@ class Request:
 
 
 @final
-class _HttpxResponse:
-    """An ``httpx2.Response`` seen through the interface of :class:`HTTPResponse`.
-
-    For clients whose transport is not trio-llm's own (``MockTransport``, httpx2's own for
-    HTTP/2 or proxies): every request then goes through httpx2's client layer.
-    """
-
-    __slots__ = ("_parts", "_response", "headers", "reason_phrase", "status_code")
-
-    def __init__(self, response: httpx2.Response) -> None:
-        self._response = response
-        self._parts = response.aiter_bytes()
-        self.status_code = response.status_code
-        self.reason_phrase = response.reason_phrase
-        self.headers: Mapping[str, str] = response.headers
-
-    async def read(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            return await self._response.aread()
-        declared = self.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise BodyTooLarge(max_bytes)
-        parts = []
-        size = 0
-        async for part in self._parts:
-            size += len(part)
-            if size > max_bytes:
-                raise BodyTooLarge(max_bytes)
-            parts.append(part)
-        return b"".join(parts)
-
-    async def receive_some(self) -> bytes:
-        try:
-            return await self._parts.__anext__()
-        except StopAsyncIteration:
-            return b""
-
-    async def aclose(self) -> None:
-        # Shielded: this runs on the way out of cancelled scopes too, and a half-read
-        # connection must be closed rather than left to the garbage collector.
-        with trio.move_on_after(_CLOSE_GRACE, shield=True):
-            await self._parts.aclose()
-            await self._response.aclose()
-
-
-@final
 class Exchange:
     """One attempt's response, open: its concurrency slot and reservation held.
 
@@ -204,7 +122,7 @@ class Exchange:
         self,
         requester: Requester,
         request: Request,
-        response: HTTPResponse | _HttpxResponse,
+        response: HTTPResponse | HttpxResponse,
         reservation: Reservation | None,
     ) -> None:
         self._requester = requester
@@ -216,7 +134,7 @@ class Exchange:
         # Read part by part on trio-llm's transport, a stream is decoded here (httpx2 does
         # it for its own responses).
         self._decoder = (
-            _stream_decoder(response.headers.get("content-encoding"))
+            stream_decoder(response.headers.get("content-encoding"))
             if request.stream and type(response) is HTTPResponse
             else None
         )
@@ -391,6 +309,7 @@ class Requester:
         "completion_tokens",
         "direct",
         "failed",
+        "last_retry_error",
         "limiter",
         "max_response_bytes",
         "prompt_tokens",
@@ -436,6 +355,8 @@ class Requester:
         self.succeeded = 0
         self.failed = 0
         self.retried = 0
+        # The error the latest retry was decided after (the batch progress line shows it).
+        self.last_retry_error: LLMError | None = None
         self.rate_limited = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -469,9 +390,10 @@ class Requester:
         attempt = partial(self.attempt, request, read)
         return call_with_retries(attempt, policy, call=request, stats=self)
 
-    def count_retry(self, _error: LLMError) -> None:
-        """Count a retry decided after ``_error``."""
+    def count_retry(self, error: LLMError) -> None:
+        """Count a retry decided after ``error``, and keep ``error`` as the latest."""
         self.retried += 1
+        self.last_retry_error = error
 
     def count_failure(self, _error: LLMError) -> None:
         """Count a call that failed with ``_error``."""
@@ -552,7 +474,7 @@ class Requester:
             url=request.shown_url,
         )
 
-    def _send(self, request: Request) -> Awaitable[HTTPResponse | _HttpxResponse]:
+    def _send(self, request: Request) -> Awaitable[HTTPResponse | HttpxResponse]:
         """Send ``request``: a coroutine returning the response once its head arrived.
 
         Transport errors become :class:`APIConnectionError` (mapped here, for sending, and
@@ -594,11 +516,11 @@ class Requester:
             self._limits_by_phases[key] = limits
         return limits
 
-    async def _send_through_httpx(self, request: Request) -> _HttpxResponse:
+    async def _send_through_httpx(self, request: Request) -> HttpxResponse:
         http = self._http
         extra = {"accept": "text/event-stream"} if request.stream else None
         built = http.build_request("POST", request.url, content=request.content, headers=extra)
-        return _HttpxResponse(await http.send(built, stream=True))
+        return HttpxResponse(await http.send(built, stream=True))
 
     async def _raise_status_error(self, exchange: Exchange) -> None:
         """Read an error reply and raise its error, settled (see :meth:`status_error`)."""
@@ -629,30 +551,3 @@ class Requester:
             if rate is not None and error.retry_after:
                 rate.pause(error.retry_after)  # every task of the client waits it out
         return error
-
-
-class _Decompressor(Protocol):
-    """What a ``zlib`` decompressor offers (``zlib.decompressobj()``)."""
-
-    def decompress(self, data: bytes, /) -> bytes: ...
-
-    def flush(self) -> bytes: ...
-
-
-def _stream_decoder(encoding: str | None) -> _Decompressor | None:
-    """Return a ``zlib`` decompressor for a streamed body's ``content-encoding`` (or None).
-
-    Raises:
-        APIResponseError: an encoding other than gzip, deflate or identity.
-    """
-    if encoding is None or encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return zlib.decompressobj()
-    raise APIResponseError(
-        f"the event stream is encoded as {encoding!r}, which trio-llm does not decode",
-        status_code=200,
-        request_id=None,
-    )

@@ -22,12 +22,13 @@ import attrs
 import httpx2
 import trio
 
-from ._attempt import Exchange, Requester, direct_transport_for, environment_proxy_for
+from ._attempt import Exchange, Requester
 from ._config import RetryPolicy, Timeouts
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._http import TrioTransport
 from ._ratelimit import RateLimit, RateLimiter
+from ._sending import direct_transport_for, environment_proxy_for
 from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
 from ._types import ChatResponse, EmbeddingResponse, Result
 from ._version import __version__
@@ -491,10 +492,8 @@ async def open_client(
     limits = httpx2.Limits(
         max_connections=max_concurrency, max_keepalive_connections=max_concurrency
     )
-    if transport is None and not environment_proxy_for(url):
-        # Its cost per request stays flat as requests in flight grow, where httpx2's pool
-        # rescans every connection (docs/performance.md). Timeouts reach it per request.
-        # (Behind a proxy from the environment, httpx2's own transport goes through it.)
+    if transport is None and not environment_proxy_for(url):  # (else httpx2's, via the proxy)
+        # Flat cost per request however many are in flight (docs/performance.md).
         transport = TrioTransport(limits=limits)
     headers = _default_headers(adapter, url, api_key, headers)
     http = httpx2.AsyncClient(
