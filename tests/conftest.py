@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -20,6 +21,18 @@ def _no_real_provider(monkeypatch: pytest.MonkeyPatch) -> None:
         "TRIO_LLM_MODEL",
     ):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _trio_llm_logging_restored() -> Iterator[None]:
+    """Undo what a command run in-process did to trio-llm's loggers (levels, handlers)."""
+    names = ("trio_llm", "trio_llm.testing", "stamina")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    handlers = list(logging.getLogger("trio_llm").handlers)
+    yield
+    for logger, level in saved:
+        logger.setLevel(level)
+    logging.getLogger("trio_llm").handlers[:] = handlers
 
 
 @pytest.fixture

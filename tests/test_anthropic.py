@@ -762,8 +762,6 @@ async def test_batch_messages_lines(tmp_path: Path, server: FakeLLMServer) -> No
     async with trio_llm.open_client(
         base_url=server.base_url, api_key="sk-ant-test", model=MODEL
     ) as openai_client:
-        refused = await trio_llm.run_batch(source, tmp_path / "other.jsonl", client=openai_client)
-    [failure] = [json.loads(line) for line in (tmp_path / "other.jsonl").read_text().splitlines()]
-    assert refused.failed == 1
-    assert failure["error"]["code"] == "client_error"
-    assert "provider='anthropic'" in failure["error"]["message"]
+        with pytest.raises(trio_llm.BatchInputError, match="provider='anthropic'"):
+            await trio_llm.run_batch(source, tmp_path / "other.jsonl", client=openai_client)
+    assert not (tmp_path / "other.jsonl").exists()  # refused up front: nothing sent

@@ -325,7 +325,7 @@ async def test_retry_failed_replaces_error_lines(tmp_path: Path) -> None:
     """--retry-failed resends lines that ended in error; each custom_id stays on one line."""
     source = write_jsonl(tmp_path / "in.jsonl", prompts(20))
     target = tmp_path / "out.jsonl"
-    broken = FakeLLMConfig(error_rate=0.5, error_status=404, seed=3)
+    broken = FakeLLMConfig(error_rate=0.5, error_status=422, seed=3)  # (a 404 stops a run)
     async with (
         open_fake_llm(broken) as server,
         trio_llm.open_client(base_url=server.base_url, model="m") as client,

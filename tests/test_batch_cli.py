@@ -176,8 +176,9 @@ def test_simulated_anthropic_batch(tmp_path: Path, capsys: pytest.CaptureFixture
     assert record["response"]["body"]["type"] == "message"
     capsys.readouterr()
     other = tmp_path / "openai.jsonl"
-    assert main(["batch", str(source), "-o", str(other), "--simulate"]) != 0
-    assert "provider='anthropic'" in capsys.readouterr().err + other.read_text()
+    assert main(["batch", str(source), "-o", str(other), "--simulate"]) == 2
+    assert "provider='anthropic'" in capsys.readouterr().err
+    assert not other.exists()  # refused up front: nothing created, nothing sent
 
 
 def test_resume_command_repeats_every_non_default_flag() -> None:

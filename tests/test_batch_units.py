@@ -236,7 +236,7 @@ def test_failures_are_reported_through_exception_groups(
     """Errors wrapped by nurseries get their own message and status; others propagate."""
     args = batch_args()
     assert _command._report_failure(group("g", [KeyboardInterrupt()]), args) == 130
-    assert _command._report_failure(group("g", [OSError(28, "No space left")]), args) == 1
+    assert _command._report_failure(group("g", [OSError(28, "No space left")]), args) == 3
     assert _command._report_failure(trio_llm.APIConnectionError("down"), args) == 1
     output_error = trio_llm.BatchInputError("bad", path="out.jsonl", line=1, reason="bad")
     assert _command._report_failure(output_error, args) == 2

@@ -8,6 +8,10 @@ This module assembles the command and holds ``chat`` and ``fake-server``; ``batc
 ``serve`` live in their packages' ``_command.py``, and what the commands share (exit
 codes, argument types, connection flags, the client) in ``_cli_options.py``. Commands
 import ``_cli_options``, never this module.
+
+Every expected failure ends here as one line on stderr and a documented exit status
+(``docs/batch.md``, ``docs/serving.md``); a traceback is printed only with ``--debug``,
+or for an error nobody expected (a bug).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -29,10 +34,13 @@ from ._cli_options import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    CommandError,
     Parser,
     add_connection_options,
+    cannot_listen,
     non_negative_float,
     open_cli_client,
+    port_number,
     positive_int,
 )
 from ._errors import ConfigurationError, LLMError
@@ -41,6 +49,12 @@ from .batch._command import add_batch_parser, run_batch_command
 from .serve._command import add_serve_parser, run_serve_command
 
 __all__ = ["main"]
+
+# `chat --simulate --stream` paces the fake server like a model, so that the reply
+# visibly streams (unpaced, the whole of it arrives in a few milliseconds).
+_SIMULATED_STREAM_LATENCY: Final = 0.3
+_SIMULATED_STREAM_TOKENS_PER_SECOND: Final = 25.0
+_DEBUG_HELP: Final = "on a failure, print its traceback too, not only the one-line message"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'trio-llm COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"trio-llm {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
     _add_chat_parser(commands)
     add_batch_parser(commands)
     add_serve_parser(commands)
     _add_fake_server_parser(commands)
+    for command in commands.choices.values():
+        # Also after the command's name; SUPPRESS keeps the top-level value when absent.
+        if "--debug" not in command._option_string_actions:
+            command.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+            )
     return parser
 
 
@@ -97,9 +118,9 @@ def _add_fake_server_parser(subparsers: argparse._SubParsersAction[Any]) -> None
     )
     server.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         default=8000,
-        help="port to bind; 0 picks a free one (default: %(default)s)",
+        help="port to bind, 0 to 65535; 0 picks a free one (default: %(default)s)",
     )
     server.add_argument(
         "-v", "--verbose", action="store_true", help="log one line per request to stderr"
@@ -150,7 +171,13 @@ async def _chat(args: argparse.Namespace) -> int:
         params["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         params["temperature"] = args.temperature
-    async with open_cli_client(args) as client:
+    pace: dict[str, Any] = {}
+    if args.stream:
+        pace = {
+            "simulate_latency": _SIMULATED_STREAM_LATENCY,
+            "simulate_tokens_per_second": _SIMULATED_STREAM_TOKENS_PER_SECOND,
+        }
+    async with open_cli_client(args, **pace) as client:
         if args.stream:
             async with client.stream(messages, **params) as stream:
                 async for chunk in stream:
@@ -187,25 +214,78 @@ async def _fake_server(args: argparse.Namespace, config: Any) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         logging.getLogger("trio_llm.testing").setLevel(logging.INFO)
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_fake_llm(
-                config, host=args.host, port=args.port, task_status=task_status
+        try:
+            server = await nursery.start(
+                lambda task_status: serve_fake_llm(
+                    config, host=args.host, port=args.port, task_status=task_status
+                )
             )
-        )
+        except OSError as exc:  # raised before listening: the bind failed
+            raise cannot_listen(args.host, args.port, exc) from exc
         print(f"trio-llm fake server listening on {server.base_url} (Ctrl-C to stop)", flush=True)
     return EXIT_OK  # pragma: no cover - the server runs until interrupted
 
 
-def _is_interrupt(exc: BaseException) -> bool:
-    """Whether ``exc`` is Ctrl-C, possibly wrapped in (nested) exception groups."""
-    inner = getattr(exc, "exceptions", None)  # BaseExceptionGroup, also on 3.10's backport
-    if inner is not None:
-        return bool(inner) and all(_is_interrupt(e) for e in inner)
-    return isinstance(exc, KeyboardInterrupt)
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, through (nested) exception groups."""
+    inner = getattr(exc, "exceptions", None)  # BaseExceptionGroup, also 3.10's backport
+    if isinstance(inner, tuple):
+        return [leaf for child in inner for leaf in _leaves(child)]
+    return [exc]
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "fake-server":
+        try:
+            config = _fake_server_config(args)
+        except (TypeError, ValueError) as exc:
+            parser.exit(EXIT_USAGE, f"trio-llm fake-server: error: {exc}\n")
+        return trio.run(_fake_server, args, config)
+    if args.command == "batch":
+        return run_batch_command(args)
+    if args.command == "serve":
+        return run_serve_command(args)
+    return trio.run(_chat, args)
+
+
+def _report_failure(exc: BaseException, args: argparse.Namespace) -> int:
+    """Print the one line that says why the command stopped; return its exit status.
+
+    A nursery (the --simulate server's, a server's) wraps what it raises in an exception
+    group; a group of one expected error is reported as that error. Anything else is a
+    bug, and propagates with its traceback.
+    """
+    leaves = _leaves(exc)
+    interrupted = bool(leaves) and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves)
+    expected = (CommandError, LLMError)
+    if not interrupted and not (len(leaves) == 1 and isinstance(leaves[0], expected)):
+        raise exc
+    if args.debug:
+        traceback.print_exception(exc)
+    prefix = f"trio-llm {args.command}:"
+    if interrupted:
+        if args.command == "fake-server":  # Ctrl-C is how the fake server is stopped
+            print(f"{prefix} stopped", file=sys.stderr)
+            return EXIT_OK
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    error = leaves[0]
+    if isinstance(error, CommandError):
+        print(f"{prefix} error: {error}", file=sys.stderr)
+        return error.status
+    if isinstance(error, ConfigurationError):
+        print(f"{prefix} error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{prefix} error: {type(error).__name__}: {error}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``trio-llm`` command; return its exit status."""
+    """Run the ``trio-llm`` command; return its exit status.
+
+    Exit statuses: 0 done, 1 the work failed (a request, a bind), 2 bad usage (a flag,
+    a missing key), 130 interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     # stamina logs each scheduled retry at WARNING; with no logging configured Python
@@ -213,28 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # themselves (progress line, statistics), so keep stderr readable.
     logging.getLogger("stamina").setLevel(logging.ERROR)
     try:
-        if args.command == "fake-server":
-            try:
-                config = _fake_server_config(args)
-            except (TypeError, ValueError) as exc:
-                parser.exit(EXIT_USAGE, f"trio-llm fake-server: error: {exc}\n")
-            return trio.run(_fake_server, args, config)
-        if args.command == "batch":
-            return run_batch_command(args)
-        if args.command == "serve":
-            return run_serve_command(args)
-        return trio.run(_chat, args)
-    except ConfigurationError as exc:
-        print(f"trio-llm {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except LLMError as exc:
-        print(f"trio-llm {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _run(parser, args)
     except BaseException as exc:
-        if not _is_interrupt(exc):
-            raise
-        if args.command == "fake-server":
-            print("trio-llm fake-server: stopped", file=sys.stderr)
-            return EXIT_OK
-        print(f"trio-llm {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _report_failure(exc, args)

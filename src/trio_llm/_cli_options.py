@@ -3,21 +3,30 @@
 The top-level command (``_cli.py``) and each command module (``batch/_command.py``,
 ``serve/_command.py``) import from here; this module imports none of them, so the
 commands never import the module that assembles them.
+
+Expected failures (a bad flag, a missing key, an address that cannot be bound) end as one
+line on stderr and a documented exit status: usage errors through :class:`Parser`,
+the rest as :class:`~trio_llm.ConfigurationError` or :class:`CommandError`, which the
+top-level command prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final, NoReturn
+from urllib.parse import urlsplit
 
-from ._client import Client, open_client
+from ._client import Client, _is_loopback, _resolve_base_url, open_client
 from ._config import RetryPolicy
 from ._errors import ConfigurationError
 from ._ratelimit import RateLimit
+from .providers._registry import provider_named
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,17 +35,25 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "CommandError",
     "Parser",
     "add_connection_options",
+    "api_key_from_env",
+    "cannot_listen",
     "non_negative_float",
     "open_cli_client",
+    "port_number",
     "positive_float",
     "positive_int",
+    "variable_name",
 ]
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
+#: A batch run stopped on an error that would repeat (a 401, an unreachable server, a full
+#: disk): completed lines are safe and the same command resumes once it is fixed.
+EXIT_STOPPED: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
 DEFAULT_MODEL: Final = "gpt-4o-mini"
@@ -45,12 +62,25 @@ DEFAULT_MODELS: Final = {"openai": DEFAULT_MODEL, "anthropic": "claude-sonnet-4-
 _ADAPTIVE_RATE_LIMIT: Final = RateLimit()
 
 
+class CommandError(Exception):
+    """An expected failure of a command, reported as one line: ``trio-llm CMD: error: ...``.
+
+    Attributes:
+        status: the exit status the command ends with.
+    """
+
+    def __init__(self, message: str, *, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors name the program and exit with status 2."""
+    """An ArgumentParser whose usage errors are one line, naming the program; status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # One line, not argparse's usage block: the problem is the last thing printed
+        # and stays visible; --help shows the usage.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def positive_int(text: str) -> int:
@@ -77,16 +107,79 @@ def non_negative_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """Parse a number > 0, NaN refused (an argparse ``type=``)."""
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
 
 
-def _variable_name(text: str) -> str:
+def port_number(text: str) -> int:
+    """Parse a TCP port, 0 to 65535; 0 asks for any free port (an argparse ``type=``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 0 to 65535 (0 picks a free one), got {value}"
+        )
+    return value
+
+
+def variable_name(text: str) -> str:
+    """Parse the name of an environment variable (an argparse ``type=``)."""
     if not text:
         raise argparse.ArgumentTypeError("expected the name of an environment variable")
     return text
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> CommandError:
+    """Return the one-line failure for a server that could not bind ``host:port``."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        reason = f"cannot resolve {host!r} ({exc.strerror or exc})"
+    elif exc.errno == errno.EADDRINUSE:
+        reason = "address already in use; pick another --port, or --port 0 for a free one"
+    elif exc.errno == errno.EACCES:
+        privileged = 0 < port < 1024
+        reason = "permission denied" + (" (ports below 1024 need privileges)" if privileged else "")
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason = f"{host} is not an address of this machine"
+    else:
+        reason = (exc.strerror or str(exc)).lower()
+    return CommandError(f"cannot listen on {address}: {reason}")
+
+
+def api_key_from_env(variable: str | None, *, provider: str, base_url: str | None) -> str | None:
+    """Read the API key from ``$variable`` (the provider's own variable if None).
+
+    Returns None when the default variable is unset or empty and the server is on a
+    loopback address (local servers often need no key).
+
+    Raises:
+        ConfigurationError: ``variable`` (named by ``--api-key-env``) is unset or empty,
+            or the default variable is, for a server that is not on a loopback address;
+            the message says which, and what to do on the command line.
+    """
+    adapter = provider_named(provider)
+    name = variable or adapter.api_key_env
+    value = os.environ.get(name)
+    if value:
+        return value
+    state = "is not set" if value is None else "is empty"
+    if variable:
+        raise ConfigurationError(f"${name} {state} (named by --api-key-env)")
+    # Only the host is shown: a URL may carry credentials of its own.
+    host = urlsplit(_resolve_base_url(base_url, adapter)).hostname or ""
+    if _is_loopback(host):
+        return None
+    raise ConfigurationError(
+        f"no API key for {host}: ${name} {state}; set it, or pass --api-key-env NAME "
+        "to read the key from another variable"
+    )
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +202,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-key-env",
         metavar="NAME",
-        type=_variable_name,
+        type=variable_name,
         help="environment variable holding the API key (default: OPENAI_API_KEY, or "
         "ANTHROPIC_API_KEY for anthropic); keys are never accepted on the command line, "
         "where other users could see them",
@@ -162,8 +255,8 @@ async def open_cli_client(
     Leaving the block, cancelled or not, closes the client and stops that server.
 
     Raises:
-        ConfigurationError: ``--api-key-env`` names an unset variable, or
-            ``open_client`` finds no key.
+        ConfigurationError: no usable API key (see :func:`api_key_from_env`), or a
+            setting ``open_client`` refuses.
     """
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider]
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
@@ -199,10 +292,7 @@ async def open_cli_client(
             ) as client:
                 yield client
         return
-    # Without --api-key-env, open_client reads the provider's own variable.
-    api_key = os.environ.get(args.api_key_env) or None if args.api_key_env else None
-    if args.api_key_env and api_key is None:
-        raise ConfigurationError(f"${args.api_key_env} is not set (named by --api-key-env)")
+    api_key = api_key_from_env(args.api_key_env, provider=args.provider, base_url=args.base_url)
     async with open_client(
         provider=args.provider,
         base_url=args.base_url,

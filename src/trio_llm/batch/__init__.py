@@ -4,7 +4,8 @@
 ``trio-llm batch INPUT.jsonl -o OUTPUT.jsonl``. See ``docs/batch.md``.
 """
 
+from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES as DEFAULT_MAX_CONSECUTIVE_FAILURES
 from ._runner import BatchSummary as BatchSummary
 from ._runner import run_batch as run_batch
 
-__all__ = ["BatchSummary", "run_batch"]
+__all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]

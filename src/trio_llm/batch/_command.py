@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
-from contextlib import AbstractAsyncContextManager
+import traceback
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Final
 
 import trio
@@ -14,6 +17,7 @@ from .._cli_options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_STOPPED,
     EXIT_USAGE,
     add_connection_options,
     non_negative_float,
@@ -21,10 +25,22 @@ from .._cli_options import (
     positive_float,
 )
 from .._client import Client
-from .._errors import BatchInputError, ConfigurationError, LLMError
+from .._errors import (
+    APIConnectionError,
+    APIResponseError,
+    APIStatusError,
+    BatchInputError,
+    ConfigurationError,
+    LLMError,
+    RateLimitError,
+    RetryDeadlineExceeded,
+    redact_url,
+)
 from .._ratelimit import RateLimit
+from ..providers._registry import provider_named
+from ._output import OutputWriteError
 from ._progress import print_summary
-from ._runner import BatchSummary, run_batch
+from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES, BatchSummary, run_batch
 
 __all__ = ["add_batch_parser", "run_batch_command"]
 
@@ -38,9 +54,40 @@ OUTPUT.jsonl, as each completes. INPUT lines are in the OpenAI Batch API format
 ({"custom_id", "method": "POST", "url": "/v1/chat/completions" or "/v1/embeddings",
 "body"}) or the short form {"custom_id", "prompt"}; OUTPUT lines are in the Batch API
 output format. Rerun the same command to resume: lines already answered in OUTPUT are
-skipped. Ctrl-C stops gently (a second Ctrl-C at once). Exit status: 0 every line
-answered OK, 1 some answered with an error, 2 bad usage or input, 130 interrupted.
+skipped. Ctrl-C stops gently (a second Ctrl-C at once). A 401, 403 or 404, or a run of
+failures with no success in between (a dead endpoint), stops the run at once, leaving
+the lines not answered for the rerun. Exit status: 0 every line answered OK, 1 some
+answered with an error, 2 bad usage or input, 3 stopped (the server refuses every
+request or keeps failing, or a file cannot be written): fix it and rerun, 130 interrupted.
 Example: trio-llm batch examples/data/sample_batch.jsonl -o out.jsonl --simulate"""
+
+
+def _input_path(text: str) -> str:
+    if text == "-":
+        raise argparse.ArgumentTypeError(
+            "'-' (standard input) is not supported: the input is read twice (checked, "
+            "then sent); save it to a file and name that"
+        )
+    return text
+
+
+def _output_path(text: str) -> str:
+    if text == "-":
+        raise argparse.ArgumentTypeError(
+            "'-' (standard output) is not supported: the answers go to a file, which a "
+            "rerun resumes from; name one, e.g. -o answers.jsonl"
+        )
+    return text
+
+
+def _failure_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: never), got {value}")
+    return value
 
 
 def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -51,11 +98,14 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    batch.add_argument("input", metavar="INPUT.jsonl", help="the requests, one JSON per line")
+    batch.add_argument(
+        "input", metavar="INPUT.jsonl", type=_input_path, help="the requests, one JSON per line"
+    )
     batch.add_argument(
         "-o",
         "--output",
         metavar="OUTPUT.jsonl",
+        type=_output_path,
         required=True,
         help="the answers (created, or appended to when resuming)",
     )
@@ -87,6 +137,15 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "(default: %(default)s)",
     )
     run.add_argument(
+        "--max-consecutive-failures",
+        metavar="N",
+        type=_failure_limit,
+        default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        help="stop when N lines in a row fail with no answer, a 5xx, a 429 or the deadline "
+        "(after their retries) and none succeeds in between: a dead endpoint; their lines "
+        "stay unanswered for the rerun; 0 never stops so (default: %(default)s)",
+    )
+    run.add_argument(
         "--progress-interval",
         metavar="SECONDS",
         type=positive_float,
@@ -105,9 +164,9 @@ def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[
     )
 
 
-async def _batch(args: argparse.Namespace) -> BatchSummary:
+async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> BatchSummary:
     async with _open_batch_client(args) as client:
-        return await run_batch(
+        summary = await run_batch(
             args.input,
             args.output,
             client=client,
@@ -117,7 +176,11 @@ async def _batch(args: argparse.Namespace) -> BatchSummary:
             progress_interval=args.progress_interval,
             handle_signals=True,
             grace=args.grace,
+            max_consecutive_failures=args.max_consecutive_failures or None,
         )
+        # Kept before the client closes: a Ctrl-C from here on still gets the summary.
+        finished.append(summary)
+    return summary
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -134,12 +197,15 @@ def _resume_command(args: argparse.Namespace) -> str:
         "rpm": None,
         "tpm": None,
         "grace": 30.0,
+        "max_consecutive_failures": DEFAULT_MAX_CONSECUTIVE_FAILURES,
         "progress_interval": 10.0,
     }
     for name, default in defaults.items():
         value = getattr(args, name)
         if value != default:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
+            if name == "base_url":  # printed: a password in it is not
+                shown = redact_url(shown)
             words += ["--" + name.replace("_", "-"), shown]
     for name in ("simulate", "skip_invalid", "retry_failed"):
         if getattr(args, name):
@@ -151,11 +217,44 @@ def _say(text: str) -> None:
     print(f"trio-llm batch: {text}", file=sys.stderr, flush=True)
 
 
+def _stop_hint(error: LLMError | None, args: argparse.Namespace) -> str:
+    """Say what to check after the run stopped on ``error`` (``summary.stop_error``)."""
+    if isinstance(error, RetryDeadlineExceeded) and error.last_error is not None:
+        error = error.last_error
+    key = "$" + (args.api_key_env or provider_named(args.provider).api_key_env)
+    status = error.status_code if isinstance(error, APIStatusError) else None
+    if status == 401:
+        return f"check the API key in {key}"
+    if status == 403:
+        return f"check that the key in {key} may use this model and endpoint"
+    if status in (404, 405):
+        return "check --base-url, --provider and the model (--model or body.model)"
+    if status == 407:
+        return "check the proxy's credentials"
+    if isinstance(error, APIConnectionError):
+        return "is the server up? check --base-url"
+    if isinstance(error, APIResponseError):
+        return "the replies are not the API's: check --base-url and --provider"
+    if isinstance(error, RateLimitError):
+        return "every request is refused with 429: lower --rpm or --concurrency, or check the quota"
+    return (
+        "the server keeps failing: try again later (if only some lines fail so, "
+        "--max-consecutive-failures 0 records them as errors and goes on)"
+    )
+
+
 def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
+    answered = (
+        f"{summary.total - summary.unanswered:,} of {summary.total:,} lines answered in "
+        f"{summary.output_path}, {summary.unanswered:,} not yet"
+    )
+    if summary.stopped is not None:
+        _say(f"stopped: {summary.stopped}; {_stop_hint(summary.stop_error, args)}")
+        _say(f"{answered}. Once fixed, resume with: {_resume_command(args)}")
+        return EXIT_STOPPED
     if summary.interrupted:
         _say(
-            f"interrupted: {summary.total - summary.unanswered:,} of {summary.total:,} lines "
-            f"answered in {summary.output_path}, {summary.unanswered:,} not yet. "
+            f"interrupted: {answered}. "
             f"To resume, run the same command again: {_resume_command(args)}"
         )
         return EXIT_INTERRUPTED
@@ -177,20 +276,29 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+# The paths named on the command line lead to no usable file: a usage error.
+_BAD_PATH: Final = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
 def _report_failure(exc: BaseException, args: argparse.Namespace) -> int:
-    """Say why the run could not start or go on; return the exit status (or re-raise).
+    """Say in one line why the run could not start or go on; return the exit status.
 
     Errors may arrive wrapped in exception groups (the --simulate server's nursery, the
-    run's): a lone error is reported as itself; anything else propagates.
+    run's): a lone error is reported as itself; anything else propagates (a bug).
     """
     leaves = _leaves(exc)
-    if leaves and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+    interrupted = bool(leaves) and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves)
+    if not interrupted and len(leaves) != 1:
+        raise exc
+    error = leaves[0]
+    if not interrupted and not isinstance(error, (LLMError, OSError)):
+        raise exc
+    if getattr(args, "debug", False):  # trio-llm --debug
+        traceback.print_exception(exc)
+    if interrupted:
         # Ctrl-C before the run's own signal handling started: nothing was sent.
         _say(f"interrupted before sending; run the same command again: {_resume_command(args)}")
         return EXIT_INTERRUPTED
-    if len(leaves) != 1:
-        raise exc
-    error = leaves[0]
     if isinstance(error, BatchInputError):
         _say(f"error: {error}")
         if error.path == args.input:
@@ -199,20 +307,63 @@ def _report_failure(exc: BaseException, args: argparse.Namespace) -> int:
     if isinstance(error, ConfigurationError):
         _say(f"error: {error}")
         return EXIT_USAGE
-    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+    if isinstance(error, _BAD_PATH):
         _say(f"error: {error.strerror}: {error.filename}")
         return EXIT_USAGE
-    if isinstance(error, (LLMError, OSError)):
-        _say(f"error: {type(error).__name__}: {error}; rerun the same command to resume")
-        return EXIT_ERROR
-    raise exc
+    if isinstance(error, OutputWriteError):
+        _say(f"error: {error}: {_resume_command(args)}")  # says what, where and how to resume
+        return EXIT_STOPPED
+    if isinstance(error, OSError):
+        # At run time (disk full, read-only, I/O error): lines written are whole.
+        where = f"{error.filename}: " if error.filename is not None else ""
+        _say(
+            f"error: {where}{error.strerror or error}; rerun the same command to resume "
+            f"once that is fixed (every line written is whole): {_resume_command(args)}"
+        )
+        return EXIT_STOPPED
+    _say(f"error: {type(error).__name__}: {error}; rerun the same command to resume")
+    return EXIT_ERROR
+
+
+def _has_requests(path: str) -> bool:
+    """Whether ``path`` holds a line that is not blank (reads up to the first one)."""
+    with open(path, "rb") as file:
+        return any(not line.isspace() for line in file)
+
+
+@contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C in the block: the run is over, and its report takes milliseconds.
+
+    A Ctrl-C then would lose the summary and the resume command for nothing.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _only_interrupts(exc: BaseException) -> bool:
+    leaves = _leaves(exc)
+    return bool(leaves) and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """Run ``trio-llm batch`` as parsed into ``args``; return the exit status."""
+    finished: list[BatchSummary] = []
     try:
-        summary = trio.run(_batch, args)
+        if not _has_requests(args.input):
+            _say(f"error: {args.input} holds no requests (it is empty, or blank); nothing to do")
+            return EXIT_USAGE
+        summary = trio.run(_batch, args, finished)
     except BaseException as exc:
-        return _report_failure(exc, args)
-    print_summary(summary)
-    return _exit_status(summary, args)
+        if not (finished and _only_interrupts(exc)):
+            return _report_failure(exc, args)
+        summary = finished[0]  # Ctrl-C as the client closed: the run itself had ended
+    with _interrupts_ignored():
+        try:
+            print_summary(summary)
+        except KeyboardInterrupt:
+            pass  # the run is over: the table is a courtesy; the status line still says how
+        return _exit_status(summary, args)

@@ -21,13 +21,16 @@ import bisect
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import IO, Any, Final, final
 
 import attrs
 import trio
 
 from .._errors import BatchInputError
+from ..providers._base import Provider
+from ..providers._registry import PROVIDER_NAMES, provider_named
 from ._keys import AnsweredKeys, HashSet, key_hash
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "duplicate_line",
     "parse_line",
     "read_lines",
+    "unsendable_urls",
+    "wrong_provider",
 ]
 
 CHAT_URL: Final = "/v1/chat/completions"
@@ -115,7 +120,8 @@ def duplicate_line(line: int, custom_id: str, first_line: int) -> Invalid:
     )
 
 
-def _json_type(value: object) -> str:
+def _json_type(value: object, *, empty: bool = False) -> str:
+    """Name ``value``'s JSON type for a message; with ``empty``, say an empty one is."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -123,15 +129,16 @@ def _json_type(value: object) -> str:
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
-        return "a string"
+        return "an empty string" if empty and not value else "a string"
     if isinstance(value, list):
-        return "an array"
+        return "an empty array" if empty and not value else "an array"
     return "an object"
 
 
 def _check_messages(messages: object) -> str | None:
     if not isinstance(messages, list) or not messages:
-        return f"body.messages must be a non-empty array of messages, not {_json_type(messages)}"
+        shown = _json_type(messages, empty=True)
+        return f"body.messages must be a non-empty array of messages, not {shown}"
     for position, message in enumerate(messages):
         if not isinstance(message, dict):
             return f"body.messages[{position}] must be an object, not {_json_type(message)}"
@@ -155,7 +162,7 @@ def _check_embedding_input(value: object) -> str | None:
             return None  # several texts as token ids
     return (
         "body.input must be a non-empty string or array of strings (or of token ids), "
-        f"not {_json_type(value)}"
+        f"not {_json_type(value, empty=True)}"
     )
 
 
@@ -167,7 +174,7 @@ def _check_body(url: str, body: dict[str, Any], default_model: str | None) -> st
     if "model" in body:
         model = body["model"]
         if not isinstance(model, str) or not model:
-            return f"body.model must be a non-empty string, not {_json_type(model)}"
+            return f"body.model must be a non-empty string, not {_json_type(model, empty=True)}"
     elif not default_model:
         return "no model: set body.model, or give a default model (--model)"
     if body.get("stream") is True:
@@ -181,6 +188,25 @@ def _check_body(url: str, body: dict[str, Any], default_model: str | None) -> st
 # string that cannot be encoded as UTF-8, so it could not be sent.
 _LONE_SURROGATE: Final = re.compile(r"\\u[dD][89a-fA-F]")
 
+# No url refused by the client (the default of ``unsendable``).
+_NO_URL_REFUSED: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+def wrong_provider(url: str) -> str:
+    """Say which providers a client needs to send ``url`` lines."""
+    names = [name for name in PROVIDER_NAMES if provider_named(name).accepts_batch_url(url)]
+    needed = " or ".join(f"provider={name!r}" for name in names)
+    return f"{url} lines need a client opened with {needed}"
+
+
+def unsendable_urls(provider: Provider) -> dict[str, str]:
+    """Map each url ``provider`` cannot send to why (a line with that url is invalid)."""
+    return {
+        url: f"{wrong_provider(url)}; this one is provider={provider.name!r} (see --provider)"
+        for url in _URLS
+        if not provider.accepts_batch_url(url)
+    }
+
 
 def _encodable(body: dict[str, Any]) -> bool:
     try:
@@ -190,13 +216,21 @@ def _encodable(body: dict[str, Any]) -> bool:
     return True
 
 
-def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request | Invalid:
+def parse_line(
+    raw: bytes,
+    line: int,
+    *,
+    default_model: str | None,
+    unsendable: Mapping[str, str] = _NO_URL_REFUSED,
+) -> Request | Invalid:
     """Parse and check one input line (duplicates are :func:`check_input`'s business).
 
     Args:
         raw: the line's bytes (UTF-8 JSON; surrounding whitespace is ignored).
         line: its line number, for messages.
         default_model: the model used when a body names none (``None``: a body must).
+        unsendable: url -> why the client cannot send lines with that url (its provider
+            does not speak that API); such lines are invalid.
     """
     # Runs once per line, twice per run: the checks of a valid line stay inline or in
     # one call each; only the failures build their messages in helpers.
@@ -221,7 +255,7 @@ def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request |
         return _anonymous(
             line,
             "invalid_custom_id",
-            f"custom_id must be a non-empty string, not {_json_type(custom_id)}",
+            f"custom_id must be a non-empty string, not {_json_type(custom_id, empty=True)}",
         )
     if "prompt" in payload:
         problem = _short_form_problem(payload, line, custom_id)
@@ -236,6 +270,9 @@ def parse_line(raw: bytes, line: int, *, default_model: str | None) -> Request |
             return problem
         url = payload["url"]
         body = payload["body"]
+    refused = unsendable.get(url)
+    if refused is not None:
+        return Invalid(line=line, custom_id=custom_id, code="invalid_url", reason=refused)
     reason = _check_body(url, body, default_model)
     if reason is not None:
         return Invalid(line=line, custom_id=custom_id, code="invalid_body", reason=reason)
@@ -277,7 +314,7 @@ def _short_form_problem(payload: dict[str, Any], line: int, custom_id: str) -> I
         return Invalid(line=line, custom_id=custom_id, code="invalid_request", reason=reason)
     prompt = payload["prompt"]
     if not isinstance(prompt, str) or not prompt:
-        reason = f"prompt must be a non-empty string, not {_json_type(prompt)}"
+        reason = f"prompt must be a non-empty string, not {_json_type(prompt, empty=True)}"
         return Invalid(line=line, custom_id=custom_id, code="invalid_prompt", reason=reason)
     if "messages" in payload:
         reason = "a line has either 'prompt' or 'messages'"
@@ -352,6 +389,7 @@ class InputPlan:
         duplicates: line number -> (custom_id, line of its first occurrence), for each
             line repeating an earlier ``custom_id``.
         identity: the input file's (device, inode, size, mtime), to notice a change.
+        unsendable: url -> why the client cannot send it (such lines are invalid).
     """
 
     path: str
@@ -363,6 +401,7 @@ class InputPlan:
     handle: Bits = attrs.Factory(Bits)
     duplicates: dict[int, tuple[str, int]] = attrs.Factory(dict)
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)
+    unsendable: Mapping[str, str] = _NO_URL_REFUSED
 
 
 def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
@@ -372,7 +411,10 @@ def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
 
 
 async def _locate_duplicates(
-    file: IO[bytes], suspects: dict[int, int], default_model: str | None
+    file: IO[bytes],
+    suspects: dict[int, int],
+    default_model: str | None,
+    unsendable: Mapping[str, str],
 ) -> tuple[dict[int, tuple[str, int]], list[Request | Invalid]]:
     """Confirm suspected duplicates exactly, in a second pass over the file.
 
@@ -390,7 +432,7 @@ async def _locate_duplicates(
     for number, raw in read_lines(file):
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
-        parsed = parse_line(raw, number, default_model=default_model)
+        parsed = parse_line(raw, number, default_model=default_model, unsendable=unsendable)
         custom_id = parsed.custom_id
         if custom_id is None or key_hash(custom_id) not in wanted:
             continue
@@ -491,6 +533,7 @@ async def check_input(
     default_model: str | None,
     skip_invalid: bool,
     retry_failed: bool,
+    unsendable: Mapping[str, str] = _NO_URL_REFUSED,
 ) -> InputPlan:
     """Run the first pass over the input: check every line, plan the run.
 
@@ -501,6 +544,7 @@ async def check_input(
         default_model: the model for bodies that name none.
         skip_invalid: plan to record invalid lines as error lines instead of failing.
         retry_failed: plan to handle again the lines OUTPUT answers with an error.
+        unsendable: url -> why the client cannot send it (see :func:`parse_line`).
 
     Raises:
         BatchInputError: some lines are invalid (and not recorded in OUTPUT already), and
@@ -508,7 +552,7 @@ async def check_input(
 
     Memory: a 64-bit hash per ``custom_id`` (see ``_keys``) and a bit per line.
     """
-    plan = InputPlan(path=path, identity=file_identity(file))
+    plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable)
     planner = _Planner(plan, answered, retry_failed=retry_failed)
     plan_line = planner.add
     seen = HashSet()
@@ -517,7 +561,7 @@ async def check_input(
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
         plan.total += 1
-        item = parse_line(raw, number, default_model=default_model)
+        item = parse_line(raw, number, default_model=default_model, unsendable=unsendable)
         if item.custom_id is not None and not seen.add(item.custom_id):
             # Maybe a duplicate: decided exactly once the whole file has been read.
             suspects[number] = key_hash(item.custom_id)
@@ -525,7 +569,9 @@ async def check_input(
         plan_line(item)
     del seen  # its memory is given back before the run starts
     if suspects:
-        plan.duplicates, collided = await _locate_duplicates(file, suspects, default_model)
+        plan.duplicates, collided = await _locate_duplicates(
+            file, suspects, default_model, unsendable
+        )
         for number, (custom_id, first_line) in plan.duplicates.items():
             plan_line(duplicate_line(number, custom_id, first_line))
         for item in collided:

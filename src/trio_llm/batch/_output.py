@@ -21,13 +21,24 @@ Durability: each line is written with one ``write()`` of the whole line, unbuffe
 killed process leaves at most one partial last line, which the next run repairs. The
 file is also ``fsync``\\ ed at most once a second and at the end (an ``fsync`` per line
 costs ~150 us here and milliseconds on many disks: more than the request itself).
+
+A write that fails (disk full) is all or nothing too: the file is cut back to the start
+of that line and then takes no more lines, so a line cannot follow a fragment even if
+space comes back while other replies are waiting to be written (:class:`OutputWriteError`).
+
+Locking and creating the file: see ``_locked``. Temporary files: ``--retry-failed``
+rewrites into ``.OUT.retry.tmp`` beside OUT (one fixed name: runs that hold OUT's lock
+are the only ones to use it, so whatever a killed run left there is stale, and is
+removed when the next run takes the lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -43,19 +54,21 @@ from .._errors import (
     APIStatusError,
     APITimeoutError,
     BatchInputError,
-    ConfigurationError,
     LLMError,
     RetryDeadlineExceeded,
     StreamError,
 )
 from ._keys import AnsweredKeys
+from ._locked import lock, open_locked, remove_if_empty, sync_directory
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks, no second-run guard
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["OutputFile", "OutputScan", "answer_record", "error_record", "failure_record"]
+__all__ = [
+    "OutputFile",
+    "OutputScan",
+    "OutputWriteError",
+    "answer_record",
+    "error_record",
+    "failure_record",
+]
 
 _SYNC_INTERVAL: Final = 1.0
 _LINES_PER_CHECKPOINT: Final = 2048
@@ -132,6 +145,54 @@ def failure_record(custom_id: str, error: LLMError) -> bytes:
     return error_record(custom_id, code=code, message=str(error), response=response)
 
 
+_RESUME: Final = "completed lines are safe; rerun the same command to resume"
+_DISK_FULL: Final = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+@final
+class OutputWriteError(OSError):
+    """Writing the output file failed (disk full, I/O error); it takes no more lines.
+
+    ``str()`` is one line for people: what failed, where, and how to resume. ``errno``
+    and ``strerror`` are the cause's; ``filename`` is the file.
+    """
+
+    def __init__(self, path: str, cause: OSError, *, doing: str, after: str = _RESUME) -> None:
+        detail = cause.strerror or str(cause)
+        super().__init__(cause.errno, detail, path)
+        what = "disk full" if cause.errno in _DISK_FULL else "error"
+        self.message = f"{what} {doing} {path}: {detail}; {after}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _temporary_path(path: str) -> str:
+    """Return where ``--retry-failed`` rewrites ``path`` (beside it, hidden, one name)."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.retry.tmp")
+
+
+def _remove_temporaries(path: str, *, earlier: bool = False) -> None:
+    """Remove what a killed rewrite of ``path`` left; call it holding ``path``'s lock.
+
+    Only a run holding the lock rewrites, so a temporary file found then is stale. With
+    ``earlier``, also the ``OUT.<pid>.tmp`` files of earlier versions (regular files
+    with exactly that name). Errors are ignored: this is tidying up.
+    """
+    with contextlib.suppress(OSError):
+        os.unlink(_temporary_path(path))  # a symlink there is removed, never followed
+    if not earlier:
+        return
+    directory, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.[0-9]+\.tmp")
+    with contextlib.suppress(OSError), os.scandir(directory or ".") as entries:
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 @final
 @attrs.define(kw_only=True)
 class OutputScan:
@@ -190,30 +251,32 @@ class OutputFile:
         self._scan: OutputScan | None = None
         self._next_sync = time.monotonic() + _SYNC_INTERVAL
         self.lines_written = 0
+        #: Set by the first failed :meth:`write`; from then on every write raises.
+        self.failure: OutputWriteError | None = None
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, path: str) -> Iterator[OutputFile]:
         """Open (create) ``path`` for appending, locked against a second run.
 
-        If the block fails before any line was written to a file it created, the empty
-        file is removed again: bad input leaves nothing behind.
+        If the block fails before any line was written to a file this run created, the
+        empty file is removed again: bad input leaves nothing behind. A file a refused
+        run created (it lost the race for the lock) belongs to the run that won it, and
+        stays. Temporary files left by a killed run are removed once the lock is held.
 
         Raises:
             ConfigurationError: another process holds the file (a run still going).
         """
-        created = not os.path.exists(path)
-        file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by this block
+        file, created = open_locked(path)
         output = cls(path, file)
         try:
-            _lock(file, path)
+            _remove_temporaries(path)
             yield output
         except BaseException:
-            output.close()
             if created and output.lines_written == 0:
-                with contextlib.suppress(OSError):
-                    if os.path.getsize(path) == 0:
-                        os.unlink(path)
+                remove_if_empty(output._file, path)  # before close() lets go of the lock
+            with contextlib.suppress(OSError):  # the error being raised says more
+                output.close()
             raise
         finally:
             output.close()
@@ -311,7 +374,9 @@ class OutputFile:
         return notes
 
     async def _drop_failed(self, scan: OutputScan) -> None:
-        temporary = f"{self.path}.{os.getpid()}.tmp"
+        temporary = _temporary_path(self.path)
+        # Under the lock: anything at that name is a killed run's (or not ours to follow).
+        _remove_temporaries(self.path, earlier=True)
         try:
             with (
                 open(self.path, "rb", buffering=1 << 20) as reader,  # noqa: ASYNC230
@@ -332,58 +397,68 @@ class OutputFile:
                 os.fsync(writer.fileno())
             replacement = open(temporary, "ab", buffering=0)  # noqa: ASYNC230, SIM115
             try:
-                _lock(replacement, temporary)
+                lock(replacement, temporary)
                 os.replace(temporary, self.path)
             except BaseException:
                 replacement.close()
                 raise
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                after = f"{self.path} is unchanged; free some space and rerun the same command"
+                raise OutputWriteError(temporary, exc, doing="writing", after=after) from exc
             raise
         # The lock moves with the new file: a second run that opens the path now finds it.
         self._file.close()
         self._file = replacement
-        _sync_directory(self.path)
+        sync_directory(self.path)
 
     def write(self, line: bytes) -> None:
-        """Append one whole line (one ``write()``), then ``fsync`` if a second has passed."""
+        """Append one whole line, then ``fsync`` if a second has passed.
+
+        All or nothing: if the write fails, the file is cut back to where the line began
+        and takes no more lines (a fragment cannot end up between whole lines).
+
+        Raises:
+            OutputWriteError: this write failed, or an earlier one did.
+        """
+        if self.failure is not None:
+            raise OutputWriteError(self.path, self.failure, doing="writing")
+        descriptor = self._file.fileno()
         view = memoryview(line)
-        while view:
-            written = self._file.write(view)
-            view = view[written:]
+        written = 0
+        try:
+            while written < len(view):
+                written += os.write(descriptor, view[written:])
+        except OSError as exc:
+            self._cut_back(written)
+            self.failure = OutputWriteError(self.path, exc, doing="writing")
+            raise self.failure from exc
+        except BaseException:
+            # E.g. KeyboardInterrupt between two parts of a long line: it was not written.
+            if not self._cut_back(written):
+                cause = OSError(errno.EIO, "a line cut short could not be removed")
+                self.failure = OutputWriteError(self.path, cause, doing="writing")
+            raise
         self.lines_written += 1
         now = time.monotonic()
         if now >= self._next_sync:
             self.sync()
 
+    def _cut_back(self, written: int) -> bool:
+        """Remove the ``written`` bytes of a line cut short; say whether that worked."""
+        if not written:
+            return True
+        descriptor = self._file.fileno()
+        try:
+            # Appending, and the only writer (the lock): the line began ``written`` back.
+            os.ftruncate(descriptor, os.lseek(descriptor, 0, os.SEEK_END) - written)
+        except OSError:
+            return False  # the fragment stays last: the next run cuts it off
+        return True
+
     def sync(self) -> None:
         """Make every line written so far durable (``fsync``)."""
         os.fsync(self._file.fileno())
         self._next_sync = time.monotonic() + _SYNC_INTERVAL
-
-
-def _lock(file: IO[bytes], path: str) -> None:
-    if fcntl is None:  # pragma: no cover - Windows
-        return
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ConfigurationError(
-            f"{path} is being written by another 'trio-llm batch' run; "
-            "wait for it to end, or choose another output file"
-        ) from None
-
-
-def _sync_directory(path: str) -> None:
-    """Make a rename in ``path``'s directory durable (POSIX; a no-op where unsupported)."""
-    try:
-        descriptor = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(descriptor)

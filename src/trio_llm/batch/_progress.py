@@ -1,9 +1,13 @@
 """Progress of a batch on stderr: a rich progress bar on a terminal, plain lines otherwise.
 
-rich renders the bar, the notes above it and the final summary table. Its live display
-normally refreshes from a thread of its own; here ``auto_refresh`` is off and a task in
-the run's nursery refreshes it at most 10 times a second, reading counters the run only
-increments, so the hot path pays nothing for it and no thread is started.
+rich renders the bar (:mod:`._terminal`, imported only when a bar is drawn), the notes
+above it and the final summary table. Its live display normally refreshes from a thread
+of its own; here ``auto_refresh`` is off and a task in the run's nursery refreshes it at
+most 10 times a second, reading counters the run only increments, so the hot path pays
+nothing for it and no thread is started.
+
+While requests are being retried, the progress line also says why: the latest error a
+retry was decided after, which the client keeps (``Requester.last_retry_error``).
 """
 
 from __future__ import annotations
@@ -16,17 +20,29 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from .._errors import APIConnectionError, APIStatusError
+
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress, TaskID
 
     from .._client import Client, ClientStatistics
     from ._runner import BatchSummary
 
-__all__ = ["Counters", "Reporter", "Watched", "open_reporter", "print_summary"]
+__all__ = [
+    "Counters",
+    "Reporter",
+    "Snapshot",
+    "Watched",
+    "format_duration",
+    "open_reporter",
+    "print_summary",
+    "retry_reason",
+]
 
-_TERMINAL_REFRESH: Final = 0.1  # seconds between redraws of the bar: 10 a second at most
 _RATE_WINDOW: Final = 10.0  # seconds of history behind the rate and the ETA
+# Seconds the reason for retries stays on the progress line after the last retry: long
+# enough to read, short enough not to blame a cause that has gone away.
+_REASON_SHOWN_FOR: Final = 10.0
 
 
 @attrs.define(kw_only=True, slots=True)
@@ -45,7 +61,8 @@ class Counters:
         return self.succeeded + self.failed + self.invalid
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """Format ``seconds`` as ``M:SS`` or ``H:MM:SS`` (``?`` when not finite)."""
     if not math.isfinite(seconds):
         return "?"
     seconds = round(seconds)
@@ -54,8 +71,46 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
 
 
+def retry_reason(error: BaseException) -> str:
+    """Say in a few words why a request failed: ``503 Service Unavailable``.
+
+    The request's URL is left out (it is the same for every line, and may hold
+    credentials); only the first line of a message is kept.
+    """
+    if isinstance(error, APIStatusError):
+        text = f"{error.status_code} {error.message}"
+    elif isinstance(error, APIConnectionError):
+        # "Connection error on POST <url>: ConnectError: ..." or "ReadTimeout on POST
+        # <url>: ...": what follows the URL says what went wrong.
+        text = str(error)
+        if error.url:
+            head, on_url, detail = text.partition(f" on {error.method} {error.url}: ")
+            if on_url:
+                text = detail if head.startswith("Connection error") else f"{head}: {detail}"
+            request = f"{error.method} {error.url}" if error.method else error.url
+            text = text.replace(request, "the server").replace(error.url, "the server")
+    else:
+        text = f"{type(error).__name__}: {error}"
+    lines = text.strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(error).__name__
+
+
+def _latest_retry_error(client: Client) -> BaseException | None:
+    """The error the client's latest retry was decided after, if it keeps it."""
+    error = getattr(client._requester, "last_retry_error", None)
+    return error if isinstance(error, BaseException) else None
+
+
 @attrs.frozen(kw_only=True)
-class _Snapshot:
+class Snapshot:
+    """The counters of a run at one moment, as a progress line shows them.
+
+    Attributes:
+        reason: why requests are being retried (:func:`retry_reason` of the latest
+            error), while they are; ``None`` when nothing was retried lately.
+        finished: every line this run had to handle is handled.
+    """
+
     done: int
     total: int
     rate: float
@@ -65,9 +120,12 @@ class _Snapshot:
     rate_limited: int
     tokens: int
     in_flight: int
+    reason: str | None = None
+    finished: bool = False
 
     @property
     def percent(self) -> float:
+        """Lines answered, in percent of the input's."""
         return 100.0 * self.done / self.total if self.total else 100.0
 
 
@@ -101,6 +159,8 @@ class Reporter:
         self._to_handle = watched.to_handle
         self._base: ClientStatistics = watched.client.statistics()
         self._samples: deque[tuple[float, int]] = deque()
+        self._retries_seen = 0
+        self._retried_at = -math.inf  # trio time the retry count last grew
 
     def start(self, text: str) -> None:
         """Say what the run is about to do, and start showing progress."""
@@ -115,7 +175,7 @@ class Reporter:
     def close(self) -> None:
         """Show the final state and stop."""
 
-    def snapshot(self) -> _Snapshot:
+    def snapshot(self) -> Snapshot:
         """Read the counters now (at most a few times a second: not free)."""
         now = trio.current_time()
         counters = self._counters
@@ -129,17 +189,30 @@ class Reporter:
         remaining = self._to_handle - handled
         eta = remaining / rate if rate > 0 else (0.0 if remaining <= 0 else math.inf)
         stats = self._client.statistics()
-        return _Snapshot(
+        retries = stats.retried - self._base.retried
+        return Snapshot(
             done=self._before + handled,
             total=self._total,
             rate=rate,
             eta=eta,
             failed=counters.failed + counters.invalid,
-            retries=stats.retried - self._base.retried,
+            retries=retries,
             rate_limited=stats.rate_limited - self._base.rate_limited,
             tokens=counters.prompt_tokens + counters.completion_tokens,
             in_flight=stats.in_flight,
+            reason=self._reason(retries, now),
+            finished=remaining <= 0,
         )
+
+    def _reason(self, retries: int, now: float) -> str | None:
+        """Why requests are being retried, if one was in the last ``_REASON_SHOWN_FOR`` s."""
+        if retries != self._retries_seen:
+            self._retries_seen = retries
+            self._retried_at = now
+        if now - self._retried_at >= _REASON_SHOWN_FOR:
+            return None
+        error = _latest_retry_error(self._client)
+        return retry_reason(error) if error is not None else None
 
 
 class _PlainReporter(Reporter):
@@ -166,68 +239,15 @@ class _PlainReporter(Reporter):
 
     def _report(self) -> None:
         s = self.snapshot()
+        reason = f" | retrying: {s.reason}" if s.reason else ""
         self._print(
             f"{s.done:,}/{s.total:,} ({s.percent:.0f}%) | {s.rate:,.1f} lines/s | "
-            f"ETA {_duration(s.eta)} | failed {s.failed:,} | retries {s.retries:,} | "
-            f"429s {s.rate_limited:,} | tokens {s.tokens:,} | in flight {s.in_flight}"
+            f"ETA {format_duration(s.eta)} | failed {s.failed:,} | retries {s.retries:,} | "
+            f"429s {s.rate_limited:,} | tokens {s.tokens:,} | in flight {s.in_flight}{reason}"
         )
 
     def close(self) -> None:
         self._report()
-
-
-class _TerminalReporter(Reporter):
-    """A rich progress bar, redrawn by :meth:`run` at most 10 times a second."""
-
-    def __init__(self, watched: Watched, *, console: Console) -> None:
-        super().__init__(watched)
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
-
-        self._console = console
-        self._progress: Progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]batch"),
-            BarColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=console,
-            auto_refresh=False,  # no refresh thread: run() redraws
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
-        self._task: TaskID | None = None
-
-    def start(self, text: str) -> None:
-        self._samples.append((trio.current_time(), 0))
-        self._console.print(f"trio-llm batch: {text}", highlight=False, soft_wrap=True)
-        self._task = self._progress.add_task(
-            "batch", total=self._total, completed=self._before, stats=""
-        )
-        self._progress.start()
-        self._redraw()
-
-    def note(self, text: str) -> None:
-        self._console.print(f"trio-llm batch: {text}", highlight=False, soft_wrap=True)
-
-    async def run(self) -> None:
-        while True:
-            await trio.sleep(_TERMINAL_REFRESH)
-            self._redraw()
-
-    def _redraw(self) -> None:
-        if self._task is None:
-            return
-        s = self.snapshot()
-        failed = f"[red]failed {s.failed:,}[/]" if s.failed else "failed 0"
-        stats = (
-            f"{s.done:,}/{s.total:,} {s.percent:3.0f}% • {s.rate:,.1f}/s • "
-            f"ETA {_duration(s.eta)} • {failed} • retries {s.retries:,} • tokens {s.tokens:,}"
-        )
-        self._progress.update(self._task, completed=s.done, stats=stats)
-        self._progress.refresh()
-
-    def close(self) -> None:
-        self._redraw()
-        self._progress.stop()
 
 
 def _stderr_console() -> Console:
@@ -243,7 +263,9 @@ def open_reporter(watched: Watched, *, enabled: bool, interval: float) -> Report
     console = _stderr_console()
     # rich's own test: a terminal, not TERM=dumb, and TTY_INTERACTIVE=0 not set.
     if console.is_interactive:
-        return _TerminalReporter(watched, console=console)
+        from ._terminal import TerminalReporter
+
+        return TerminalReporter(watched, console=console)
     return _PlainReporter(watched, interval=interval)
 
 

@@ -10,23 +10,37 @@ The run, in order:
 5. Send: a second streaming pass feeds the marked lines to a fixed set of workers (the
    fan-out core, :func:`trio_llm.as_completed`); each worker writes its answer's line as
    soon as it has it. Memory stays O(concurrency) whatever the input's length.
+
+Fail fast (see :func:`run_batch`): failures that may be a dead endpoint's are held back
+until a success (or the end) shows they were the lines' own; when enough come in a row,
+the run stops and their lines, like the unsent ones, are left for the rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Iterator
-from typing import IO, Any, final
+from collections.abc import AsyncIterator, Iterator
+from typing import IO, Any, Final, final
 
 import attrs
 import trio
 
 from .._client import Client, ClientStatistics
-from .._errors import ConfigurationError, LLMError
+from .._errors import (
+    APIConnectionError,
+    APIResponseError,
+    APIStatusError,
+    ConfigurationError,
+    LLMError,
+    RateLimitError,
+    RetryDeadlineExceeded,
+    ServerError,
+    redact_url,
+)
 from .._fanout import as_completed
 from .._types import Usage
-from ..providers._registry import PROVIDER_NAMES, provider_named
 from ._input import (
     CHAT_URL,
     MESSAGES_URL,
@@ -38,11 +52,24 @@ from ._input import (
     file_identity,
     parse_line,
     read_lines,
+    unsendable_urls,
 )
+from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter
 
-__all__ = ["BatchSummary", "run_batch"]
+__all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
+
+#: Lines in a row that fail like a dead or failing endpoint before a run stops.
+DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
+
+# Statuses no other line of the run would escape: the key (401), its rights (403), the
+# URL or model (404), a URL that is no API (405), a proxy's credentials (407).
+_STOPPING_STATUSES: Final = frozenset({401, 403, 404, 405, 407})
+# Statuses retried as "try again later" (like 5xx and 429): failing after the retries,
+# they say more about the endpoint than about the line.
+_OUTAGE_STATUSES: Final = frozenset({408, 409})
+_OUTAGE_ERRORS: Final = (APIConnectionError, RetryDeadlineExceeded, APIResponseError)
 
 
 @final
@@ -65,7 +92,8 @@ class BatchSummary:
         skipped: lines already answered in the output file, not sent again.
         skipped_failed: of ``skipped``, those answered with an error (kept, since
             ``retry_failed`` was off).
-        unanswered: lines with no answer yet (the run was interrupted): rerun to send them.
+        unanswered: lines with no answer yet (the run was interrupted, or stopped):
+            rerun to send them.
         retries: retry attempts the client made during the run.
         rate_limited: 429 responses the client received during the run.
         prompt_tokens: prompt tokens of the answers, as the server reported them.
@@ -73,6 +101,11 @@ class BatchSummary:
         tokens: ``prompt_tokens + completion_tokens``.
         elapsed: seconds the run took, by the trio clock.
         interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
+        stopped: why the run stopped sending before the end, in one line, when an error
+            showed that no request could succeed (see :func:`run_batch`); ``None`` if
+            it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
+            https://api.openai.com/v1 (Incorrect API key provided)"``.
+        stop_error: the error that stopped the run (``None`` with ``stopped``).
     """
 
     input_path: str
@@ -91,6 +124,8 @@ class BatchSummary:
     tokens: int
     elapsed: float
     interrupted: bool
+    stopped: str | None = None
+    stop_error: LLMError | None = None
 
     @property
     def complete(self) -> bool:
@@ -121,6 +156,7 @@ class _Run:
         output: OutputFile,
         counters: Counters,
         reporter: Reporter,
+        max_failures: int | None,
     ) -> None:
         self._client = client
         self._input = input_file
@@ -133,6 +169,15 @@ class _Run:
         self._stopping = False
         self.interrupted = False
         self.scope = trio.CancelScope()
+        self._max_failures = max_failures
+        # The current run of failures that may be the endpoint's: (custom_id, error).
+        self._held: list[tuple[str, LLMError]] = []
+        self.stopped: str | None = None
+        self.stop_error: LLMError | None = None
+        self._write_error: OSError | None = None
+        # Lines being sent, retries and their waits included (the client counts only
+        # the requests holding a slot, none while they wait to retry).
+        self._sending = 0
 
     def _work(self) -> Iterator[Request | Invalid]:
         """Yield the lines to handle, pulled one at a time by free workers.
@@ -142,57 +187,120 @@ class _Run:
         """
         plan = self._plan
         handle = plan.handle
-        for number, raw in read_lines(self._input):
-            if self._stopping:
-                return
-            if not handle[number]:
-                continue
-            duplicate = plan.duplicates.get(number)
-            if duplicate is not None:
-                yield duplicate_line(number, *duplicate)
-            else:
-                yield parse_line(raw, number, default_model=self._default_model)
+        unsendable = plan.unsendable
+        with _naming(plan.path):
+            for number, raw in read_lines(self._input):
+                if self._stopping:
+                    return
+                if not handle[number]:
+                    continue
+                duplicate = plan.duplicates.get(number)
+                if duplicate is not None:
+                    yield duplicate_line(number, *duplicate)
+                else:
+                    yield parse_line(
+                        raw, number, default_model=self._default_model, unsendable=unsendable
+                    )
 
     async def _handle(self, item: Request | Invalid) -> None:
         """Answer one line and write its output line at once (never half of one)."""
         counters = self._counters
         if isinstance(item, Invalid):
             await trio.lowlevel.checkpoint()
-            self._output.write(
-                error_record(
-                    None if item.keyed_by_line else item.custom_id,
-                    code=item.code,
-                    message=f"{self._plan.path}:{item.line}: {item.reason}",
-                    line=item.line,
-                )
+            line = error_record(
+                None if item.keyed_by_line else item.custom_id,
+                code=item.code,
+                message=f"{self._plan.path}:{item.line}: {item.reason}",
+                line=item.line,
             )
-            counters.invalid += 1
+            if self._write(line):
+                counters.invalid += 1
             return
+        try:
+            body, request_id, usage = await self._send(item)
+        except LLMError as exc:
+            self._failed(item.custom_id, exc)
+            return
+        # No checkpoint between the reply and this write: a cancellation cannot fall
+        # between them, so every reply received is written, whole. A success shows the
+        # failures held back were the lines' own: they are written first.
+        self._flush_held()
+        if self._write(answer_record(item.custom_id, body=body, request_id=request_id)):
+            counters.succeeded += 1
+            counters.prompt_tokens += usage.prompt_tokens
+            counters.completion_tokens += usage.completion_tokens
+
+    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
+        """Send one request; return its reply's body, request id and usage."""
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
-        usage: Usage
+        self._sending += 1
         try:
-            if not self._client._provider.accepts_batch_url(item.url):
-                raise ConfigurationError(_wrong_provider(item.url))
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                body, request_id, usage = chat.raw, chat.request_id, chat.usage
-            else:
-                vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-                body, request_id, usage = vectors.raw, vectors.request_id, vectors.usage
-        except LLMError as exc:
-            # The answer is the error: written like any other, so the line is not resent
-            # (unless --retry-failed). Anything else is a bug and ends the run.
-            self._output.write(failure_record(item.custom_id, exc))
-            counters.failed += 1
+                return chat.raw, chat.request_id, chat.usage
+            vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
+            return vectors.raw, vectors.request_id, vectors.usage
+        finally:
+            self._sending -= 1
+
+    def _failed(self, custom_id: str, error: LLMError) -> None:
+        """Record a line's error, hold it back, or stop the run (see the module's docstring).
+
+        An error is the line's answer, written so the line is not resent (unless
+        ``retry_failed``); but a line whose error stops the run, or came after the stop,
+        is left unanswered for the rerun.
+        """
+        systematic = isinstance(error, APIStatusError) and error.status_code in _STOPPING_STATUSES
+        outage = not systematic and _is_outage(error)
+        if self.stopped is not None and (systematic or outage):
             return
-        # No checkpoint between the reply and this write: a cancellation cannot fall
-        # between them, so every reply received is written, whole.
-        self._output.write(answer_record(item.custom_id, body=body, request_id=request_id))
-        counters.succeeded += 1
-        counters.prompt_tokens += usage.prompt_tokens
-        counters.completion_tokens += usage.completion_tokens
+        if isinstance(error, APIStatusError) and systematic:
+            self._halt(_status_stop(error, self._client.base_url), error)
+        elif outage and self._max_failures is not None:
+            held = self._held
+            held.append((custom_id, error))
+            if len(held) >= self._max_failures:
+                what = f"{len(held):,} requests in a row failed, none succeeded in between"
+                self._halt(f"{what}; the last: {_brief(str(error))}", error)
+        else:
+            self._record_failure(custom_id, error)
+
+    def _record_failure(self, custom_id: str, error: LLMError) -> None:
+        if self._write(failure_record(custom_id, error)):
+            self._counters.failed += 1
+
+    def _flush_held(self) -> None:
+        """Write the failures held back: they were not a dead endpoint's after all."""
+        held, self._held = self._held, []
+        for custom_id, error in held:
+            self._record_failure(custom_id, error)
+
+    def _halt(self, reason: str, error: LLMError) -> None:
+        """Stop the run at once: no new request, those in flight cancelled."""
+        self.stopped, self.stop_error = reason, error
+        self._held.clear()  # left unanswered: the rerun sends them again
+        self._stopping = True
+        self.scope.cancel()
+
+    def _write(self, line: bytes) -> bool:
+        """Append ``line`` to OUTPUT; return whether it was written.
+
+        The first write that fails stops the run at once (it is raised at the end); no
+        line is written after it, so a full disk that frees up cannot let later lines in
+        behind a failed one.
+        """
+        if self._write_error is not None:
+            return False
+        try:
+            self._output.write(line)
+        except OSError as exc:
+            self._write_error = exc
+            self._stopping = True
+            self.scope.cancel()
+            return False
+        return True
 
     async def send_all(self, limit: int) -> None:
         """Handle every marked line, ``limit`` at a time, until done or stopped."""
@@ -202,12 +310,19 @@ class _Run:
             async with as_completed(self._handle, self._work(), limit=limit) as done:
                 async for _ in done:
                     pass  # each worker wrote its line already
+        if self.stopped is None and self._write_error is None:
+            # Ended (or interrupted) in too short a run of failures to stop it.
+            self._flush_held()  # (cancelled from outside, nothing more is written)
 
     async def execute(self, limit: int, *, handle_signals: bool, grace: float) -> None:
         """Handle every marked line (:meth:`send_all`), reporting progress meanwhile.
 
         With ``handle_signals``, SIGINT and SIGTERM stop the run (:meth:`watch_signals`).
         The reporter is closed however this ends.
+
+        Raises:
+            OSError: a line could not be written (the first such error, alone; the run
+                stopped at once).
         """
         reporter = self._reporter
         reporter.start(_plan_text(self._plan, self._output.path, self._answered_before))
@@ -220,6 +335,8 @@ class _Run:
                 nursery.cancel_scope.cancel()
         finally:
             reporter.close()
+        if self._write_error is not None:
+            raise self._write_error
 
     def summary(self, *, before: ClientStatistics, started: float) -> BatchSummary:
         """Say what the run did, given the client's statistics and the clock at its start."""
@@ -242,6 +359,8 @@ class _Run:
             tokens=counters.prompt_tokens + counters.completion_tokens,
             elapsed=trio.current_time() - started,
             interrupted=self.interrupted,
+            stopped=self.stopped,
+            stop_error=self.stop_error,
         )
 
     def stop(self, grace: float) -> None:
@@ -258,22 +377,26 @@ class _Run:
         The receiver stays open until the run ends (this task is cancelled then), so a
         third Ctrl-C cannot raise ``KeyboardInterrupt`` in the middle of the clean-up.
         """
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.scope.cancel_called:
-                    continue  # stopping at once already
-                if self._stopping:
-                    self.scope.cancel()
-                    self._reporter.note(f"{name} again: cancelling the requests in flight")
-                    continue
-                self.stop(grace)
-                in_flight = self._client.statistics().in_flight
-                self._reporter.note(
-                    f"{name}: starting no new requests; waiting up to {grace:g} s for the "
-                    f"{in_flight} in flight (press Ctrl-C again to stop at once)"
-                )
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if self.scope.cancel_called:
+                        continue  # stopping at once already
+                    if self._stopping:
+                        self.scope.cancel()
+                        self._reporter.note(f"{name} again: cancelling the requests in flight")
+                        continue
+                    self.stop(grace)
+                    self._reporter.note(
+                        f"{name}: starting no new requests; waiting up to {grace:g} s for "
+                        f"the {self._sending} in flight (press Ctrl-C again to stop at once)"
+                    )
+        except KeyboardInterrupt:
+            # A SIGINT not read yet when the run ended is raised again as the receiver
+            # closes; the run is over, and its summary is what is left to show.
+            pass
 
 
 async def run_batch(
@@ -288,6 +411,7 @@ async def run_batch(
     progress_interval: float = 10.0,
     handle_signals: bool = False,
     grace: float = 30.0,
+    max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -295,6 +419,12 @@ async def run_batch(
     line in ``output_path`` (Batch API output format), appended as soon as its answer
     arrives, in completion order. Lines whose ``custom_id`` the output file answers
     already are skipped, so running again after an interruption sends only the rest.
+
+    Fails fast: a 401, 403, 404, 405 or 407, or ``max_consecutive_failures`` lines in a
+    row failing with no answer, a 5xx, a 429 or the deadline (after their retries), stop
+    the run: no new request, those in flight cancelled, ``summary.stopped`` says why, and
+    those lines stay unanswered for the rerun. Other statuses (400, 422) are the line's
+    answer. See ``docs/batch.md``.
 
     Args:
         input_path: the JSONL file of requests.
@@ -313,6 +443,7 @@ async def run_batch(
             flight ``grace`` seconds to finish and be written; a second signal cancels
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
+        max_consecutive_failures: see above (at least 1); ``None``: no such stop.
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -320,93 +451,125 @@ async def run_batch(
     Raises:
         BatchInputError: invalid input lines (with ``skip_invalid`` off), or an output
             file that is not batch output; raised before any request is sent.
-        ConfigurationError: another run holds the output file, or both paths name the
-            same file.
-        OSError: a file cannot be read or written.
+        ConfigurationError: another run holds the output file, or it is the input.
+        OSError: a file cannot be read or written (``filename`` names it); a failed
+            write stops the run at once and is raised alone, every line before it whole.
 
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    if concurrency is not None and concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    for name, value in (
+        ("concurrency", concurrency),
+        ("max_consecutive_failures", max_consecutive_failures),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
     started = trio.current_time()
     before = client.statistics()
-    source, target = os.fspath(input_path), os.fspath(output_path)
-    # Blocking file calls on purpose: local files, buffered (see _output).
-    with open(source, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
-        if _is_same_file(input_file, target):
-            raise ConfigurationError(f"the output file {target} is the input file")
-        with OutputFile.open(target) as output:
-            run = await _prepare_run(
-                client,
-                input_file,
-                output,
-                input_path=source,
-                skip_invalid=skip_invalid,
-                retry_failed=retry_failed,
-                progress=progress,
-                progress_interval=progress_interval,
-            )
-            limit = concurrency or client.max_concurrency
-            await run.execute(limit, handle_signals=handle_signals, grace=grace)
+    async with _open_run(
+        client,
+        os.fspath(input_path),
+        os.fspath(output_path),
+        skip_invalid=skip_invalid,
+        retry_failed=retry_failed,
+        progress=progress,
+        progress_interval=progress_interval,
+        max_failures=max_consecutive_failures,
+    ) as run:
+        limit = concurrency or client.max_concurrency
+        await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
 
 
-async def _prepare_run(
+@contextlib.asynccontextmanager
+async def _open_run(
     client: Client,
-    input_file: IO[bytes],
-    output: OutputFile,
-    *,
     input_path: str,
+    output_path: str,
+    *,
     skip_invalid: bool,
     retry_failed: bool,
     progress: bool,
     progress_interval: float,
-) -> _Run:
-    """Scan OUTPUT, check INPUT and repair OUTPUT (steps 2 to 4); return the run to make.
+    max_failures: int | None,
+) -> AsyncIterator[_Run]:
+    """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
 
     Raises:
-        BatchInputError: as :func:`run_batch`, before any request is sent.
+        BatchInputError, ConfigurationError, OSError: as :func:`run_batch`, before any
+            request is sent.
     """
-    scan = await output.scan()
-    plan = await check_input(
-        input_file,
-        input_path,
-        scan.answered,
-        default_model=client.model,
-        skip_invalid=skip_invalid,
-        retry_failed=retry_failed,
-    )
-    notes = await output.prepare(retry_failed=retry_failed)
-    counters = Counters()
-    reporter = open_reporter(
-        Watched(
-            client=client,
-            counters=counters,
-            total=plan.total,
-            answered_before=plan.answered_ok + plan.answered_failed,
-            to_handle=plan.to_send + plan.to_record,
-        ),
-        enabled=progress,
-        interval=progress_interval,
-    )
-    for note in notes:
-        reporter.note(note)
-    return _Run(
-        client=client,
-        input_file=input_file,
-        plan=plan,
-        output=output,
-        counters=counters,
-        reporter=reporter,
-    )
+    # Blocking file calls on purpose: local files, buffered (see _output).
+    with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
+        if _is_same_file(input_file, output_path):
+            raise ConfigurationError(f"the output file {output_path} is the input file")
+        with _naming(output_path), OutputFile.open(output_path) as output:
+            scan = await output.scan()
+            with _naming(input_path):
+                plan = await check_input(
+                    input_file,
+                    input_path,
+                    scan.answered,
+                    default_model=client.model,
+                    skip_invalid=skip_invalid,
+                    retry_failed=retry_failed,
+                    unsendable=unsendable_urls(client._provider),
+                )
+            notes = await output.prepare(retry_failed=retry_failed)
+            counters = Counters()
+            watched = Watched(
+                client=client,
+                counters=counters,
+                total=plan.total,
+                answered_before=plan.answered_ok + plan.answered_failed,
+                to_handle=plan.to_send + plan.to_record,
+            )
+            reporter = open_reporter(watched, enabled=progress, interval=progress_interval)
+            for note in notes:
+                reporter.note(note)
+            yield _Run(
+                client=client,
+                input_file=input_file,
+                plan=plan,
+                output=output,
+                counters=counters,
+                reporter=reporter,
+                max_failures=max_failures,
+            )
 
 
-def _wrong_provider(url: str) -> str:
-    """Say which providers a client needs to send ``url`` lines (the client's cannot)."""
-    adapters = [provider_named(name) for name in PROVIDER_NAMES]
-    names = [f"provider={adapter.name!r}" for adapter in adapters if adapter.accepts_batch_url(url)]
-    return f"{url} lines need a client opened with {' or '.join(names)}"
+def _is_outage(error: LLMError) -> bool:
+    """Whether a line's error (after its retries) may be a down or failing endpoint's."""
+    if isinstance(error, APIStatusError):
+        return isinstance(error, (ServerError, RateLimitError)) or (
+            error.status_code in _OUTAGE_STATUSES
+        )
+    return isinstance(error, _OUTAGE_ERRORS)
+
+
+def _status_stop(error: APIStatusError, base_url: str) -> str:
+    """Say, in one line, why an error status stops the run."""
+    kind = error.code or error.error_type
+    status = f"{error.status_code} {kind}" if kind else str(error.status_code)
+    where = redact_url(base_url)
+    return f"every request gets {status} from {where} ({_brief(error.message)})"
+
+
+def _brief(text: str, limit: int = 160) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Name ``path`` in the ``OSError``\\ s of descriptor calls (``write``, ``fsync``...)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise
 
 
 def _is_same_file(file: IO[bytes], path: str) -> bool:

@@ -8,12 +8,13 @@ their usual exceptions.
 
 from __future__ import annotations
 
+import functools
+import hmac
 import json
 import logging
-import math
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
 import attrs
@@ -24,21 +25,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from .._client import Client
-from .._errors import (
-    APIConnectionError,
-    APIResponseError,
-    APIStatusError,
-    APITimeoutError,
-    ConfigurationError,
-    LLMError,
-    RetryDeadlineExceeded,
-    StreamError,
-)
+from .._errors import LLMError, StreamError
+from ._logs import AccessLog
 from ._metrics import RequestCounter, metrics_text
+from ._request import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_JSON_DEPTH,
+    GatewayError,
+    check_model,
+    read_json,
+    require,
+)
+from ._upstream import error_body, upstream_error
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "GenerationRecord", "create_app"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "MAX_JSON_DEPTH", "GenerationRecord", "create_app"]
 
-DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 # Log records waiting for the background worker; beyond this they are dropped (and
 # counted in /metrics) rather than slowing requests down.
 _LOG_BUFFER: Final = 1024
@@ -72,44 +73,6 @@ class GenerationRecord:
     error: str | None = None
 
 
-class _GatewayError(Exception):
-    """An error the gateway answers with itself (bad request, auth, body too large)."""
-
-    def __init__(
-        self, status: int, message: str, *, kind: str = "invalid_request_error", code: str | None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.code = code
-
-
-def _error_body(
-    message: str, kind: str, code: str | None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _upstream_error(exc: LLMError) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Return (status, OpenAI-style body, headers) for an error of the upstream call."""
-    if isinstance(exc, APIStatusError):
-        headers = {}
-        if exc.retry_after is not None:
-            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
-        if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
-            return exc.status_code, exc.body, headers
-        kind = exc.error_type or "upstream_error"
-        return exc.status_code, _error_body(exc.message, kind, exc.code), headers
-    if isinstance(exc, (APITimeoutError, RetryDeadlineExceeded)):
-        return 504, _error_body(f"upstream timed out: {exc}", "upstream_error", "timeout"), {}
-    if isinstance(exc, ConfigurationError):
-        return 400, _error_body(str(exc), "invalid_request_error", None), {}
-    if isinstance(exc, (APIConnectionError, APIResponseError)):
-        return 502, _error_body(f"upstream failed: {exc}", "upstream_error", "bad_gateway"), {}
-    return 502, _error_body(f"upstream failed: {exc}", "upstream_error", None), {}
-
-
 @final
 class _State:
     """What the lifespan owns: the log channel, and counters for /metrics."""
@@ -131,46 +94,6 @@ class _State:
             self.log_dropped += 1
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    """Read the body (at most ``limit`` bytes) and decode a JSON object from it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _GatewayError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    parts = []
-    size = 0
-    # aclosing: leaving early (413) must close Starlette's generator here, not in the GC.
-    async with aclosing(request.stream()) as stream:
-        async for part in stream:
-            size += len(part)
-            if size > limit:
-                raise _GatewayError(
-                    413, f"request body exceeds {limit} bytes", code="request_too_large"
-                )
-            parts.append(part)
-    try:
-        body = json.loads(b"".join(parts))
-    except ValueError as exc:
-        raise _GatewayError(400, f"request body is not valid JSON: {exc}", code=None) from None
-    if not isinstance(body, dict):
-        raise _GatewayError(400, "request body must be a JSON object", code=None)
-    return body
-
-
-def _require(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what: str) -> Any:
-    value = body.get(name)
-    if not check(value):
-        message = f"'{name}' is required" if value is None else f"'{name}' must be {what}"
-        raise _GatewayError(422, message, code="invalid_value")
-    return value
-
-
-def _check_model(body: Mapping[str, Any]) -> str | None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _GatewayError(422, "'model' must be a string", code="invalid_value")
-    return model
-
-
 def create_app(
     client: Client,
     *,
@@ -190,13 +113,18 @@ def create_app(
     open while it serves. Its lifespan owns a nursery where one worker logs a
     :class:`GenerationRecord` per upstream call (logger ``trio_llm.serve``) and awaits
     ``on_generation``; records queued before shutdown are all handled before the
-    lifespan ends.
+    lifespan ends. Each request also gets an access line on ``trio_llm.serve.access``.
+
+    A caller that disconnects cancels its upstream call (retries included); it is
+    recorded with status 499.
 
     Args:
         client: the client every upstream call goes through.
         require_key: if set, every route but ``/healthz`` requires the header
-            ``Authorization: Bearer <require_key>`` (401 otherwise).
-        max_body_bytes: larger request bodies are refused with 413.
+            ``Authorization: Bearer <require_key>`` (401 otherwise; compared in constant
+            time).
+        max_body_bytes: larger request bodies are refused with 413. JSON nested more
+            than ``MAX_JSON_DEPTH`` (100) levels is refused with 400.
         on_generation: an async hook awaited, in the background worker, with each record.
     """
     if max_body_bytes < 1:
@@ -213,9 +141,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        exception_handlers={_GatewayError: _gateway_error, StarletteHTTPException: _http_error},
+        exception_handlers={GatewayError: _gateway_error, StarletteHTTPException: _http_error},
     )
     app.add_middleware(RequestCounter, counts=gateway.state.counts)
+    app.add_middleware(AccessLog)  # outermost of the two: its time covers the counting too
     app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", gateway.embeddings, methods=["POST"])
     app.add_api_route("/generate", gateway.generate, methods=["POST"])
@@ -225,16 +154,16 @@ def create_app(
     return app
 
 
-async def _gateway_error(_request: Request, exc: _GatewayError) -> Response:
+async def _gateway_error(_request: Request, exc: GatewayError) -> Response:
     headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse(
-        _error_body(exc.message, exc.kind, exc.code), status_code=exc.status, headers=headers
+        error_body(exc.message, exc.kind, exc.code), status_code=exc.status, headers=headers
     )
 
 
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(_error_body(str(exc.detail), kind, None), status_code=exc.status_code)
+    return JSONResponse(error_body(str(exc.detail), kind, None), status_code=exc.status_code)
 
 
 @final
@@ -250,7 +179,7 @@ class _Gateway:
         on_generation: Callable[[GenerationRecord], Awaitable[None]] | None,
     ) -> None:
         self._client = client
-        self._require_key = require_key
+        self._expected_key = None if require_key is None else require_key.encode()
         self._max_body_bytes = max_body_bytes
         self._on_generation = on_generation
         self.state = _State()
@@ -292,10 +221,15 @@ class _Gateway:
                 self.state.logged += 1
 
     def _authorize(self, request: Request) -> None:
-        if self._require_key is None:
+        expected = self._expected_key
+        if expected is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self._require_key}":
-            raise _GatewayError(
+        # Starlette decodes headers as latin-1: encoding back gives the bytes sent.
+        supplied = request.headers.get("authorization", "").encode("latin-1")
+        scheme_ok = supplied[:7].lower() == b"bearer "
+        # Constant time, so the answer's timing tells nothing about the key's bytes.
+        if not (hmac.compare_digest(supplied[7:].strip(), expected) and scheme_ok):
+            raise GatewayError(
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 kind="authentication_error",
@@ -303,30 +237,42 @@ class _Gateway:
             )
 
     async def _call_upstream(
-        self, route: str, model: str | None, call: Callable[[], Awaitable[Any]]
+        self,
+        request: Request,
+        route: str,
+        model: str | None,
+        call: Callable[[], Awaitable[Any]],
     ) -> Response:
-        """Await ``call``, record it, and answer with its ``raw`` (or the error)."""
+        """Await ``call``, record it, and answer with its ``raw`` (or the error).
+
+        The call races the caller's ``http.disconnect`` (the body is read by now, so
+        ``receive`` has nothing else to give): a caller that leaves cancels the call,
+        retries and all, and is recorded with status 499.
+        """
         started = trio.current_time()
-        try:
-            reply = await call()
-        except LLMError as exc:
-            status, body, headers = _upstream_error(exc)
-            self.state.record(
-                GenerationRecord(
-                    route=route,
-                    model=model or "",
-                    status=status,
-                    seconds=trio.current_time() - started,
-                    error=str(exc),
-                )
-            )
+        reply: Any = None
+        error: LLMError | None = None
+        gone = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope, gone)
+            try:
+                reply = await call()
+            except LLMError as exc:
+                error = exc
+            nursery.cancel_scope.cancel()
+        record = functools.partial(
+            GenerationRecord, route=route, model=model or "", seconds=trio.current_time() - started
+        )
+        if gone.is_set():
+            self.state.record(record(status=499, error="client disconnected"))
+            return Response(status_code=499)  # nobody reads it; counted in /metrics
+        if error is not None:
+            status, body, headers = upstream_error(error, upstream=self._client.base_url)
+            self.state.record(record(status=status, error=str(error)))
             return JSONResponse(body, status_code=status, headers=headers)
         self.state.record(
-            GenerationRecord(
-                route=route,
-                model=model or "",
+            record(
                 status=200,
-                seconds=trio.current_time() - started,
                 prompt_tokens=reply.usage.prompt_tokens,
                 completion_tokens=reply.usage.completion_tokens,
             )
@@ -338,17 +284,18 @@ class _Gateway:
     async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``: a chat reply, or its SSE stream."""
         self._authorize(request)
-        body = await _read_json(request, self._max_body_bytes)
-        messages = _require(
+        body = await read_json(request, self._max_body_bytes)
+        messages = require(
             body, "messages", lambda v: isinstance(v, list) and bool(v), "a non-empty array"
         )
-        model = _check_model(body)
+        model = check_model(body)
         stream = body.get("stream") is True
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
         client = self._client
         if stream:
             return _RelayedStream(client, self.state, messages, model, params)
         return await self._call_upstream(
+            request,
             "/v1/chat/completions",
             model,
             lambda: client.chat(messages, model=model, **params),
@@ -357,30 +304,30 @@ class _Gateway:
     async def embeddings(self, request: Request) -> Response:
         """``POST /v1/embeddings``: embeddings of ``input``."""
         self._authorize(request)
-        body = await _read_json(request, self._max_body_bytes)
-        texts = _require(
+        body = await read_json(request, self._max_body_bytes)
+        texts = require(
             body,
             "input",
             lambda v: isinstance(v, str) or (isinstance(v, list) and bool(v)),
             "a string or a non-empty array",
         )
-        model = _check_model(body)
+        model = check_model(body)
         params = {k: v for k, v in body.items() if k not in ("input", "model")}
         client = self._client
         return await self._call_upstream(
-            "/v1/embeddings", model, lambda: client.embed(texts, model=model, **params)
+            request, "/v1/embeddings", model, lambda: client.embed(texts, model=model, **params)
         )
 
     async def generate(self, request: Request) -> Response:
         """``POST /generate``: ``{"prompt"}`` in, ``{"generated_text"}`` out."""
         self._authorize(request)
-        body = await _read_json(request, self._max_body_bytes)
-        prompt = _require(body, "prompt", lambda v: isinstance(v, str), "a string")
-        model = _check_model(body)
+        body = await read_json(request, self._max_body_bytes)
+        prompt = require(body, "prompt", lambda v: isinstance(v, str), "a string")
+        model = check_model(body)
         params = {k: v for k, v in body.items() if k not in ("prompt", "model", "stream")}
         client = self._client
         return await self._call_upstream(
-            "/generate", model, lambda: client.chat(prompt, model=model, **params)
+            request, "/generate", model, lambda: client.chat(prompt, model=model, **params)
         )
 
     async def models(self, request: Request) -> Response:
@@ -405,6 +352,16 @@ class _Gateway:
             self._client, state.counts, logged=state.logged, dropped=state.log_dropped
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+async def _cancel_on_disconnect(
+    receive: Receive, scope: trio.CancelScope, gone: trio.Event
+) -> None:
+    """Wait for the client to disconnect; then set ``gone`` and cancel ``scope``."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    scope.cancel()
 
 
 def _sse(payload: object) -> bytes:
@@ -439,18 +396,27 @@ class _RelayedStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = trio.current_time()
         record: dict[str, Any] = {"status": 200}
+        answered = False
+
+        async def answering_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True  # before sending: Hypercorn may report the disconnect in it
+            await send(message)
+
         async with trio.open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        record.update(status=499, error="client disconnected")
-                        nursery.cancel_scope.cancel()
-                        return
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                # Hypercorn reports a disconnect once the reply is complete, too: only one
+                # before that is the caller leaving (and a cancel then could cut the end).
+                if not answered:
+                    record.update(status=499, error="client disconnected")
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_disconnect)
-            await self._relay(scope, send, record)
+            await self._relay(scope, answering_send, record)
             nursery.cancel_scope.cancel()
         self._state.record(
             GenerationRecord(
@@ -491,12 +457,14 @@ class _RelayedStream(Response):
                     record.update(status=502, error=str(exc))
                     body = exc.error_body if isinstance(exc.error_body, dict) else None
                     if body is None or "error" not in body:
-                        body = _error_body(str(exc), "upstream_error", "stream_error")
+                        # The message names the upstream URL: it stays in the log.
+                        message = "the upstream's stream failed after it started"
+                        body = error_body(message, "upstream_error", "stream_error")
                     await _send_body(send, _sse(body), more=False)
                     return
                 response = stream.response
         except LLMError as exc:
-            status, body, headers = _upstream_error(exc)
+            status, body, headers = upstream_error(exc, upstream=self._client.base_url)
             record.update(status=status, error=str(exc))
             await JSONResponse(body, status_code=status, headers=headers)(scope, _no_receive, send)
             return

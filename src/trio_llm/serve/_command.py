@@ -14,14 +14,19 @@ import trio
 from .._cli_options import (
     DEFAULT_MODEL,
     EXIT_OK,
+    api_key_from_env,
+    cannot_listen,
     non_negative_float,
+    port_number,
     positive_float,
     positive_int,
+    variable_name,
 )
 from .._client import open_client
 from .._config import RetryPolicy
 from .._errors import ConfigurationError
 from .._ratelimit import RateLimit
+from ._request import DEFAULT_MAX_BODY_BYTES
 
 __all__ = ["add_serve_parser", "run_serve_command"]
 
@@ -49,8 +54,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     upstream.add_argument(
         "--api-key-env",
         metavar="NAME",
-        default="OPENAI_API_KEY",
-        help="environment variable holding the upstream API key (default: %(default)s)",
+        type=variable_name,
+        help="environment variable holding the upstream API key (default: OPENAI_API_KEY; "
+        "optional for an upstream on a loopback address)",
     )
     upstream.add_argument(
         "--model",
@@ -77,18 +83,39 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=3,
         help="attempts per upstream call, the first included (default: %(default)s)",
     )
-    server = parser.add_argument_group("server")
+    _add_server_options(parser.add_argument_group("server"))
+
+
+def _add_server_options(server: argparse._ArgumentGroup) -> None:
+    """Add the options of the gateway's own side: address, inbound key, limits, logs."""
     server.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
     )
     server.add_argument(
-        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+        "--port",
+        type=port_number,
+        default=8000,
+        help="port, 0 to 65535; 0 picks a free one (default: %(default)s)",
     )
     server.add_argument(
         "--require-key-env",
         metavar="NAME",
+        type=variable_name,
         help="environment variable holding the key callers must send as "
         "'Authorization: Bearer KEY' (default: no inbound auth)",
+    )
+    server.add_argument(
+        "--max-body-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body accepted; larger ones get 413 (default: %(default)s = 4 MiB)",
+    )
+    server.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log one line per request (client, method, path, status, duration) on stderr",
     )
     server.add_argument(
         "--grace",
@@ -103,18 +130,20 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 def _env(name: str, flag: str) -> str:
     value = os.environ.get(name)
     if not value:
-        raise ConfigurationError(f"${name} is not set (named by {flag})")
+        state = "is not set" if value is None else "is empty"
+        raise ConfigurationError(f"${name} {state} (named by {flag})")
     return value
 
 
 async def _serve(args: argparse.Namespace) -> int:
     from ._app import create_app
+    from ._logs import configure_logging
     from ._runner import serve
 
+    configure_logging(verbose=args.verbose)
+
     require_key = _env(args.require_key_env, "--require-key-env") if args.require_key_env else None
-    api_key = os.environ.get(args.api_key_env) or None
-    if args.api_key_env != "OPENAI_API_KEY" and api_key is None:
-        raise ConfigurationError(f"${args.api_key_env} is not set (named by --api-key-env)")
+    api_key = api_key_from_env(args.api_key_env, provider="openai", base_url=args.upstream)
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODEL
     async with open_client(
         base_url=args.upstream,
@@ -124,7 +153,7 @@ async def _serve(args: argparse.Namespace) -> int:
         retry=RetryPolicy(attempts=args.max_attempts),
         rate_limit=RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
     ) as client:
-        app = create_app(client, require_key=require_key)
+        app = create_app(client, require_key=require_key, max_body_bytes=args.max_body_bytes)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
             async def wait_for_signal() -> None:
@@ -138,16 +167,19 @@ async def _serve(args: argparse.Namespace) -> int:
                     return
 
             async with trio.open_nursery() as nursery:
-                url = await nursery.start(
-                    functools.partial(
-                        serve,
-                        app,
-                        host=args.host,
-                        port=args.port,
-                        shutdown_trigger=wait_for_signal,
-                        grace=args.grace,
+                try:
+                    url = await nursery.start(
+                        functools.partial(
+                            serve,
+                            app,
+                            host=args.host,
+                            port=args.port,
+                            shutdown_trigger=wait_for_signal,
+                            grace=args.grace,
+                        )
                     )
-                )
+                except OSError as exc:  # raised before listening: the bind failed
+                    raise cannot_listen(args.host, args.port, exc) from exc
                 print(
                     f"trio-llm serve: gateway to {client.base_url} listening on {url} "
                     "(Ctrl-C to stop)",

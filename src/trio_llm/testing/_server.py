@@ -326,9 +326,15 @@ async def serve_fake_llm(
         port: The port to listen on; 0 picks a free one.
         task_status: Reports the ``FakeLLMServer`` once listening.
 
+    Raises:
+        ValueError: ``port`` is outside 0-65535.
+
     Cancellation stops the server: the listening socket and every connection are closed and
     every connection task has finished when this returns.
     """
+    if not 0 <= port <= 65535:
+        # The address lookup would wrap it (70000 listens on 4464).
+        raise ValueError(f"port must be 0 to 65535, not {port}")
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0:
         # A name like "localhost" may give one socket per address family, each with its
