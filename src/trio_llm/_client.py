@@ -389,8 +389,13 @@ class Client:
 
 def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
     url = base_url or os.environ.get(provider.base_url_env) or provider.default_base_url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
+        shown = redact_url(url)
+        raise ConfigurationError(f"base_url {shown!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not host:
         raise ConfigurationError(
             f"base_url must be an http:// or https:// URL, not {redact_url(url)!r}"
         )

@@ -403,18 +403,24 @@ def error_from_transport(exc: httpx2.HTTPError, *, method: str, url: str) -> LLM
 _SECRET_PARAMETER = re.compile(r"key|token|secret|password|passwd|sig|auth|credential", re.I)
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` fit to print: no password, no secret-looking query parameter values.
+_USERINFO = re.compile(r"//[^/?#]*@")
 
-    ``http://user:pw@host/v1?api_key=k&x=1`` becomes ``http://user:***@host/v1?api_key=***&x=1``.
+
+def redact_url(url: str) -> str:
+    """Return ``url`` fit to print: no userinfo, no secret-looking query parameter values.
+
+    ``http://user:pw@host/v1?api_key=k&x=1`` becomes ``http://***@host/v1?api_key=***&x=1``
+    (the whole userinfo goes: a key is often the user name, with an empty password).
     Every URL the library prints or writes (errors, logs, reprs, batch output) passes here.
+    Never raises: a URL that does not parse has everything up to its host hidden.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub("//***@", url.split("?", 1)[0])
     netloc = parts.netloc
     if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+        netloc = "***@" + netloc.rpartition("@")[2]
     query = parts.query
     if query:
         pairs = []

@@ -210,7 +210,10 @@ def _resume_command(args: argparse.Namespace) -> str:
     for name in ("simulate", "skip_invalid", "retry_failed"):
         if getattr(args, name):
             words.append("--" + name.replace("_", "-"))
-    return shlex.join(words)
+    command = shlex.join(words)
+    if args.base_url and redact_url(args.base_url) != args.base_url:
+        command += "  (put back the credentials *** hides in --base-url)"
+    return command
 
 
 def _say(text: str) -> None:

@@ -264,9 +264,14 @@ class OutputFile:
         run created (it lost the race for the lock) belongs to the run that won it, and
         stays. Temporary files left by a killed run are removed once the lock is held.
 
+        A symbolic link is followed to the file it names (created if missing), and that
+        file is what the run locks, rewrites (``--retry-failed``) and tidies up.
+
         Raises:
             ConfigurationError: another process holds the file (a run still going).
         """
+        if os.path.islink(path):
+            path = os.path.realpath(path)
         file, created = open_locked(path)
         output = cls(path, file)
         try:

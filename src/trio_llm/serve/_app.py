@@ -32,6 +32,7 @@ from ._request import (
     DEFAULT_MAX_BODY_BYTES,
     MAX_JSON_DEPTH,
     GatewayError,
+    body_params,
     check_model,
     read_json,
     require,
@@ -290,7 +291,7 @@ class _Gateway:
         )
         model = check_model(body)
         stream = body.get("stream") is True
-        params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
+        params = body_params(body, "messages", "model", "stream")
         client = self._client
         if stream:
             return _RelayedStream(client, self.state, messages, model, params)
@@ -312,7 +313,7 @@ class _Gateway:
             "a string or a non-empty array",
         )
         model = check_model(body)
-        params = {k: v for k, v in body.items() if k not in ("input", "model")}
+        params = body_params(body, "input", "model")
         client = self._client
         return await self._call_upstream(
             request, "/v1/embeddings", model, lambda: client.embed(texts, model=model, **params)
@@ -324,7 +325,7 @@ class _Gateway:
         body = await read_json(request, self._max_body_bytes)
         prompt = require(body, "prompt", lambda v: isinstance(v, str), "a string")
         model = check_model(body)
-        params = {k: v for k, v in body.items() if k not in ("prompt", "model", "stream")}
+        params = body_params(body, "prompt", "model", "stream")
         client = self._client
         return await self._call_upstream(
             request, "/generate", model, lambda: client.chat(prompt, model=model, **params)

@@ -24,7 +24,7 @@ from .._cli_options import (
 )
 from .._client import open_client
 from .._config import RetryPolicy
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, redact_url
 from .._ratelimit import RateLimit
 from ._request import DEFAULT_MAX_BODY_BYTES
 
@@ -181,7 +181,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 except OSError as exc:  # raised before listening: the bind failed
                     raise cannot_listen(args.host, args.port, exc) from exc
                 print(
-                    f"trio-llm serve: gateway to {client.base_url} listening on {url} "
+                    f"trio-llm serve: gateway to {redact_url(client.base_url)} listening on {url} "
                     "(Ctrl-C to stop)",
                     flush=True,
                 )

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "MAX_JSON_DEPTH",
     "GatewayError",
+    "body_params",
     "check_model",
     "read_json",
     "require",
@@ -113,3 +114,23 @@ def check_model(body: Mapping[str, Any]) -> str | None:
     if model is not None and not isinstance(model, str):
         raise GatewayError(422, "'model' must be a string", code="invalid_value")
     return model
+
+
+# Arguments of the client's methods: as body fields they would not reach the upstream.
+_CLIENT_ARGUMENTS: Final = frozenset({"retry", "prompt_or_messages", "texts"})
+
+
+def body_params(body: Mapping[str, Any], *taken: str) -> dict[str, Any]:
+    """Return the body's other fields, to pass to the upstream request as they are.
+
+    Raises:
+        GatewayError: a field is named like an argument of the client's methods (``retry``
+            would set the gateway's retry policy, not a request field): 422.
+    """
+    params = {key: value for key, value in body.items() if key not in taken}
+    clash = sorted(_CLIENT_ARGUMENTS.intersection(params))
+    if clash:
+        raise GatewayError(
+            422, f"unsupported request field {clash[0]!r}", code="unsupported_parameter"
+        )
+    return params

@@ -23,6 +23,7 @@ from .._errors import (
     ConfigurationError,
     LLMError,
     RetryDeadlineExceeded,
+    redact_url,
 )
 
 __all__ = ["error_body", "upstream_error"]
@@ -58,7 +59,11 @@ def upstream_error(exc: LLMError, *, upstream: str) -> tuple[int, dict[str, Any]
         upstream: the upstream's base URL, named in the log line of a refused key only.
     """
     if isinstance(exc, AuthenticationError):
-        logger.error("upstream %s refused the gateway's API key (answering 502): %s", upstream, exc)
+        logger.error(
+            "upstream %s refused the gateway's API key (answering 502): %s",
+            redact_url(upstream),
+            exc,
+        )
         return 502, error_body(_CREDENTIALS_REFUSED, "upstream_error", "upstream_auth_failed"), {}
     if isinstance(exc, APIStatusError):
         headers = {}
