@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -277,3 +278,33 @@ def test_serve_has_the_gateway_flags() -> None:
     assert (args.max_body_bytes, args.verbose) == (1024, True)
     defaults = build_parser().parse_args(upstream)
     assert (defaults.max_body_bytes, defaults.verbose) == (4 * 1024 * 1024, False)
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C while the command's modules load prints one line and exits 130."""
+    import builtins
+
+    from trio_llm._entry import main as entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "_cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert entry(["chat", "hi"]) == 130
+    assert capsys.readouterr().err == "trio-llm: interrupted\n"
+
+
+def test_importing_trio_llm_loads_no_client_until_used() -> None:
+    """``import trio_llm`` is light: the client's modules load on first use of a name."""
+    code = (
+        "import sys, trio_llm; loaded = 'trio_llm._client' in sys.modules; "
+        "trio_llm.Client; print(loaded, 'trio_llm._client' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "True"]
