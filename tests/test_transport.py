@@ -2,20 +2,26 @@
 
 The client suites that talk to a server through a transport (``test_client``,
 ``test_client_fanout``, ``test_cancellation``, ``test_errors``, ``test_retry``,
-``test_streaming``) run in their own modules with the default transport, TrioTransport;
-they are imported here and run again with httpx2's own transport as the default, so every
-scenario passes on both. The tests written here use a small h11 server whose every
-connection and request is recorded.
+``test_streaming``) run in their own modules with the default transport, TrioTransport
+with the default response parser (httptools where installed); they are imported here and
+run again with httpx2's own transport as the default (``[httpx2]``) and with TrioTransport
+reading heads with h11 (``[h11]``), so every scenario passes on each. The tests written
+here run once per response parser (``[httptools]``, ``[h11]``); most use a small h11
+server whose every connection and request is recorded.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
+import os
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
@@ -38,7 +44,7 @@ from test_errors import *  # noqa: F403
 from test_retry import *  # noqa: F403
 from test_streaming import *  # noqa: F403
 from trio_llm import _client
-from trio_llm._http import HTTPResponse, TrioTransport, _connection
+from trio_llm._http import HTTPResponse, TrioTransport, _connection, _head, _parsers
 from trio_llm.testing import FakeLLMConfig, open_fake_llm
 
 
@@ -59,13 +65,25 @@ async def test_break_while_the_reader_waits(
     await _streaming_suite.test_break_while_the_reader_waits(autojump_clock)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run this module's tests with each response parser, the imported ones as the
+    module's docstring says."""
+    own = metafunc.function.__module__ == __name__
+    variants = [_parsers.HTTPTOOLS, _parsers.H11] if own else ["httpx2", _parsers.H11]
+    metafunc.parametrize("variant", variants, indirect=True)
+
+
 @pytest.fixture(autouse=True)
-def _httpx2_default_for_imported_tests(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Tests imported from the client suites get httpx2's transport as open_client's default."""
-    if request.function.__module__ != __name__:
+def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Set the response parser (``_parsers.PARSER``), or make httpx2's transport the default."""
+    name: str = request.param
+    if name == "httpx2":
         monkeypatch.setattr(_client, "TrioTransport", _httpx2_transport)
+        return name
+    if name == _parsers.HTTPTOOLS and not _parsers.HAVE_HTTPTOOLS:
+        pytest.skip("httptools is not installed")
+    monkeypatch.setattr(_parsers, "PARSER", name)
+    return name
 
 
 # --- a recording h11 server -------------------------------------------------------------
@@ -492,6 +510,309 @@ async def test_bad_header_is_a_local_protocol_error() -> None:
         with pytest.raises(httpx2.LocalProtocolError):
             await http.get(server.url, headers={"x-bad": "a\r\nb: c"})
     assert server.requests == []
+
+
+# --- response heads: both parsers ---------------------------------------------------------
+
+
+def read_head(
+    pieces: list[bytes], *, method: bytes = b"GET", keep_alive: bool = True
+) -> tuple[_head.ResponseHead | None, bytes]:
+    """Feed ``pieces`` to a reader of the parser in use, as exchange() does; return the
+    head (``None``: incomplete) and the bytes after it."""
+    reader = _parsers.new_reader(method, keep_alive)
+    reader.sending(h11.Request(method=method, target="/", headers=[(b"Host", b"x")]))
+    head = None
+    with _connection.READ_ERRORS:  # h11's errors become httpx2's, as in exchange()
+        for piece in pieces:
+            head = reader.feed(piece)
+    return head, reader.rest
+
+
+def framing(head: _head.ResponseHead | None) -> tuple[int, bool, int | None, bool]:
+    assert head is not None
+    return head.status_code, head.keep_alive, head.content_length, head.chunked
+
+
+OK = b"HTTP/1.1 200 OK\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "expected"),
+    [
+        (OK + b"Content-Length: 2\r\n\r\n", b"GET", (200, True, 2, False)),
+        (OK + b"Transfer-Encoding: Chunked\r\n\r\n", b"GET", (200, True, None, True)),
+        (OK + b"\r\n", b"GET", (200, False, None, False)),  # until the server closes
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", b"GET", (200, False, 0, False)),
+        (
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            b"GET",
+            (200, False, 0, False),  # h11 keeps no HTTP/1.0 connection open
+        ),
+        (OK + b"Connection: Close\r\ncontent-length: 0\r\n\r\n", b"GET", (200, False, 0, False)),
+        (
+            OK + b"connection: keep-alive, close\r\ncontent-length: 0\r\n\r\n",
+            b"GET",
+            (200, False, 0, False),
+        ),
+        (
+            OK + b"connection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            b"GET",
+            (200, True, 0, False),
+        ),
+        (OK + b"content-length: 5\r\n\r\n", b"HEAD", (200, True, 0, False)),
+        (b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n", b"GET", (204, True, 0, False)),
+        (b"HTTP/1.1 304 Not Modified\r\n\r\n", b"GET", (304, True, 0, False)),
+        (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", b"GET", (404, True, 0, False)),
+    ],
+)
+def test_both_parsers_judge_framing_and_keep_alive_as_h11(
+    raw: bytes, method: bytes, expected: tuple[int, bool, int | None, bool]
+) -> None:
+    """Each parser's head gives the body's framing and h11's keep-alive judgement."""
+    assert framing(read_head([raw], method=method)[0]) == expected
+
+
+def test_a_request_saying_close_is_not_kept_alive() -> None:
+    """A request with Connection: close makes the response's connection one-use."""
+    head, _ = read_head([OK + b"content-length: 0\r\n\r\n"], keep_alive=False)
+    assert framing(head) == (200, False, 0, False)
+    assert not _head.request_keeps_alive([(b"Connection", b"Keep-Alive, Close")])
+    assert _head.request_keeps_alive([(b"Connection", b"closed"), (b"X-Close", b"close")])
+
+
+def test_head_fields_and_the_bytes_after_it() -> None:
+    """Status, reason, version and headers (order and case kept) are read; the body's
+    first bytes are left over."""
+    raw = b"HTTP/1.1 201 Created Here\r\nX-A: 1\r\nx-a:  2  \r\nContent-Length: 4\r\n\r\nbody"
+    head, rest = read_head([raw])
+    assert head is not None
+    assert (head.status_code, head.reason, head.http_version) == (201, b"Created Here", b"HTTP/1.1")
+    assert head.headers == [(b"X-A", b"1"), (b"x-a", b"2"), (b"Content-Length", b"4")]
+    assert rest == b"body"
+
+
+def test_a_head_in_pieces_after_informational_heads() -> None:
+    """A head split anywhere, after 100 Continue heads, is read whole, byte by byte too."""
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nx: y\r\n\r\n"
+        + OK
+        + b"content-length: 2\r\n\r\nok"
+    )
+    body_at = len(raw) - 2
+    for size in (1, 2, 3, 5, 17, len(raw)):
+        reader = _parsers.new_reader(b"GET", True)
+        reader.sending(h11.Request(method="GET", target="/", headers=[(b"Host", b"x")]))
+        head = None
+        fed = 0
+        while head is None:
+            head = reader.feed(raw[fed : fed + size])
+            fed += size
+        assert framing(head) == (200, True, 2, False)
+        assert reader.rest == raw[body_at:fed]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        OK + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+        OK + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
+        OK + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n",
+        OK + b"Content-Length: -2\r\n\r\n",
+        OK + b"Content-Length: \r\n\r\n",
+        OK + b"Transfer-Encoding: gzip\r\n\r\n",
+        OK + b"Transfer-Encoding: gzip, chunked\r\n\r\n",
+        OK + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"SPAM SPAM SPAM\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1  200 OK\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+        OK + b"X-A : b\r\n\r\n",
+        OK + b"X(A: b\r\n\r\n",
+        OK + b"X-A: b\x00c\r\n\r\n",
+        OK + b"no colon\r\n\r\n",
+        OK + b"x-big: " + b"a" * 2 * _head.MAX_HEAD + b"\r\n\r\n",
+        OK + b"x-big: " + b"a" * 2 * _head.MAX_HEAD,  # and no end in sight
+    ],
+)
+def test_both_parsers_refuse_malformed_or_ambiguous_heads(raw: bytes) -> None:
+    """Bad status lines and headers, ambiguous framing (request smuggling's shapes), an
+    unrequested 101 and oversized heads are RemoteProtocolErrors."""
+    size = _connection.RECEIVE_SIZE  # as the network brings them
+    with pytest.raises(httpx2.RemoteProtocolError, match=r"malformed|Receive buffer"):
+        read_head([raw[at : at + size] for at in range(0, len(raw), size)])
+
+
+def test_a_head_cut_short_is_a_protocol_error() -> None:
+    """The server closing in the middle of a head is a RemoteProtocolError."""
+    with pytest.raises(httpx2.RemoteProtocolError):
+        read_head([OK + b"content-le", b""])
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted_by"),
+    [
+        (b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", _parsers.H11),  # bare LF
+        (OK + b"X-A: b\r\n c\r\ncontent-length: 0\r\n\r\n", _parsers.H11),  # obs-fold
+        (OK + b"X-A: b\x01c\r\ncontent-length: 0\r\n\r\n", _parsers.H11),  # a control char
+        (OK + b"Content-Length: 0\r\nContent-Length: 0\r\n\r\n", _parsers.H11),
+        (OK + b"Content-Length: 0, 0\r\n\r\n", _parsers.H11),
+        (b"HTTP/1.2 200 OK\r\ncontent-length: 0\r\n\r\n", _parsers.H11),
+        (b"\r\n" + OK + b"content-length: 0\r\n\r\n", _parsers.HTTPTOOLS),  # a blank line first
+        (b"\r\n\r\n" + OK + b"content-length: 0\r\n\r\n", _parsers.HTTPTOOLS),
+        # A head over MAX_HEAD in one read: h11 bounds only the heads it waits for.
+        (OK + b"x: " + b"a" * _head.MAX_HEAD + b"\r\ncontent-length: 0\r\n\r\n", _parsers.H11),
+    ],
+)
+def test_what_only_one_parser_accepts(raw: bytes, accepted_by: str, variant: str) -> None:
+    """The grammar's edges where llhttp and h11 differ (the module docstring of _parsers)."""
+    if variant == accepted_by:
+        assert framing(read_head([raw])[0]) == (200, True, 0, False)
+    else:
+        with pytest.raises(httpx2.RemoteProtocolError, match="malformed"):
+            read_head([raw])
+
+
+def read_body(raw: bytes, size: int) -> tuple[bytes, bool]:
+    """Read a whole response (head and body) from ``raw`` in pieces of ``size`` bytes,
+    as exchange() and HTTPResponse do; return the body and whether it left the
+    connection reusable."""
+    pieces = [raw[at : at + size] for at in range(0, len(raw), size)]
+    reader = _parsers.new_reader(b"GET", True)
+    reader.sending(h11.Request(method="GET", target="/", headers=[(b"Host", b"x")]))
+    with _connection.READ_ERRORS:
+        head = None
+        while head is None:
+            head = reader.feed(pieces.pop(0) if pieces else b"")
+        body = reader.body(head)
+        parts = body.take()
+        while not body.done:
+            parts += body.feed(pieces.pop(0) if pieces else b"")
+    return b"".join(parts), body.reusable
+
+
+CHUNKED = OK + b"Transfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000])
+def test_chunked_bodies_with_extensions_and_trailers(size: int) -> None:
+    """Chunk extensions and trailer fields are read past, wherever the reads split."""
+    raw = CHUNKED + b"5;ext=1\r\nhello\r\n3\r\nabc\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"
+    assert read_body(raw, size) == (b"helloabc0123456789", True)
+    assert read_body(CHUNKED + b"0\r\n\r\n", size) == (b"", True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CHUNKED + b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n",  # another response
+        CHUNKED + b"2\r\nok\r\n0\r\n\r\ngarbage",
+        OK + b"Content-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+    ],
+)
+def test_bytes_past_the_response_make_the_connection_one_use(raw: bytes) -> None:
+    """A connection with bytes after the end of its response is never reused."""
+    assert read_body(raw, len(raw)) == (b"ok", False)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CHUNKED + b"zz\r\n",
+        CHUNKED + b"5\r\nhelloXX",
+        CHUNKED + b"5\r\nhel",  # then the server closes
+        CHUNKED + b"1;" + b"e" * 2 * _head.MAX_HEAD + b"\r\na\r\n0\r\n\r\n",
+        CHUNKED + b"0\r\nx-t: " + b"a" * 2 * _head.MAX_HEAD + b"\r\n\r\n",
+        CHUNKED + b"0\r\n" + b"x-t: a\r\n" * (_head.MAX_HEAD // 4) + b"\r\n",
+        OK + b"Content-Length: 5\r\n\r\nhel",  # then the server closes
+    ],
+)
+def test_broken_or_endless_body_framing_is_a_protocol_error(raw: bytes) -> None:
+    """Bad chunk framing, a body cut short, and endless extensions or trailers are
+    RemoteProtocolErrors."""
+    with pytest.raises(httpx2.RemoteProtocolError):
+        read_body(raw, _connection.RECEIVE_SIZE)
+
+
+def test_whitespace_after_a_chunk_size(variant: str) -> None:
+    """llhttp refuses whitespace after a chunk size, which h11's path (Body) skips."""
+    raw = CHUNKED + b"2 \r\nok\r\n0\r\n\r\n"
+    if variant == _parsers.H11:
+        assert read_body(raw, len(raw)) == (b"ok", True)
+    else:
+        with pytest.raises(httpx2.RemoteProtocolError, match="chunk"):
+            read_body(raw, len(raw))
+
+
+def test_the_parser_is_chosen_once_and_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httptools when importable, else h11; TRIO_LLM_HTTP_PARSER forces either."""
+    monkeypatch.setattr(_parsers, "HAVE_HTTPTOOLS", True)
+    assert _parsers._choose_parser("") == _parsers.HTTPTOOLS
+    assert _parsers._choose_parser("h11") == _parsers.H11
+    monkeypatch.setattr(_parsers, "HAVE_HTTPTOOLS", False)
+    assert _parsers._choose_parser("") == _parsers.H11
+    with pytest.raises(ImportError, match="not installed"):
+        _parsers._choose_parser("httptools")
+    with pytest.raises(ValueError, match="must be"):
+        _parsers._choose_parser("llhttp")
+
+
+def test_the_environment_variable_is_read_at_import() -> None:
+    """A fresh interpreter with TRIO_LLM_HTTP_PARSER=h11 reads heads with h11."""
+    code = "from trio_llm._http import _parsers; print(_parsers.PARSER)"
+    env = {**os.environ, "TRIO_LLM_HTTP_PARSER": "h11"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)
+    assert result.stdout.strip() == b"h11"
+
+
+def replying(*responses: list[bytes]) -> Callable[[trio.SocketStream], Any]:
+    """A raw server: the next response's pieces (a pause between them) for each request
+    head, on one connection; keeps it open until the client closes it."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = b""
+        for pieces in responses:
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            data = data.split(b"\r\n\r\n", 1)[1]
+            for piece in pieces:
+                await stream.send_all(piece)
+                await trio.sleep(0.01)
+        while await stream.receive_some(65536):
+            pass
+
+    return handler
+
+
+async def test_bodiless_responses_keep_the_connection(autojump_clock: trio.abc.Clock) -> None:
+    """HEAD, 204 and 304 replies with a Content-Length have no body; the connection stays."""
+    head = OK + b"content-length: 5\r\n\r\n"
+    no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"
+    ok = OK + b"content-length: 2\r\n\r\nok"
+    async with serve_raw(replying([head], [no_content], [ok])) as url:
+        transport = TrioTransport()
+        async with http_client(transport) as http:
+            assert (await http.head(url)).content == b""
+            assert (await http.get(url)).status_code == 204
+            assert pool_state(transport) == (1, 1, 0)
+            assert (await http.get(url)).content == b"ok"
+            assert pool_state(transport) == (1, 1, 0)
+
+
+async def test_a_head_in_pieces_over_the_network(autojump_clock: trio.abc.Clock) -> None:
+    """A head that arrives in pieces, after a 100 Continue, is read whole."""
+    raw = b"HTTP/1.1 100 Continue\r\n\r\n" + OK + b"content-length: 2\r\n\r\nok"
+    cuts = [0, 10, 23, 26, 40, 41, len(raw) - 1, len(raw)]
+    pieces = [raw[a:b] for a, b in itertools.pairwise(cuts)]
+    async with serve_raw(replying(pieces, [raw])) as url:
+        transport = TrioTransport()
+        async with http_client(transport) as http:
+            for _ in range(2):
+                response = await http.post(url, content=b"{}")
+                assert (response.status_code, response.content) == (200, b"ok")
+            assert pool_state(transport) == (1, 1, 0)
 
 
 # --- connections the server closed --------------------------------------------------------

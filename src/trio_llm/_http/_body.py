@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 from typing import Final, final
 
-import h11
 import httpx2
 
-__all__ = ["MAX_HEAD", "Body"]
+from ._head import MAX_HEAD, ResponseHead
 
-MAX_HEAD: Final = 100 * 1024  # the largest response head (or trailer) accepted, as httpcore
+__all__ = ["Body"]
 
 _MAX_LINE: Final = 4096  # the longest chunk-size line accepted
 _CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -20,12 +19,14 @@ _CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
 class Body:
     """The body of one response, decoded from its framing as the bytes arrive.
 
-    h11 reads the response head; from there on this takes over, because h11 spends
-    about 6 us on each chunk of a chunked body (its state machine runs for every event),
-    and a streamed reply is hundreds of small chunks: here a chunk costs about 1 us.
-    The framing follows RFC 9112 section 6.3, as h11 would: no body for HEAD, 1xx, 204
-    and 304; chunked when ``Transfer-Encoding`` says so (h11 has checked it is the only
-    coding); ``Content-Length`` bytes; otherwise everything until the server closes.
+    A parser reads the response head (``_parsers.py``); from there on this takes over,
+    because h11 spends about 6 us on each chunk of a chunked body (its state machine runs
+    for every event), and a streamed reply is hundreds of small chunks: here a chunk
+    costs about 1 us (with httptools, chunked bodies go on through llhttp instead, at
+    ~0.1 us a chunk: ``_parsers.ChunkedBody``). The framing is the head's
+    (:class:`ResponseHead`, judged by ``_head.response_head``): chunked,
+    ``Content-Length`` bytes (0 for HEAD, 204 and 304), or everything until the server
+    closes.
     """
 
     __slots__ = ("_buffer", "_framing", "_left", "_trailer", "done", "reusable")
@@ -34,28 +35,15 @@ class Body:
     _CHUNKED = 1
     _UNTIL_CLOSE = 2
 
-    def __init__(self, event: h11.Response, method: bytes, state: h11.Connection) -> None:
-        """Start decoding the body of ``event``, the answer to a ``method`` request.
-
-        ``state`` is the h11 connection that read the head; the bytes it holds past the
-        head are the start of the body.
-        """
-        self._buffer = state.trailing_data[0]
+    def __init__(self, head: ResponseHead, buffer: bytes) -> None:
+        """Start decoding the body ``head`` frames; ``buffer`` holds its first bytes."""
+        self._buffer = buffer
         self._trailer = 0
-        length: int | None = None
-        chunked = False
-        for name, value in event.headers.raw_items():
-            name = name.lower()
-            if name == b"transfer-encoding":
-                chunked = True  # h11 accepts no other coding than chunked
-            elif name == b"content-length":
-                length = int(value)  # h11 has checked it
-        if method == b"HEAD" or event.status_code in (204, 304):
-            length, chunked = 0, False
-        #: Whether the connection may carry another request once the body is done: h11
-        #: has judged the request's and the response's Connection headers and versions.
-        self.reusable = state.our_state is h11.DONE
-        if chunked:
+        length = head.content_length
+        #: Whether the connection may carry another request once the body is done: the
+        #: heads' judgement (``ResponseHead.keep_alive``), then the body's own.
+        self.reusable = head.keep_alive
+        if head.chunked:
             self._framing = self._CHUNKED
             self._left = 0  # > 0: data left in this chunk; 0: a size line; -1: CRLF; -2: trailer
         elif length is not None:
@@ -66,8 +54,8 @@ class Body:
             self._left = 0
             self.reusable = False
         #: Whether the whole body has been decoded.
-        self.done = self._framing == self._LENGTH and length == 0
-        if self.done and self._buffer:
+        self.done = length == 0
+        if self.done and buffer:
             self.reusable = False  # bytes after a body-less response: the server is confused
 
     def declared_length(self) -> int | None:

@@ -3,7 +3,8 @@
 Every place I/O happens translates low-level errors (``OSError``, ``ssl.SSLError``,
 trio's ``BrokenResourceError`` / ``ClosedResourceError``, h11's protocol errors) to
 httpx2's with one context manager, :func:`map_exceptions` (or one of its prebuilt
-instances on the hot path), as httpcore does.
+instances on the hot path), as httpcore does. Responses are read by httptools or h11,
+whichever ``_parsers.PARSER`` names.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import h11
 import httpx2
 import trio
 
-from ._body import MAX_HEAD, Body
+from ._body import Body
+from ._head import ResponseHead
+from ._parsers import ChunkedBody, new_reader
 
 __all__ = [
     "READ_ERRORS",
@@ -41,10 +44,7 @@ RECEIVE_SIZE: Final = 64 * 1024
 
 Origin = tuple[bytes, bytes, int | None]  # scheme, host, port
 
-# Looked up once: the hot loops compare by identity, and module attributes cost a lookup.
-_RESPONSE: Final = h11.Response
-_NEED_DATA: Final = h11.NEED_DATA
-_END_EVENT: Final = h11.EndOfMessage()
+# Looked up once: module attributes cost a lookup.
 _INF: Final = math.inf
 _now = trio.current_time
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
@@ -294,11 +294,11 @@ class Connection:
     ``send_all`` and ``receive_some`` are the ``trio.SSLStream``'s for TLS and, for plain
     TCP, straight on the socket (``trio.SocketStream``'s context managers cost more than
     the system calls, and each layer is a frame held by every request in flight).
-    ``h11`` is a fresh state machine for each exchange (the pool makes the next one): it
-    writes the request and reads the response head; ``body`` then decodes the body.
+    Each exchange reads the response head with a reader of its own (``_parsers.py``);
+    ``body`` then decodes the body.
     """
 
-    __slots__ = ("body", "h11", "idle_since", "receive_some", "send_all", "socket")
+    __slots__ = ("body", "idle_since", "receive_some", "send_all", "socket")
 
     def __init__(self, socket: trio.socket.SocketType, tls: trio.SSLStream[Any] | None) -> None:
         self.socket = socket
@@ -316,8 +316,7 @@ class Connection:
         else:
             self.send_all = partial(_send_within, tls.send_all)
             self.receive_some = partial(_receive_within, tls.receive_some)
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        self.body: Body | None = None
+        self.body: Body | ChunkedBody | None = None
         self.idle_since = 0.0
 
     def usable_after_idle(self) -> bool:
@@ -382,16 +381,19 @@ async def exchange(
     conn: Connection,
     reused: bool,
     head: h11.Request,
+    keep_alive: bool,
     wire: bytes | None,
     stream: httpx2.AsyncByteStream | None,
     timeouts: PhaseTimeouts,
-) -> h11.Response:
+) -> ResponseHead:
     """Send a request on ``conn`` and read up to the response head; return the head.
 
     ``wire`` is the whole request, to send as it is, and ``head`` the bodiless
-    equivalent h11 is told of (see ``_transport.Template``); or, with ``wire=None``,
-    ``head`` is the request's head and its body comes from ``stream``. The body stays
-    unread, in ``conn.body``. The caller closes the connection on any failure.
+    equivalent (see ``_transport.Template``: its method, and for h11 the request it is
+    told of); or, with ``wire=None``, ``head`` is the request's head and its body comes
+    from ``stream``. ``keep_alive`` says whether the request lets the connection be
+    reused (no ``Connection: close``). The body stays unread, in ``conn.body``. The
+    caller closes the connection on any failure.
 
     Each write has the ``write`` timeout and each read the ``read`` timeout, as cancel
     scopes made only where the socket has to be waited for, and only when an enclosing
@@ -405,41 +407,32 @@ async def exchange(
         httpx2.WriteError, httpx2.WriteTimeout, httpx2.ReadError, httpx2.ReadTimeout,
         httpx2.RemoteProtocolError, httpx2.LocalProtocolError: as their names say.
     """
-    state = conn.h11
+    reader = new_reader(head.method, keep_alive)
     read = timeouts.read
     received = False
     try:
         with WRITE_ERRORS:
             if wire is not None:
-                state.send(head)
-                state.send(_END_EVENT)
+                reader.sending(head)
                 await conn.send_all(wire, timeouts.write)
             else:
                 assert stream is not None
-                await _send_streamed(conn, head, stream, timeouts.write)
+                await _send_streamed(conn, reader.writer(), head, stream, timeouts.write)
         # Nothing of the response can be buffered yet (a connection with bytes past its
         # last response is never reused), so the first step is a read.
-        event: object = _NEED_DATA
         with READ_ERRORS:
             while True:
-                if event is _NEED_DATA:
-                    incoming = await conn.receive_some(RECEIVE_SIZE, read)
-                    if not incoming and not received:
-                        error = httpx2.RemoteProtocolError(
-                            "the server closed the connection without sending a response"
-                        )
-                        raise StaleConnection(error) if reused else error
-                    received = True
-                    state.receive_data(incoming)  # type: ignore[arg-type]  # any bytes-like
-                elif type(event) is _RESPONSE:
-                    conn.body = Body(event, head.method, state)
-                    return event
-                elif not isinstance(event, h11.InformationalResponse):
-                    # (100 Continue and the like are skipped: the real response follows.)
-                    raise httpx2.RemoteProtocolError(
-                        f"unexpected {type(event).__name__} before the response head"
+                incoming = await conn.receive_some(RECEIVE_SIZE, read)
+                if not incoming and not received:
+                    error = httpx2.RemoteProtocolError(
+                        "the server closed the connection without sending a response"
                     )
-                event = state.next_event()
+                    raise StaleConnection(error) if reused else error
+                received = True
+                response = reader.feed(incoming)
+                if response is not None:
+                    conn.body = reader.body(response)
+                    return response
     except (httpx2.WriteError, httpx2.ReadError) as exc:
         if reused and not received:
             raise StaleConnection(exc) from exc
@@ -447,13 +440,17 @@ async def exchange(
 
 
 async def _send_streamed(
-    conn: Connection, head: h11.Request, stream: httpx2.AsyncByteStream, write: float | None
+    conn: Connection,
+    state: h11.Connection,
+    head: h11.Request,
+    stream: httpx2.AsyncByteStream,
+    write: float | None,
 ) -> None:
     """Send ``head``, then the body as ``stream`` produces it; each write within ``write``.
 
-    Producing the next part is not writing: only the sends are timed.
+    ``state`` (h11's) frames the body and checks it against the head. Producing the next
+    part is not writing: only the sends are timed.
     """
-    state = conn.h11
     send_all = conn.send_all
     await send_all(state.send(head) or b"", write)
     parts = stream.__aiter__()

@@ -6,11 +6,9 @@ import math
 from collections import deque
 from typing import final
 
-import h11
 import httpx2
 import trio
 
-from ._body import MAX_HEAD
 from ._connection import Connection
 
 __all__ = ["Pool"]
@@ -105,8 +103,6 @@ class Pool:
             self.discard(conn)  # Connection: close, HTTP/1.0, or the transport is closed
             return
         conn.body = None
-        # A fresh state machine costs less than h11's start_next_cycle().
-        conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         if self._hand_over(conn):
             return
         idle = self._idle

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final, final
 
-import h11
 import httpx2
 
 from ._connection import Connection, receive
+from ._head import ResponseHead
 from ._pool import Pool
 
 __all__ = ["BodyTooLarge", "HTTPResponse", "ResponseStream"]
@@ -46,7 +46,7 @@ class HTTPResponse:
     __slots__ = (
         "_complete",
         "_conn",
-        "_event",
+        "_head",
         "_headers",
         "_pool",
         "_read",
@@ -55,16 +55,16 @@ class HTTPResponse:
     )
 
     def __init__(
-        self, pool: Pool, conn: Connection, event: h11.Response, read: float | None
+        self, pool: Pool, conn: Connection, head: ResponseHead, read: float | None
     ) -> None:
         self._pool = pool
         self._conn: Connection | None = conn  # None: complete (given back) or closed
         self._complete = False
-        self._event = event
+        self._head = head
         self._read = read
         self._headers: dict[str, str] | None = None
-        self.status_code: int = event.status_code
-        self.reason_phrase = event.reason.decode("latin-1")
+        self.status_code: int = head.status_code
+        self.reason_phrase = head.reason.decode("latin-1")
 
     def __repr__(self) -> str:
         return f"<HTTPResponse [{self.status_code} {self.reason_phrase}]>"
@@ -74,7 +74,7 @@ class HTTPResponse:
         headers = self._headers
         if headers is None:
             headers = {}
-            for raw_name, raw_value in self._event.headers.raw_items():
+            for raw_name, raw_value in self._head.headers:
                 name = raw_name.lower().decode("latin-1")
                 value = raw_value.decode("latin-1")
                 headers[name] = f"{headers[name]}, {value}" if name in headers else value
@@ -83,11 +83,11 @@ class HTTPResponse:
 
     @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return self._event.headers.raw_items()
+        return self._head.headers
 
     @property
     def http_version(self) -> bytes:
-        return b"HTTP/" + self._event.http_version
+        return self._head.http_version
 
     async def receive_some(self) -> bytes:
         """Return the next body bytes as they came (not decoded); ``b""`` at the end.
@@ -159,14 +159,15 @@ class HTTPResponse:
             if declared is not None and declared > limit:
                 raise BodyTooLarge(int(limit))
             parts = body.take()
-            if not body.done:  # more to read (what one read brought is bounded by its size)
-                size = sum(map(len, parts))
-                while not body.done:
-                    more = body.feed(await receive(conn, self._read))
-                    parts += more
-                    size += sum(map(len, more))
-                    if size > limit:
-                        raise BodyTooLarge(int(limit))
+            size = sum(map(len, parts))  # (a whole chunked body may come with the head)
+            while True:
+                if size > limit:
+                    raise BodyTooLarge(int(limit))
+                if body.done:
+                    break
+                more = body.feed(await receive(conn, self._read))
+                parts += more
+                size += sum(map(len, more))
         except BaseException:
             self._conn = None
             self._pool.discard(conn)
@@ -176,7 +177,7 @@ class HTTPResponse:
         self._pool.release(conn)
         content = parts[0] if len(parts) == 1 else b"".join(parts)
         if "content-encoding" in self.headers:
-            raw = self._event.headers.raw_items()
+            raw = self._head.headers
             content = httpx2.Response(self.status_code, headers=raw, content=content).content
             if len(content) > limit:  # a small compressed body can decode to a huge one
                 raise BodyTooLarge(int(limit))

@@ -18,6 +18,7 @@ from ._connection import (
     exchange,
     map_exceptions,
 )
+from ._head import request_keeps_alive
 from ._pool import Pool
 from ._response import HTTPResponse, ResponseStream
 
@@ -49,16 +50,25 @@ class Template:
     (method, URL, headers, timeouts).
 
     Building an ``h11.Request`` (header validation included) costs more than all the
-    rest of sending it, so it is done once per key: h11 is told of this bodiless
-    request (same method, target and headers, ``Content-Length: 0``), and the bytes sent
-    are ``prefix`` + the real ``Content-Length`` + the body. What h11 does with the
-    response depends only on the request's method and connection headers, which are the
-    same. Headers that set the framing themselves (``Content-Length``,
-    ``Transfer-Encoding``) are honoured instead: h11 then writes each request (and
-    checks the body against them).
+    rest of sending it, so it is done once per key: h11 validates this bodiless request
+    (same method, target and headers, ``Content-Length: 0``; with h11 as the response
+    parser, it is also what h11 is told of), and the bytes sent are ``prefix`` + the
+    real ``Content-Length`` + the body. How the response is read
+    depends only on the request's method and connection headers, which are the same
+    (``keep_alive``: no ``Connection: close``). Headers that set the framing themselves
+    (``Content-Length``, ``Transfer-Encoding``) are honoured instead: h11 then writes
+    each request (and checks the body against them).
     """
 
-    __slots__ = ("_always_length", "_framed", "head", "origin", "prefix", "timeouts")
+    __slots__ = (
+        "_always_length",
+        "_framed",
+        "head",
+        "keep_alive",
+        "origin",
+        "prefix",
+        "timeouts",
+    )
 
     def __init__(
         self, method: str, url: str, headers: list[tuple[bytes, bytes]], timeouts: httpx2.Timeout
@@ -72,6 +82,7 @@ class Template:
         # Validated here, by h11, once.
         bodiless = [line for line in lines if line[0].lower() not in _FRAMING]
         self.head = _request_head(method, target, [*bodiless, (b"Content-Length", b"0")])
+        self.keep_alive = request_keeps_alive(lines)
         self._always_length = method in _LENGTH_ALWAYS
         self._framed: h11.Request | None = None
         if b"content-length" in names or b"transfer-encoding" in names:
@@ -140,13 +151,15 @@ def _timeouts_of(request: httpx2.Request) -> httpx2.Timeout:
 
 @final
 class TrioTransport(httpx2.AsyncBaseTransport):
-    """An HTTP/1.1 transport for ``httpx2.AsyncClient`` built on trio sockets and h11.
+    """An HTTP/1.1 transport for ``httpx2.AsyncClient`` built on trio sockets and llhttp.
 
     The default transport of :func:`trio_llm.open_client`. Its CPU cost per request stays
     flat as requests in flight grow (measured in ``docs/performance.md``), where httpx2's
-    own pool grows linearly. Choose ``httpx2.AsyncHTTPTransport`` instead for HTTP/2,
-    Unix sockets, client certificates, connect retries or proxies (``open_client`` picks
-    httpx2's own transport itself when a proxy from the environment applies).
+    own pool grows linearly. Responses are parsed by httptools (llhttp, in C) where it is
+    installed, by h11 otherwise (``TRIO_LLM_HTTP_PARSER=h11`` forces it). Choose
+    ``httpx2.AsyncHTTPTransport`` instead for HTTP/2, Unix sockets, client certificates,
+    connect retries or proxies (``open_client`` picks httpx2's own transport itself when a
+    proxy from the environment applies).
 
     Each origin (scheme, host, port) has its own keep-alive pool. A connection the server
     closed while idle is dropped when next taken; a reused connection that ends before
@@ -285,16 +298,18 @@ class TrioTransport(httpx2.AsyncBaseTransport):
             origin = template.origin
             phases = template.timeouts
             head = template.head
+            keep_alive = template.keep_alive
             wire = template.wire(body)
         else:
             origin, head = _streamed_request(method, url, headers)
+            keep_alive = request_keeps_alive(head.headers.raw_items())
             phases = PhaseTimeouts(timeouts)
             stream = body
         pool = self._pool(origin)
         conn, reused = await self._checkout(pool, origin, phases)
         try:
             try:
-                event = await exchange(conn, reused, head, wire, stream, phases)
+                response_head = await exchange(conn, reused, head, keep_alive, wire, stream, phases)
             except StaleConnection as stale:
                 if wire is None:
                     raise stale.error from stale
@@ -302,11 +317,11 @@ class TrioTransport(httpx2.AsyncBaseTransport):
                 # carries a fresh connection, and the request is sent once more.
                 conn.close()
                 conn = await connect(origin, phases.connect, self._context)
-                event = await exchange(conn, False, head, wire, None, phases)
+                response_head = await exchange(conn, False, head, keep_alive, wire, None, phases)
         except BaseException:
             pool.discard(conn)  # (closing a closed connection again is harmless)
             raise
-        return HTTPResponse(pool, conn, event, phases.read)
+        return HTTPResponse(pool, conn, response_head, phases.read)
 
     async def _checkout(
         self, pool: Pool, origin: Origin, timeouts: PhaseTimeouts
