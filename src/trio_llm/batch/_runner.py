@@ -55,6 +55,7 @@ from ._input import (
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
+from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter
 
@@ -501,7 +502,7 @@ async def _open_run(
     """
     # Blocking file calls on purpose: local files, buffered (see _output).
     with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
-        if _is_same_file(input_file, output_path):
+        if names(output_path, input_file):
             raise ConfigurationError(f"the output file {output_path} is the input file")
         with _naming(output_path), OutputFile.open(output_path) as output:
             scan = await output.scan()
@@ -570,15 +571,6 @@ def _naming(path: str) -> Iterator[None]:
         if exc.filename is None:
             exc.filename = path
         raise
-
-
-def _is_same_file(file: IO[bytes], path: str) -> bool:
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(file.fileno())
-    return (status.st_dev, status.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _plan_text(plan: InputPlan, output: str, answered_before: int) -> str:
