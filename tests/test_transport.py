@@ -1682,3 +1682,28 @@ async def test_a_call_failing_before_any_io_is_still_a_checkpoint() -> None:
     ) as client:
         with trio.testing.assert_checkpoints(), pytest.raises(trio_llm.APIConnectionError):
             await client.chat("hi")
+
+
+async def test_an_idle_connection_past_descriptor_1024_is_still_checked() -> None:
+    """The idle check works on descriptors select() refuses (1024 and up)."""
+    import resource
+    import socket
+
+    from trio_llm._http._connection import Connection
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the descriptor limit here is {hard}: no descriptor 1500 to test with")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    ours, theirs = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(ours.fileno(), 1500))
+        conn = Connection(trio.socket.from_stdlib_socket(high), None)
+        assert conn.usable_after_idle()
+        theirs.close()  # the server went away while the connection was idle
+        assert not conn.usable_after_idle()
+        conn.close()
+    finally:
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

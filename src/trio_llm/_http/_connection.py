@@ -51,6 +51,7 @@ _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
+_poll = getattr(select, "poll", None)
 
 
 @final
@@ -326,10 +327,16 @@ class Connection:
         server closed it (EOF or a reset) or broke the protocol, so it is dropped.
         """
         try:
-            readable, _, _ = select.select((self.socket,), (), (), 0)
+            fileno = self.socket.fileno()
+            if _poll is None:  # Windows: select() has no descriptor-number limit there
+                readable, _, _ = select.select((fileno,), (), (), 0)
+                return not readable
+            # poll(), not select(): select() refuses descriptors from 1024 on.
+            poller = _poll()
+            poller.register(fileno, select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):  # closed under us: fileno() is -1
             return False
-        return not readable
 
     def close(self) -> None:
         """Close at once (no TLS close_notify: HTTP/1.1 framing makes it unnecessary)."""

@@ -114,11 +114,14 @@ def response_head(
         name = name.lower()
         if name == b"content-length":
             value = value.strip()
-            if not value.isdigit():
+            digits = value.lstrip(b"0") or b"0"
+            # At most 19 digits past leading zeros: int() refuses over 4,300 digits, and no
+            # body is longer than 10**19 bytes.
+            if not value.isdigit() or len(digits) > 19:
                 raise malformed(f"bad Content-Length {value[:40]!r}")
-            if length is not None and int(value) != length:
+            if length is not None and int(digits) != length:
                 raise malformed("conflicting Content-Length headers")
-            length = int(value)
+            length = int(digits)
         elif name == b"transfer-encoding":
             if chunked or value.strip().lower() != b"chunked":
                 raise malformed("only one Transfer-Encoding: chunked is supported")

@@ -95,17 +95,22 @@ class _Collector:
         self.messages += 1
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason
+        # Called once per piece when the status line arrives in several reads.
+        if not self.ended:
+            self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp drops the whitespace before a value but keeps what follows it.
-        self.headers.append((name, value.rstrip(b" \t")))
+        if not self.ended:
+            self.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self.complete = True
 
     def on_body(self, body: bytes) -> None:
-        self.parts.append(body)
+        # Nothing past the end of this response: bytes of a next one are never its body.
+        if not self.ended:
+            self.parts.append(body)
 
     def on_message_complete(self) -> None:
         self.ended = True
@@ -276,7 +281,7 @@ class ChunkedBody:
         collector = self._collector
         try:
             self._parser.feed_data(data)
-        except HttpParserError as exc:
+        except (HttpParserError, HttpParserUpgrade) as exc:
             if not collector.ended:
                 raise httpx2.RemoteProtocolError(f"malformed chunked body: {exc}") from exc
             self.reusable = False  # bytes past the response that are no response
