@@ -3,9 +3,7 @@ upgrades after a body, status lines split across reads, absurd Content-Length va
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -13,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from test_transport import read_request_head, serve_raw
 from trio_llm._http import TrioTransport, _parsers
 
 
@@ -24,25 +23,6 @@ def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         pytest.skip("httptools is not installed")
     monkeypatch.setattr(_parsers, "PARSER", name)
     return name
-
-
-@asynccontextmanager
-async def serve_raw(handler: Callable[[trio.SocketStream], Any]) -> AsyncIterator[str]:
-    """Serve ``handler`` on 127.0.0.1 for the block; yield the base URL."""
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def read_request_head(stream: trio.SocketStream) -> None:
-    """Read up to the end of one request head."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
 
 
 def sending(*pieces: bytes) -> Callable[[trio.SocketStream], Any]:

@@ -17,7 +17,7 @@ import errno
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final, NoReturn
 from urllib.parse import urlsplit
@@ -46,6 +46,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "variable_name",
+    "whole_number",
 ]
 
 EXIT_OK: Final = 0
@@ -83,37 +84,46 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def positive_int(text: str) -> int:
-    """Parse a whole number >= 1 (an argparse ``type=``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+def whole_number(minimum: int, *, note: str = "") -> Callable[[str], int]:
+    """Return an argparse ``type=`` parsing a whole number >= ``minimum``.
+
+    ``note`` follows the bound in the error message (e.g. ``" (0: never)"``).
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}{note}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    """Parse a number >= 0, NaN refused (an argparse ``type=``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+def _real_number(*, zero_allowed: bool) -> Callable[[str], float]:
+    """Return an argparse ``type=`` parsing a number >= 0 or > 0 (NaN refused)."""
+    bound = ">= 0" if zero_allowed else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value >= 0 if zero_allowed else value > 0):
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """Parse a number > 0, NaN refused (an argparse ``type=``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+#: Parse a whole number >= 1 (an argparse ``type=``).
+positive_int = whole_number(1)
+#: Parse a number >= 0, NaN refused (an argparse ``type=``).
+non_negative_float = _real_number(zero_allowed=True)
+#: Parse a number > 0, NaN refused (an argparse ``type=``).
+positive_float = _real_number(zero_allowed=False)
 
 
 def port_number(text: str) -> int:

@@ -23,6 +23,7 @@ from .._cli_options import (
     non_negative_float,
     open_cli_client,
     positive_float,
+    whole_number,
 )
 from .._client import Client
 from .._errors import (
@@ -80,14 +81,7 @@ def _output_path(text: str) -> str:
     return text
 
 
-def _failure_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: never), got {value}")
-    return value
+_failure_limit = whole_number(0, note=" (0: never)")
 
 
 def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
