@@ -304,6 +304,7 @@ class Requester:
         "_http",
         "_limits",
         "_limits_by_phases",
+        "_phases",
         "_shown",
         "_stream_headers",
         "completion_tokens",
@@ -345,6 +346,13 @@ class Requester:
         ] + [(b"accept", b"text/event-stream"), (b"accept-encoding", b"identity")]
         self._limits = timeouts.to_httpx()
         self._limits_by_phases: dict[tuple[bool, ...], httpx2.Timeout] = {}
+        # The phase limits as numbers, read per attempt by _limits_before (None: inf).
+        self._phases: tuple[float, float, float, float] = (
+            _INF if timeouts.connect is None else timeouts.connect,
+            _INF if timeouts.read is None else timeouts.read,
+            _INF if timeouts.write is None else timeouts.write,
+            _INF if timeouts.pool is None else timeouts.pool,
+        )
         self._shown: dict[str, str] = {}  # URL: as messages show it
         self.provider = provider
         self.rate = rate
@@ -499,20 +507,17 @@ class Requester:
         read timeout, the one every request waits under.
         """
         left = deadline_at - trio.current_time()
-        phases = self.timeouts
-        key = tuple(
-            limit is not None and limit < left
-            for limit in (phases.connect, phases.read, phases.write, phases.pool)
-        )
+        connect, read, write, pool = self._phases  # (None as inf: never kept)
+        key = (connect < left, read < left, write < left, pool < left)
         limits = self._limits_by_phases.get(key)
         if limits is None:
-            connect, read, write, pool = (
-                limit if kept else None
-                for limit, kept in zip(
-                    (phases.connect, phases.read, phases.write, phases.pool), key, strict=True
-                )
+            phases = self.timeouts
+            limits = httpx2.Timeout(
+                connect=phases.connect if key[0] else None,
+                read=phases.read if key[1] else None,
+                write=phases.write if key[2] else None,
+                pool=phases.pool if key[3] else None,
             )
-            limits = httpx2.Timeout(connect=connect, read=read, write=write, pool=pool)
             self._limits_by_phases[key] = limits
         return limits
 

@@ -45,6 +45,7 @@ __all__ = [
     "port_number",
     "positive_float",
     "positive_int",
+    "required_env",
     "variable_name",
     "whole_number",
 ]
@@ -163,6 +164,19 @@ def cannot_listen(host: str, port: int, exc: OSError) -> CommandError:
     return CommandError(f"cannot listen on {address}: {reason}")
 
 
+def required_env(name: str, flag: str) -> str:
+    """Return ``$name``, which the command-line flag ``flag`` named.
+
+    Raises:
+        ConfigurationError: it is unset or empty (the message says which, and the flag).
+    """
+    value = os.environ.get(name)
+    if not value:
+        state = "is not set" if value is None else "is empty"
+        raise ConfigurationError(f"${name} {state} (named by {flag})")
+    return value
+
+
 def api_key_from_env(variable: str | None, *, provider: str, base_url: str | None) -> str | None:
     """Read the API key from ``$variable`` (the provider's own variable if None).
 
@@ -174,14 +188,14 @@ def api_key_from_env(variable: str | None, *, provider: str, base_url: str | Non
             or the default variable is, for a server that is not on a loopback address;
             the message says which, and what to do on the command line.
     """
+    if variable:
+        return required_env(variable, "--api-key-env")
     adapter = provider_named(provider)
-    name = variable or adapter.api_key_env
+    name = adapter.api_key_env
     value = os.environ.get(name)
     if value:
         return value
     state = "is not set" if value is None else "is empty"
-    if variable:
-        raise ConfigurationError(f"${name} {state} (named by --api-key-env)")
     # Only the host is shown: a URL may carry credentials of its own.
     host = urlsplit(_resolve_base_url(base_url, adapter)).hostname or ""
     if _is_loopback(host):

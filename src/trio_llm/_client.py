@@ -402,17 +402,16 @@ def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
     return url.rstrip("/")
 
 
-def _check_sizes(**sizes: int | None) -> None:
-    """Refuse a size that is not a whole number >= 1 (``max_response_bytes`` may be None).
+def _check_size(name: str, value: object, *, optional: bool = False) -> None:
+    """Refuse a size setting that is not a whole number >= 1 (or None, if ``optional``).
 
     Raises:
         ConfigurationError: naming the setting.
     """
-    for name, value in sizes.items():
-        if value is None and name == "max_response_bytes":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
 
 
 def _default_headers(
@@ -467,8 +466,7 @@ async def open_client(
         provider: the wire format; ``"openai"`` (any OpenAI-compatible server) or
             ``"anthropic"`` (the Messages API: same calls and result types, requests and
             replies translated; ``embed`` raises :class:`ConfigurationError`).
-        max_concurrency: requests in flight at once, across all tasks; also the size
-            of the connection pool.
+        max_concurrency: requests in flight at once, across all tasks (and pool size).
         rate_limit: requests and tokens per minute for all the client's calls together
             (:class:`RateLimit`). The default, ``RateLimit()``, sets no limit of its own
             but adopts the server's from its ``x-ratelimit-*`` headers; ``None`` turns
@@ -491,7 +489,8 @@ async def open_client(
     whose tasks use it, so that their calls have finished by then.
     """
     adapter = provider_named(provider)
-    _check_sizes(max_concurrency=max_concurrency, max_response_bytes=max_response_bytes)
+    _check_size("max_concurrency", max_concurrency)
+    _check_size("max_response_bytes", max_response_bytes, optional=True)
     url = _resolve_base_url(base_url, adapter)
     timeouts = timeouts or Timeouts()
     limits = httpx2.Limits(

@@ -343,10 +343,6 @@ class Connection:
         self.socket.close()
 
 
-def _deadline(seconds: float | None) -> float:
-    return _INF if seconds is None else _now() + seconds
-
-
 async def connect(
     origin: Origin, seconds: float | None, context: Callable[[], ssl.SSLContext]
 ) -> Connection:
@@ -366,7 +362,7 @@ async def connect(
     if not tls and scheme != b"http":
         raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {scheme.decode()!r}")
     hostname = host.decode("ascii")
-    with trio.CancelScope(deadline=_deadline(seconds)):
+    with trio.CancelScope(deadline=_phase_deadline(seconds)):
         with map_exceptions(httpx2.ConnectError, f"cannot connect to {hostname}"):
             tcp = await trio.open_tcp_stream(hostname, port or (443 if tls else 80))
         if not tls:

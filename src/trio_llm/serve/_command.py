@@ -20,6 +20,7 @@ from .._cli_options import (
     port_number,
     positive_float,
     positive_int,
+    required_env,
     variable_name,
 )
 from .._client import open_client
@@ -127,14 +128,6 @@ def _add_server_options(server: argparse._ArgumentGroup) -> None:
     )
 
 
-def _env(name: str, flag: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        state = "is not set" if value is None else "is empty"
-        raise ConfigurationError(f"${name} {state} (named by {flag})")
-    return value
-
-
 async def _serve(args: argparse.Namespace) -> int:
     from ._app import create_app
     from ._logs import configure_logging
@@ -142,7 +135,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(verbose=args.verbose)
 
-    require_key = _env(args.require_key_env, "--require-key-env") if args.require_key_env else None
+    require_key = (
+        required_env(args.require_key_env, "--require-key-env") if args.require_key_env else None
+    )
     api_key = api_key_from_env(args.api_key_env, provider="openai", base_url=args.upstream)
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODEL
     async with open_client(
