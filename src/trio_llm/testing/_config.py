@@ -67,6 +67,14 @@ class FakeLLMConfig:
     Faults, drawn per request from ``random.Random(seed)``: ``error_rate`` answers with
     ``error_status``; ``stall_rate`` never answers (until the client or the server goes);
     ``disconnect_rate`` sends half the body (or half the stream's events) and closes.
+
+    Batch APIs (``/v1/batches``, ``/v1/messages/batches``): a batch reads the config once,
+    when it is created. It ends ``batch_delay`` seconds (trio time) later: the first tenth
+    validating (OpenAI), eight tenths answering its lines in order, the last tenth
+    finalizing. ``batch_fail_rate`` and ``batch_expire_rate`` are drawn per batch;
+    ``batch_error_rate`` and ``batch_line_expire_rate`` per line, from the same
+    ``random.Random(seed)`` as the faults above. Batch lines are never rate-limited and never
+    see ``error_rate``, ``stall_rate``, ``latency`` or ``disconnect_rate``.
     """
 
     latency: float = attrs.field(
@@ -125,6 +133,45 @@ class FakeLLMConfig:
         converter=_to_names,
         validator=_models,
         metadata={"help": "Model names listed by /v1/models (any name is accepted)."},
+    )
+    batch_delay: float = attrs.field(
+        default=0.0,
+        validator=_non_negative,
+        metadata={
+            "help": "Seconds a Batch API batch takes from creation to its end (validating, "
+            "in progress, finalizing), in trio time."
+        },
+    )
+    batch_error_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of batch lines answered with a 400 error (0 to 1)."},
+    )
+    batch_error_ids: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_to_names,
+        metadata={"help": "custom_ids of batch lines answered with a 400 error."},
+    )
+    batch_line_expire_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={
+            "help": "Fraction of batch lines that expire unanswered (an OpenAI batch with "
+            "one then ends 'expired')."
+        },
+    )
+    batch_fail_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={
+            "help": "Fraction of batches that fail validation (OpenAI 'failed'; Anthropic: "
+            "every request errored)."
+        },
+    )
+    batch_expire_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of batches that expire with no line answered (0 to 1)."},
     )
 
 

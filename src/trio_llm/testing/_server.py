@@ -19,13 +19,13 @@ from typing import final
 import h11
 import trio
 
-from ._app import MESSAGES, App, Reply, endpoint_of
+from ._app import MESSAGES, App, Reply, body_limit, endpoint_of
+from ._batch_store import RouteHold
 from ._config import FakeLLMConfig
 from ._stats import FakeLLMStats
 
 logger = logging.getLogger("trio_llm.testing")
 
-MAX_BODY = 32 * 1024 * 1024
 _MAX_HEAD = 64 * 1024
 _RECEIVE_SIZE = 64 * 1024
 _MAX_BUFFERED = 1024 * 1024
@@ -51,6 +51,19 @@ class FakeLLMServer:
         self.port = port
         self.stats = FakeLLMStats()
         self._app = App(self)
+
+    def hold(self, route: str) -> RouteHold:
+        """Hold the answers of one route until ``release()`` (for crash and resume tests).
+
+        ``route`` is ``"METHOD /template"`` as counted in ``stats.requests_by_endpoint``,
+        e.g. ``"POST /v1/batches"`` or ``"POST /v1/messages/batches"``. A held request has
+        had its effect (the batch exists); only its answer waits. ``await
+        hold.wait_arrived()`` waits for one to arrive.
+
+        Raises:
+            ValueError: The route is already held.
+        """
+        return self._app.batches.hold(route)
 
     @property
     def root_url(self) -> str:
@@ -131,12 +144,13 @@ class _Exchange:
         self.status = None
         fault: str | None = None
         try:
-            body = await self._read_body(request)
+            limit = body_limit(endpoint)
+            body = await self._read_body(request, limit)
             if body is None:
                 reply = server._app.error(
                     server.config,
                     413,
-                    f"Request body too large (limit {MAX_BODY} bytes).",
+                    f"Request body too large (limit {limit} bytes).",
                     anthropic=endpoint == MESSAGES,
                 )
                 reply.headers.append((b"connection", b"close"))
@@ -176,10 +190,10 @@ class _Exchange:
                     " client-gone" if self.gone else "",
                 )
 
-    async def _read_body(self, request: h11.Request) -> bytes | None:
-        """Read the request body; None when it is larger than ``MAX_BODY``."""
+    async def _read_body(self, request: h11.Request, limit: int) -> bytes | None:
+        """Read the request body; None when it is larger than ``limit`` bytes."""
         for name, value in request.headers:
-            if name == b"content-length" and int(value) > MAX_BODY:
+            if name == b"content-length" and int(value) > limit:
                 return None
         if self.conn.they_are_waiting_for_100_continue:
             continue_ = h11.InformationalResponse(status_code=100, headers=[])
@@ -190,7 +204,7 @@ class _Exchange:
             event = await self.next_event()
             if isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > MAX_BODY:
+                if size > limit:
                     return None
                 parts.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -249,6 +263,8 @@ class _Exchange:
         stream = self.stream
         if reply.stall:
             await trio.sleep_forever()
+        if reply.hold is not None:
+            await reply.hold.pass_through()
         if reply.latency:
             await trio.sleep(reply.latency)
         events = reply.events
@@ -354,6 +370,7 @@ async def serve_fake_llm(
                     handler_nursery=nursery,
                 )
             )
+            server._app.batches.nursery = nursery
             task_status.started(server)
     finally:
         for listener in listeners:
