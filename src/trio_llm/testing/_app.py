@@ -23,11 +23,12 @@ import trio
 
 from . import _anthropic, _openai
 from ._batch_anthropic import AnthropicBatches
-from ._batch_openai import BatchRequest, OpenAIBatches
+from ._batch_openai import OpenAIBatches
 from ._batch_store import (
     BATCH_ROUTES,
     FILES,
     MESSAGE_BATCHES,
+    BatchRequest,
     BatchStore,
     RouteHold,
     match_batch_route,
@@ -246,6 +247,23 @@ class App:
     def root_url(self) -> str:
         """The server's URL without ``/v1``."""
         return self._server.root_url
+
+    def throttle(self, config: FakeLLMConfig, polls: int, anthropic: bool) -> Reply | None:
+        """Answer a batch retrieval with 429 while it is among the first throttled ones."""
+        if polls > config.batch_poll_throttle:
+            return None
+        self._server.stats.rate_limited += 1
+        reply = self.error(
+            config,
+            429,
+            "Rate limit reached for batch retrievals. Please try again later.",
+            anthropic=anthropic,
+            kind="requests",
+            code="rate_limit_exceeded",
+            retry_after=config.batch_retry_after,
+        )
+        reply.fault = "rate_limited"
+        return reply
 
     def draw(self) -> float:
         """Draw the next fault decision from the server's seeded generator."""

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ._app import App, Reply
-    from ._batch_openai import BatchRequest
+    from ._batch_store import BatchRequest
     from ._config import FakeLLMConfig
 
 MESSAGES = "/v1/messages"
@@ -52,6 +52,7 @@ class MessageBatch:
     total: int
     config: FakeLLMConfig
     processing_status: str = "in_progress"
+    polls: int = 0
     ended_at: float | None = None
     cancel_initiated_at: float | None = None
     counts: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(_RESULT_TYPES, 0))
@@ -146,6 +147,11 @@ class AnthropicBatches:
             return reply
         if route.endswith("/cancel"):
             self._cancel(batch)
+        else:
+            batch.polls += 1
+            throttled = self._app.throttle(config, batch.polls, anthropic=True)
+            if throttled is not None:
+                return throttled
         return self._json(config, batch.to_json(self._app.root_url))
 
     def _json(self, config: FakeLLMConfig, payload: object) -> Reply:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 import attrs
 import trio
@@ -24,12 +23,13 @@ from ._batch_store import (
     BATCHES,
     CHUNK_LINES,
     FILES,
+    BatchRequest,
     StoredFile,
     count_lines,
     iter_lines,
     line_fate,
-    match_batch_route,
     new_id,
+    parse_multipart,
     sleep_unless,
 )
 from ._types import BadRequest
@@ -71,86 +71,6 @@ EXPIRED_MESSAGE = "This request could not be executed before the completion wind
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
-@attrs.frozen
-class BatchRequest:
-    """One request to a Batch API route."""
-
-    method: bytes
-    path: str
-    target: bytes
-    headers: Iterable[tuple[bytes, bytes]]
-    body: bytes
-
-    @property
-    def object_id(self) -> str:
-        """The id in the path (``/v1/batches/{batch_id}``)."""
-        route = match_batch_route(self.path)
-        assert route is not None
-        assert route[1] is not None
-        return route[1]
-
-    def query(self, name: str) -> str | None:
-        """Return one query parameter (the last one given), or None."""
-        _, _, query = self.target.partition(b"?")
-        values = parse_qs(query.decode("latin-1")).get(name)
-        return values[-1] if values else None
-
-    def header(self, name: bytes) -> bytes | None:
-        """Return one request header (lowercase name), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-
-def parse_multipart(content_type: bytes | None, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """Parse a ``multipart/form-data`` body into {name: (filename, content)}.
-
-    Raises:
-        BadRequest: It is not a well-formed multipart body.
-    """
-    kind, _, params = (content_type or b"").partition(b";")
-    if kind.strip().lower() != b"multipart/form-data":
-        raise BadRequest("The request must be multipart/form-data (fields 'file' and 'purpose').")
-    boundary = b""
-    for param in params.split(b";"):
-        key, _, value = param.strip().partition(b"=")
-        if key.lower() == b"boundary":
-            boundary = value.strip(b'"')
-    if not boundary:
-        raise BadRequest("The multipart/form-data content type has no boundary.")
-    delimiter = b"--" + boundary
-    position = body.find(delimiter)
-    parts: dict[str, tuple[str | None, bytes]] = {}
-    while position >= 0:
-        position += len(delimiter)
-        if body.startswith(b"--", position):
-            return parts
-        head_end = body.find(b"\r\n\r\n", position)
-        end = body.find(b"\r\n" + delimiter, head_end + 4)
-        if head_end < 0 or end < 0:
-            break
-        name, filename = _disposition(body[position:head_end])
-        if name is not None:
-            parts[name] = (filename, body[head_end + 4 : end])
-        position = end + 2
-    raise BadRequest("The multipart/form-data body is malformed.")
-
-
-def _disposition(head: bytes) -> tuple[str | None, str | None]:
-    """Return the field name and file name of a part's ``Content-Disposition``."""
-    for line in head.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() != b"content-disposition":
-            continue
-        fields: dict[str, str] = {}
-        for param in value.split(b";")[1:]:
-            name, _, raw = param.strip().partition(b"=")
-            fields[name.decode("latin-1").lower()] = raw.strip(b'"').decode("utf-8", "replace")
-        return fields.get("name"), fields.get("filename")
-    return None, None
-
-
 @attrs.define
 class OpenAIBatch:
     """One OpenAI batch: its fields and counters (the lines stay in the input file)."""
@@ -168,6 +88,7 @@ class OpenAIBatch:
     error_file_id: str | None = None
     model: str | None = None
     total: int = 0
+    polls: int = 0
     completed: int = 0
     failed: int = 0
     cancel: trio.Event = attrs.Factory(trio.Event)
@@ -323,6 +244,11 @@ class OpenAIBatches:
         batch = self._batch(request.object_id)
         if route.endswith("/cancel"):
             self._cancel(batch)
+        else:
+            batch.polls += 1
+            throttled = self._app.throttle(config, batch.polls, anthropic=False)
+            if throttled is not None:
+                return throttled
         return self._json(config, batch.to_json())
 
     def _json(self, config: FakeLLMConfig, payload: object) -> Reply:
@@ -367,21 +293,21 @@ class OpenAIBatches:
 
     def _list_files(self, config: FakeLLMConfig, request: BatchRequest) -> Reply:
         purpose = request.query("purpose")
-        data = [
-            stored.to_json()
-            for stored in reversed(self._store.files.values())
+        ids = [
+            file_id
+            for file_id, stored in reversed(self._store.files.items())
             if purpose is None or stored.purpose == purpose
         ]
-        return self._json(config, _page(data, len(data) or 1, None))
+        limit = _limit(request.query("limit"), default=10_000, most=10_000)
+        page = _after(ids, request.query("after"), limit)
+        data = [self._store.files[file_id].to_json() for file_id in page]
+        return self._json(config, _page(data, limit))
 
     def _list(self, config: FakeLLMConfig, request: BatchRequest) -> Reply:
-        limit = _limit(request.query("limit"))
-        after = request.query("after")
-        ids = list(reversed(self._store.batches))
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
-        data = [self._store.batches[batch_id].to_json() for batch_id in ids[: limit + 1]]
-        return self._json(config, _page(data, limit, None))
+        limit = _limit(request.query("limit"), default=20, most=100)
+        page = _after(list(reversed(self._store.batches)), request.query("after"), limit)
+        data = [self._store.batches[batch_id].to_json() for batch_id in page]
+        return self._json(config, _page(data, limit))
 
     def _create(self, config: FakeLLMConfig, request: BatchRequest) -> Reply:
         from ._app import parse_json_object
@@ -570,19 +496,25 @@ def _unanswered(custom_id: object, code: str, message: str) -> bytes:
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
-def _limit(raw: str | None) -> int:
+def _limit(raw: str | None, *, default: int, most: int) -> int:
     if raw is None:
-        return 20
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise BadRequest(f"Invalid 'limit': {raw!r}. Expected an integer from 1 to 100.", "limit")
+        return default
+    limit = int(raw) if raw.isdigit() else 0
+    if not 1 <= limit <= most:
+        raise BadRequest(
+            f"Invalid 'limit': {raw!r}. Expected an integer from 1 to {most}.", "limit"
+        )
     return limit
 
 
-def _page(data: list[dict[str, Any]], limit: int, _unused: object) -> dict[str, Any]:
+def _after(ids: list[str], after: str | None, limit: int) -> list[str]:
+    """Return up to ``limit + 1`` ids following ``after`` (from the start when None)."""
+    if after is not None:
+        ids = ids[ids.index(after) + 1 :] if after in ids else []
+    return ids[: limit + 1]
+
+
+def _page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     """Render one page of a list (``data`` may hold one more item than the page)."""
     page = data[:limit]
     return {

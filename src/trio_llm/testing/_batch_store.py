@@ -14,11 +14,14 @@ import datetime
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, final
+from urllib.parse import parse_qs
 
 import attrs
 import trio
+
+from ._types import BadRequest
 
 if TYPE_CHECKING:
     from ._config import FakeLLMConfig
@@ -44,6 +47,10 @@ _PATTERNS = [
     (re.compile("^" + re.sub(r"\{\w+\}", _ID, template) + "$"), template)
     for template in BATCH_ROUTES
 ]
+# Every route a hold may name.
+KNOWN_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/messages", *BATCH_ROUTES}
+)
 # Lines answered between two checkpoints (and two progress updates) of a batch.
 CHUNK_LINES = 500
 
@@ -83,6 +90,86 @@ def count_lines(blob: bytes) -> int:
     return sum(1 for _ in iter_lines(blob))
 
 
+@attrs.frozen
+class BatchRequest:
+    """One request to a Batch API route."""
+
+    method: bytes
+    path: str
+    target: bytes
+    headers: Iterable[tuple[bytes, bytes]]
+    body: bytes
+
+    @property
+    def object_id(self) -> str:
+        """The id in the path (``/v1/batches/{batch_id}``)."""
+        route = match_batch_route(self.path)
+        assert route is not None
+        assert route[1] is not None
+        return route[1]
+
+    def query(self, name: str) -> str | None:
+        """Return one query parameter (the last one given), or None."""
+        _, _, query = self.target.partition(b"?")
+        values = parse_qs(query.decode("latin-1")).get(name)
+        return values[-1] if values else None
+
+    def header(self, name: bytes) -> bytes | None:
+        """Return one request header (lowercase name), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+def parse_multipart(content_type: bytes | None, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """Parse a ``multipart/form-data`` body into {name: (filename, content)}.
+
+    Raises:
+        BadRequest: It is not a well-formed multipart body.
+    """
+    kind, _, params = (content_type or b"").partition(b";")
+    if kind.strip().lower() != b"multipart/form-data":
+        raise BadRequest("The request must be multipart/form-data (fields 'file' and 'purpose').")
+    boundary = b""
+    for param in params.split(b";"):
+        key, _, value = param.strip().partition(b"=")
+        if key.lower() == b"boundary":
+            boundary = value.strip(b'"')
+    if not boundary:
+        raise BadRequest("The multipart/form-data content type has no boundary.")
+    delimiter = b"--" + boundary
+    position = body.find(delimiter)
+    parts: dict[str, tuple[str | None, bytes]] = {}
+    while position >= 0:
+        position += len(delimiter)
+        if body.startswith(b"--", position):
+            return parts
+        head_end = body.find(b"\r\n\r\n", position)
+        end = body.find(b"\r\n" + delimiter, head_end + 4)
+        if head_end < 0 or end < 0:
+            break
+        name, filename = _disposition(body[position:head_end])
+        if name is not None:
+            parts[name] = (filename, body[head_end + 4 : end])
+        position = end + 2
+    raise BadRequest("The multipart/form-data body is malformed.")
+
+
+def _disposition(head: bytes) -> tuple[str | None, str | None]:
+    """Return the field name and file name of a part's ``Content-Disposition``."""
+    for line in head.split(b"\r\n"):
+        key, _, value = line.partition(b":")
+        if key.strip().lower() != b"content-disposition":
+            continue
+        fields: dict[str, str] = {}
+        for param in value.split(b";")[1:]:
+            name, _, raw = param.strip().partition(b"=")
+            fields[name.decode("latin-1").lower()] = raw.strip(b'"').decode("utf-8", "replace")
+        return fields.get("name"), fields.get("filename")
+    return None, None
+
+
 @final
 class RouteHold:
     """Answers to one route wait (after their work is done) until ``release()``.
@@ -91,14 +178,21 @@ class RouteHold:
     effect (the batch exists, the file is stored); only its answer waits, so a test can kill
     a client while the answer is in flight.
 
+    With ``partial`` set, a held answer first sends its head and that share of its body
+    (cut after a newline, so a JSONL body gives whole lines), then waits.
+
     Attributes:
         route: The held route, ``"METHOD /template"``.
+        partial: The share of the body sent before waiting (None: nothing is sent).
         waiting: Answers waiting right now.
         arrived: Requests that reached the hold so far.
     """
 
-    def __init__(self, route: str, on_release: Callable[[RouteHold], None]) -> None:
+    def __init__(
+        self, route: str, partial: float | None, on_release: Callable[[RouteHold], None]
+    ) -> None:
         self.route = route
+        self.partial = partial
         self.waiting = 0
         self.arrived = 0
         self._released = trio.Event()
@@ -196,11 +290,18 @@ class BatchStore:
         self.files[stored.id] = stored
         return stored
 
-    def hold(self, route: str) -> RouteHold:
+    def hold(self, route: str, partial: float | None = None) -> RouteHold:
         """Hold the answers of ``route`` (``"POST /v1/batches"``) until released."""
+        method, _, template = route.partition(" ")
+        if method not in ("GET", "POST") or template not in KNOWN_ROUTES:
+            raise ValueError(
+                f"unknown route {route!r}: expected 'METHOD /template', e.g. 'POST /v1/batches'"
+            )
         if route in self.holds:
             raise ValueError(f"{route} is already held")
-        hold = RouteHold(route, self._forget)
+        if partial is not None and not 0.0 <= partial < 1.0:
+            raise ValueError(f"partial must be from 0 to below 1, got {partial!r}")
+        hold = RouteHold(route, partial, self._forget)
         self.holds[route] = hold
         return hold
 

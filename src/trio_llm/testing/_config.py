@@ -173,6 +173,19 @@ class FakeLLMConfig:
         validator=_fraction,
         metadata={"help": "Fraction of batches that expire with no line answered (0 to 1)."},
     )
+    batch_poll_throttle: int = attrs.field(
+        default=0,
+        validator=attrs.validators.ge(0),
+        metadata={
+            "help": "The first N retrievals of each batch are answered 429 with Retry-After "
+            "batch_retry_after."
+        },
+    )
+    batch_retry_after: float = attrs.field(
+        default=1.0,
+        validator=_non_negative,
+        metadata={"help": "Retry-After seconds of a throttled batch retrieval."},
+    )
 
 
 # Real types in attrs.fields(FakeLLMConfig)[...].type (not strings), for generated CLIs.

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from http import HTTPStatus
-from typing import final
+from typing import Any, final
 
 import h11
 import trio
@@ -52,18 +52,32 @@ class FakeLLMServer:
         self.stats = FakeLLMStats()
         self._app = App(self)
 
-    def hold(self, route: str) -> RouteHold:
+    def hold(self, route: str, *, partial: float | None = None) -> RouteHold:
         """Hold the answers of one route until ``release()`` (for crash and resume tests).
 
-        ``route`` is ``"METHOD /template"`` as counted in ``stats.requests_by_endpoint``,
-        e.g. ``"POST /v1/batches"`` or ``"POST /v1/messages/batches"``. A held request has
-        had its effect (the batch exists); only its answer waits. ``await
+        ``route`` is ``"METHOD /template"``, the template as counted in
+        ``stats.requests_by_endpoint``: ``"POST /v1/batches"``, ``"POST /v1/files"``,
+        ``"GET /v1/files/{file_id}/content"``, ``"POST /v1/messages/batches"``... A held
+        request has had its effect (the batch exists); only its answer waits, after sending
+        its head and ``partial`` of its body when given (whole lines). ``await
         hold.wait_arrived()`` waits for one to arrive.
 
         Raises:
-            ValueError: The route is already held.
+            ValueError: The route is unknown or already held, or ``partial`` is not in [0, 1).
         """
-        return self._app.batches.hold(route)
+        return self._app.batches.hold(route, partial)
+
+    @property
+    def openai_batches(self) -> list[dict[str, Any]]:
+        """The OpenAI batch objects, oldest first, as ``GET /v1/batches/{id}`` shows them."""
+        return [batch.to_json() for batch in self._app.batches.batches.values()]
+
+    @property
+    def message_batches(self) -> list[dict[str, Any]]:
+        """The Anthropic message batch objects, oldest first, as their retrieve shows them."""
+        return [
+            batch.to_json(self.root_url) for batch in self._app.batches.message_batches.values()
+        ]
 
     @property
     def root_url(self) -> str:
@@ -259,15 +273,33 @@ class _Exchange:
             self.gone = True
             scope.cancel()
 
+    async def _send_held(self, reply: Reply, hold: RouteHold) -> None:
+        """Send the head and part of the body (whole lines), wait for the hold, then the rest."""
+        body = reply.body
+        assert hold.partial is not None
+        cut = body.rfind(b"\n", 0, int(len(body) * hold.partial)) + 1
+        headers = [*reply.headers, (b"content-length", str(len(body)).encode())]
+        data = self._head(reply, headers)
+        if cut:
+            data += self._bytes(h11.Data(data=body[:cut]))
+        await self.stream.send_all(data)
+        await hold.pass_through()
+        data = self._bytes(h11.Data(data=body[cut:])) if cut < len(body) else b""
+        await self.stream.send_all(data + self._bytes(h11.EndOfMessage()))
+        self.complete = True
+
     async def _act(self, reply: Reply) -> None:
         stream = self.stream
+        events = reply.events
         if reply.stall:
             await trio.sleep_forever()
         if reply.hold is not None:
+            if reply.hold.partial is not None and events is None:
+                await self._send_held(reply, reply.hold)
+                return
             await reply.hold.pass_through()
         if reply.latency:
             await trio.sleep(reply.latency)
-        events = reply.events
         if events is None:
             if reply.generation:
                 await trio.sleep(reply.generation)
