@@ -170,6 +170,8 @@ def validate_input(data: bytes, endpoint: str) -> tuple[int, str | None, list[di
         if isinstance(problem, tuple):
             errors.append(_line_error(*problem, number))
             continue
+        if problem is None:
+            continue  # no model: the line itself gets a 400 answer
         if model is None:
             model = problem
         elif problem != model:
