@@ -236,7 +236,7 @@ class AnthropicBatches:
             await self._answer_lines(batch, lines, results, 9 * phase)
         else:
             await sleep_unless(batch.cancel, 9 * phase)
-        kind = "canceled" if batch.cancel.is_set() else fate
+        kind = "canceled" if batch.cancel.is_set() else {"expire": "expired"}.get(fate, fate)
         for _, line in lines:
             custom_id = json.loads(line)["custom_id"]
             if kind == "fail":

@@ -11,10 +11,11 @@ with the server; their waits are ``trio.sleep`` calls, which a ``MockClock`` ski
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, final
 from urllib.parse import parse_qs
 
@@ -25,6 +26,8 @@ from ._types import BadRequest
 
 if TYPE_CHECKING:
     from ._config import FakeLLMConfig
+
+logger = logging.getLogger("trio_llm.testing")
 
 FILES = "/v1/files"
 BATCHES = "/v1/batches"
@@ -279,10 +282,10 @@ class BatchStore:
             self._trio_start = now
         return self._wall_start + (now - self._trio_start)
 
-    def start(self, fn: Callable[..., Any], *args: object) -> None:
+    def start(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a batch's processing in the server's nursery."""
         assert self.nursery is not None, "the server is not running"
-        self.nursery.start_soon(fn, *args)
+        self.nursery.start_soon(_guarded, fn, *args)
 
     def add_file(self, data: bytes, filename: str, purpose: str) -> StoredFile:
         """Store a file and return it."""
@@ -308,6 +311,14 @@ class BatchStore:
     def _forget(self, hold: RouteHold) -> None:
         if self.holds.get(hold.route) is hold:
             del self.holds[hold.route]
+
+
+async def _guarded(fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    try:
+        await fn(*args)
+    except Exception:
+        # As for a connection: one broken batch must not take the server down.
+        logger.exception("fake LLM server: unexpected error while processing a batch")
 
 
 def rfc3339(epoch: float | None) -> str | None:
