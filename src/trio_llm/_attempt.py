@@ -76,6 +76,8 @@ class Request:
         "content",
         "deadline_at",
         "estimate",
+        "headers",
+        "method",
         "shown_url",
         "stream",
         "url",
@@ -83,9 +85,20 @@ class Request:
     )
 
     def __init__(
-        self, url: str, content: bytes, estimate: int, *, stream: bool, shown_url: str
+        self,
+        url: str,
+        content: bytes,
+        estimate: int,
+        *,
+        stream: bool,
+        shown_url: str,
+        method: str = "POST",
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.url = url
+        self.method = method
+        # Every header of the request when it is not the client's usual set (None).
+        self.headers = headers
         self.shown_url = shown_url  # the URL as messages show it: credentials redacted
         self.content = content
         self.estimate = estimate
@@ -96,7 +109,8 @@ class Request:
     @property
     def label(self) -> str:
         """What the request is, for messages: ``POST <url>``."""
-        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
+        what = f"{self.method} {self.shown_url}"
+        return f"{what} (stream)" if self.stream else what
 
 
 @final
@@ -171,7 +185,9 @@ class Exchange:
         try:
             body = await self._response.read(limit)
         except httpx2.HTTPError as exc:
-            raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
+            raise error_from_transport(
+                exc, method=self.request.method, url=self.request.shown_url
+            ) from exc
         except BodyTooLarge as exc:
             raise self.bad_reply(
                 f"is larger than the {exc.limit:,}-byte limit (open_client's "
@@ -218,7 +234,9 @@ class Exchange:
                 data = await self._response.receive_some()
             return decoder.flush()
         except httpx2.HTTPError as exc:
-            raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
+            raise error_from_transport(
+                exc, method=self.request.method, url=self.request.shown_url
+            ) from exc
         except zlib.error as exc:
             raise self.bad_reply(f"does not decode as its content-encoding says: {exc}") from exc
 
@@ -377,6 +395,39 @@ class Requester:
             shown = self._shown[url] = redact_url(url)
         return Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
 
+    def api_request(
+        self,
+        method: str,
+        url: str,
+        content: bytes = b"",
+        *,
+        content_type: str | None = None,
+        download: bool = False,
+    ) -> Request:
+        """Return a request of the provider's other APIs (files, batches): no token estimate.
+
+        Args:
+            method: ``GET`` or ``POST``.
+            url: the absolute URL.
+            content: the body, encoded.
+            content_type: the body's type, when it is not JSON (a multipart upload).
+            download: the body is read as it arrives (:meth:`Exchange.receive_some`),
+                uncompressed, by a ``read`` that keeps the exchange (as a stream's does).
+        """
+        shown = self._shown.get(url) or redact_url(url)
+        headers = None
+        if content_type is not None or download:
+            replaced = {b"content-type", b"accept", b"accept-encoding"}
+            headers = [line for line in self._headers if line[0].lower() not in replaced]
+            headers.append((b"content-type", (content_type or "application/json").encode()))
+            if download:
+                headers += [(b"accept", b"*/*"), (b"accept-encoding", b"identity")]
+            else:
+                headers.append((b"accept", b"application/json"))
+        return Request(
+            url, content, 0, stream=download, shown_url=shown, method=method, headers=headers
+        )
+
     def call(
         self,
         request: Request,
@@ -464,7 +515,9 @@ class Requester:
                 # still be a schedule point, as every trio call is.
                 await _cancel_shielded_checkpoint()
                 if isinstance(exc, httpx2.HTTPError):
-                    raise error_from_transport(exc, method="POST", url=request.shown_url) from exc
+                    raise error_from_transport(
+                        exc, method=request.method, url=request.shown_url
+                    ) from exc
                 raise
             exchange = Exchange(self, request, response, reservation)
             try:
@@ -478,7 +531,7 @@ class Requester:
                 raise
         raise APITimeoutError(
             f"no event from {request.label} within stream_idle={idle}s",
-            method="POST",
+            method=request.method,
             url=request.shown_url,
         )
 
@@ -491,11 +544,11 @@ class Requester:
         direct = self.direct
         if direct is None:
             return self._send_through_httpx(request)
-        headers = self._stream_headers if request.stream else self._headers
+        headers = request.headers or (self._stream_headers if request.stream else self._headers)
         limits = self._limits
         if request.deadline_at != _INF:
             limits = self._limits_before(request.deadline_at)
-        return direct.open_response("POST", request.url, headers, request.content, limits)
+        return direct.open_response(request.method, request.url, headers, request.content, limits)
 
     def _limits_before(self, deadline_at: float) -> httpx2.Timeout:
         """The phase timeouts that can still fire before the call's deadline.
@@ -523,8 +576,12 @@ class Requester:
 
     async def _send_through_httpx(self, request: Request) -> HttpxResponse:
         http = self._http
-        extra = {"accept": "text/event-stream"} if request.stream else None
-        built = http.build_request("POST", request.url, content=request.content, headers=extra)
+        extra: list[tuple[bytes, bytes]] | dict[str, str] | None = request.headers
+        if extra is None and request.stream:
+            extra = {"accept": "text/event-stream"}
+        built = http.build_request(
+            request.method, request.url, content=request.content, headers=extra
+        )
         return HttpxResponse(await http.send(built, stream=True))
 
     async def _raise_status_error(self, exchange: Exchange) -> None:

@@ -272,10 +272,12 @@ async def open_cli_client(
     rate_limit: RateLimit | None = _ADAPTIVE_RATE_LIMIT,
     simulate_latency: float = 0.0,
     simulate_tokens_per_second: float | None = None,
+    simulate_batch_delay: float = 0.0,
 ) -> AsyncIterator[Client]:
     """Open the client the connection flags describe (or the in-process fake server's).
 
-    ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model.
+    ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model
+    (``simulate_batch_delay``: how long its Batch API batches take).
     Leaving the block, cancelled or not, closes the client and stops that server.
 
     Raises:
@@ -288,7 +290,9 @@ async def open_cli_client(
         from .testing import FakeLLMConfig, open_fake_llm
 
         config = FakeLLMConfig(
-            latency=simulate_latency, tokens_per_second=simulate_tokens_per_second
+            latency=simulate_latency,
+            tokens_per_second=simulate_tokens_per_second,
+            batch_delay=simulate_batch_delay,
         )
         pace = (
             f", paced like a model: {simulate_latency:g} s + "
@@ -296,6 +300,8 @@ async def open_cli_client(
             if simulate_tokens_per_second
             else ""
         )
+        if simulate_batch_delay:
+            pace += f"; its Batch API batches take {simulate_batch_delay:g} s"
         async with open_fake_llm(config) as server:
             # The fake server speaks both APIs; Anthropic's paths start above /v1.
             base_url = server.root_url if args.provider == "anthropic" else server.base_url

@@ -15,7 +15,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -36,6 +36,8 @@ from .providers._base import Messages, Provider
 from .providers._registry import provider_named
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
+
+T = TypeVar("T")
 
 
 class _ClientDefault(enum.Enum):
@@ -170,6 +172,34 @@ class Client:
 
     def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
         return self._retry if retry is CLIENT_DEFAULT else retry
+
+    def _api_call(
+        self,
+        method: str,
+        url: str,
+        read: Callable[[Exchange], Awaitable[T]],
+        *,
+        content: bytes = b"",
+        content_type: str | None = None,
+        download: bool = False,
+        no_deadline: bool = False,
+    ) -> Awaitable[T]:
+        """Call another API of the provider (files, batches) through the same lifecycle.
+
+        The client's connections, headers, concurrency slot, retry policy and error
+        mapping apply, as to a chat call; no token estimate is reserved. ``read`` gets the
+        open exchange of a success status (see :meth:`Requester.attempt`). With
+        ``no_deadline`` (a transfer of many megabytes) the policy's deadline is left out;
+        the per-phase timeouts still apply. Used by ``run_batch(..., via="provider")``.
+        """
+        requester = self._requester
+        request = requester.api_request(
+            method, url, content, content_type=content_type, download=download
+        )
+        policy = self._retry
+        if no_deadline and policy is not None:
+            policy = attrs.evolve(policy, deadline=None)
+        return requester.call(request, read, policy)
 
     def _resolve_model(self, model: str | None) -> str:
         resolved = model or self._model

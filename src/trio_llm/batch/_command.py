@@ -23,6 +23,7 @@ from .._cli_options import (
     non_negative_float,
     open_cli_client,
     positive_float,
+    positive_int,
     whole_number,
 )
 from .._client import Client
@@ -48,6 +49,10 @@ __all__ = ["add_batch_parser", "run_batch_command"]
 # --simulate answers like a real model would, only faster: a visible but short run.
 _SIMULATED_LATENCY: Final = 0.2
 _SIMULATED_TOKENS_PER_SECOND: Final = 400.0
+# --via provider: the provider's batches take hours; the simulated ones a few seconds.
+_POLL_INTERVAL: Final = 30.0
+_SIMULATED_POLL_INTERVAL: Final = 0.5
+_SIMULATED_BATCH_DELAY: Final = 2.0
 
 _DESCRIPTION = """\
 Send every request of INPUT.jsonl and write one answer line per input line to
@@ -139,6 +144,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "(after their retries) and none succeeds in between: a dead endpoint; their lines "
         "stay unanswered for the rerun; 0 never stops so (default: %(default)s)",
     )
+    _add_provider_options(batch)
     run.add_argument(
         "--progress-interval",
         metavar="SECONDS",
@@ -148,8 +154,51 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
 
 
+def _add_provider_options(batch: argparse.ArgumentParser) -> None:
+    group = batch.add_argument_group(
+        "provider Batch API (--via provider: half the price, results within 24 hours)"
+    )
+    group.add_argument(
+        "--via",
+        choices=("online", "provider"),
+        default="online",
+        help="online: send each line as a request (default); provider: submit the lines "
+        "through the provider's Batch API (OpenAI, Anthropic) and merge the results",
+    )
+    group.add_argument(
+        "--poll-interval",
+        metavar="SECONDS",
+        type=positive_float,
+        help=f"seconds between two polls of a batch (default: {_POLL_INTERVAL:g}; "
+        f"{_SIMULATED_POLL_INTERVAL:g} with --simulate)",
+    )
+    group.add_argument(
+        "--max-batch-lines",
+        metavar="N",
+        type=positive_int,
+        help="the most lines in one batch (default: the provider's limit, 50,000 for "
+        "OpenAI, 100,000 for Anthropic)",
+    )
+    group.add_argument(
+        "--max-batch-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        help="the most bytes in one batch (default: the provider's limit, 200 MB for "
+        "OpenAI, 255 MB for Anthropic)",
+    )
+    group.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel the job's running batches, merge what they answered, submit nothing",
+    )
+
+
 def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
     rate_limit = RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+    if args.via == "provider":  # the simulated batches take a few seconds as a whole
+        return open_cli_client(
+            args, rate_limit=rate_limit, simulate_batch_delay=_SIMULATED_BATCH_DELAY
+        )
     return open_cli_client(
         args,
         rate_limit=rate_limit,
@@ -160,6 +209,10 @@ def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[
 
 async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> BatchSummary:
     async with _open_batch_client(args) as client:
+        if args.via == "provider":
+            summary = await _via_provider(args, client)
+            finished.append(summary)
+            return summary
         summary = await run_batch(
             args.input,
             args.output,
@@ -175,6 +228,29 @@ async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> Batc
         # Kept before the client closes: a Ctrl-C from here on still gets the summary.
         finished.append(summary)
     return summary
+
+
+async def _via_provider(args: argparse.Namespace, client: Client) -> BatchSummary:
+    from ._via_provider import run_provider_batch
+
+    poll = args.poll_interval
+    if poll is None:
+        poll = _SIMULATED_POLL_INTERVAL if args.simulate else _POLL_INTERVAL
+    return await run_provider_batch(
+        args.input,
+        args.output,
+        client=client,
+        retry_failed=args.retry_failed,
+        skip_invalid=args.skip_invalid,
+        progress=True,
+        progress_interval=args.progress_interval,
+        handle_signals=True,
+        poll_interval=poll,
+        max_batch_lines=args.max_batch_lines,
+        max_batch_bytes=args.max_batch_bytes,
+        cancel=args.cancel,
+        simulated=args.simulate,
+    )
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -193,6 +269,10 @@ def _resume_command(args: argparse.Namespace) -> str:
         "grace": 30.0,
         "max_consecutive_failures": DEFAULT_MAX_CONSECUTIVE_FAILURES,
         "progress_interval": 10.0,
+        "via": "online",
+        "poll_interval": None,
+        "max_batch_lines": None,
+        "max_batch_bytes": None,
     }
     for name, default in defaults.items():
         value = getattr(args, name)
@@ -240,7 +320,24 @@ def _stop_hint(error: LLMError | None, args: argparse.Namespace) -> str:
     )
 
 
+def _provider_interrupted(summary: BatchSummary, args: argparse.Namespace) -> None:
+    running = [batch.id for batch in summary.batches if batch.status in ("running", "ended")]
+    ids = ", ".join(str(batch) for batch in running[:3]) + (", ..." if len(running) > 3 else "")
+    command = _resume_command(args)
+    if running:
+        _say(
+            f"interrupted: polling stopped; {len(running)} batch(es) keep running at the "
+            f"provider ({ids}) and their results are merged when you resume: {command}"
+        )
+        _say(f"to cancel them instead: {command} --cancel")
+    else:
+        _say(f"interrupted; to resume, run the same command again: {command}")
+
+
 def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
+    if summary.interrupted and summary.via == "provider" and summary.stopped is None:
+        _provider_interrupted(summary, args)
+        return EXIT_INTERRUPTED
     answered = (
         f"{summary.total - summary.unanswered:,} of {summary.total:,} lines answered in "
         f"{summary.output_path}, {summary.unanswered:,} not yet"
@@ -255,6 +352,12 @@ def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
             f"To resume, run the same command again: {_resume_command(args)}"
         )
         return EXIT_INTERRUPTED
+    if not summary.complete:  # --cancel: lines whose batch was never created
+        _say(
+            f"{answered}: their batches were cancelled before they were created; run "
+            f"without --cancel to submit them: {_resume_command(args)}"
+        )
+        return EXIT_ERROR
     if summary.errors:
         _say(
             f"done: {summary.errors:,} of {summary.total:,} lines answered with an error "
@@ -349,6 +452,9 @@ def _only_interrupts(exc: BaseException) -> bool:
 def run_batch_command(args: argparse.Namespace) -> int:
     """Run ``trio-llm batch`` as parsed into ``args``; return the exit status."""
     finished: list[BatchSummary] = []
+    if args.cancel and args.via != "provider":
+        _say("error: --cancel cancels a job's batches at the provider: add --via provider")
+        return EXIT_USAGE
     try:
         if not _has_requests(args.input):
             _say(f"error: {args.input} holds no requests (it is empty, or blank); nothing to do")

@@ -21,7 +21,7 @@ import bisect
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import IO, Any, Final, final
 
@@ -525,6 +525,19 @@ class _Planner:
         )
 
 
+def _checked(
+    add: Callable[[Request | Invalid], None], check: Callable[[Request], Invalid | None]
+) -> Callable[[Request | Invalid], None]:
+    """Return ``add`` with ``check`` applied first to each valid line."""
+
+    def plan_line(item: Request | Invalid) -> None:
+        if isinstance(item, Request):
+            item = check(item) or item
+        add(item)
+
+    return plan_line
+
+
 async def check_input(
     file: IO[bytes],
     path: str,
@@ -534,6 +547,7 @@ async def check_input(
     skip_invalid: bool,
     retry_failed: bool,
     unsendable: Mapping[str, str] = _NO_URL_REFUSED,
+    line_check: Callable[[Request], Invalid | None] | None = None,
 ) -> InputPlan:
     """Run the first pass over the input: check every line, plan the run.
 
@@ -545,6 +559,8 @@ async def check_input(
         skip_invalid: plan to record invalid lines as error lines instead of failing.
         retry_failed: plan to handle again the lines OUTPUT answers with an error.
         unsendable: url -> why the client cannot send it (see :func:`parse_line`).
+        line_check: a further check of each valid line (a Batch API's limits): what it
+            returns makes the line invalid.
 
     Raises:
         BatchInputError: some lines are invalid (and not recorded in OUTPUT already), and
@@ -554,7 +570,7 @@ async def check_input(
     """
     plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable)
     planner = _Planner(plan, answered, retry_failed=retry_failed)
-    plan_line = planner.add
+    plan_line = planner.add if line_check is None else _checked(planner.add, line_check)
     seen = HashSet()
     suspects: dict[int, int] = {}
     for number, raw in read_lines(file):

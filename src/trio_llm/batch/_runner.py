@@ -24,7 +24,6 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any, Final, final
 
-import attrs
 import trio
 
 from .._client import Client, ClientStatistics
@@ -55,11 +54,21 @@ from ._input import (
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
+from ._job import refuse_if_batches_run
 from ._locked import names
-from ._output import OutputFile, answer_record, error_record, failure_record
+from ._output import OutputFile, answer_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter
+from ._summary import BatchSummary as BatchSummary
+from ._summary import ProviderBatch as ProviderBatch
+from ._summary import brief, invalid_record, naming
 
-__all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
+__all__ = [
+    "DEFAULT_MAX_CONSECUTIVE_FAILURES",
+    "BatchSummary",
+    "ProviderBatch",
+    "invalid_record",
+    "run_batch",
+]
 
 #: Lines in a row that fail like a dead or failing endpoint before a run stops.
 DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
@@ -71,77 +80,6 @@ _STOPPING_STATUSES: Final = frozenset({401, 403, 404, 405, 407})
 # they say more about the endpoint than about the line.
 _OUTAGE_STATUSES: Final = frozenset({408, 409})
 _OUTAGE_ERRORS: Final = (APIConnectionError, RetryDeadlineExceeded, APIResponseError)
-
-
-@final
-@attrs.frozen(kw_only=True)
-class BatchSummary:
-    """What a batch run did.
-
-    Every input line ends up in exactly one of ``skipped``, ``succeeded``, ``failed``,
-    ``invalid`` and ``unanswered``.
-
-    Attributes:
-        input_path: the input file.
-        output_path: the output file.
-        total: request lines in the input (blank lines are not counted).
-        succeeded: lines answered successfully by this run.
-        failed: lines answered with an error by this run (an error status that was not
-            retried, or the retries ran out, or the deadline passed).
-        invalid: invalid input lines recorded as error lines by this run
-            (``skip_invalid``).
-        skipped: lines already answered in the output file, not sent again.
-        skipped_failed: of ``skipped``, those answered with an error (kept, since
-            ``retry_failed`` was off).
-        unanswered: lines with no answer yet (the run was interrupted, or stopped):
-            rerun to send them.
-        retries: retry attempts the client made during the run.
-        rate_limited: 429 responses the client received during the run.
-        prompt_tokens: prompt tokens of the answers, as the server reported them.
-        completion_tokens: completion tokens of the answers.
-        tokens: ``prompt_tokens + completion_tokens``.
-        elapsed: seconds the run took, by the trio clock.
-        interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
-        stopped: why the run stopped sending before the end, in one line, when an error
-            showed that no request could succeed (see :func:`run_batch`); ``None`` if
-            it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
-            https://api.openai.com/v1 (Incorrect API key provided)"``.
-        stop_error: the error that stopped the run (``None`` with ``stopped``).
-    """
-
-    input_path: str
-    output_path: str
-    total: int
-    succeeded: int
-    failed: int
-    invalid: int
-    skipped: int
-    skipped_failed: int
-    unanswered: int
-    retries: int
-    rate_limited: int
-    prompt_tokens: int
-    completion_tokens: int
-    tokens: int
-    elapsed: float
-    interrupted: bool
-    stopped: str | None = None
-    stop_error: LLMError | None = None
-
-    @property
-    def complete(self) -> bool:
-        """Whether every input line has its answer in the output file."""
-        return self.unanswered == 0
-
-    @property
-    def errors(self) -> int:
-        """Lines whose answer in the output file is an error."""
-        return self.failed + self.invalid + self.skipped_failed
-
-    @property
-    def all_succeeded(self) -> bool:
-        """Whether every input line is answered, and successfully."""
-        return self.complete and self.errors == 0
 
 
 @final
@@ -189,7 +127,7 @@ class _Run:
         plan = self._plan
         handle = plan.handle
         unsendable = plan.unsendable
-        with _naming(plan.path):
+        with naming(plan.path):
             for number, raw in read_lines(self._input):
                 if self._stopping:
                     return
@@ -208,13 +146,7 @@ class _Run:
         counters = self._counters
         if isinstance(item, Invalid):
             await trio.lowlevel.checkpoint()
-            line = error_record(
-                None if item.keyed_by_line else item.custom_id,
-                code=item.code,
-                message=f"{self._plan.path}:{item.line}: {item.reason}",
-                line=item.line,
-            )
-            if self._write(line):
+            if self._write(invalid_record(self._plan.path, item)):
                 counters.invalid += 1
             return
         try:
@@ -264,7 +196,7 @@ class _Run:
             held.append((custom_id, error))
             if len(held) >= self._max_failures:
                 what = f"{len(held):,} requests in a row failed, none succeeded in between"
-                self._halt(f"{what}; the last: {_brief(str(error))}", error)
+                self._halt(f"{what}; the last: {brief(str(error))}", error)
         else:
             self._record_failure(custom_id, error)
 
@@ -413,6 +345,11 @@ async def run_batch(
     handle_signals: bool = False,
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    via: str = "online",
+    poll_interval: float = 30.0,
+    max_batch_lines: int | None = None,
+    max_batch_bytes: int | None = None,
+    cancel: bool = False,
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -445,6 +382,18 @@ async def run_batch(
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
+        via: ``"online"`` sends each line as a request; ``"provider"`` submits them
+            through the provider's Batch API (OpenAI, Anthropic: half the price, results
+            within 24 hours) and merges the results into ``output_path`` in the same
+            format. See ``docs/batch.md`` (``--via provider``) for what it does and keeps.
+            ``concurrency``, ``grace`` and ``max_consecutive_failures`` are online only.
+        poll_interval: ``via="provider"``: seconds between two polls of a batch.
+        max_batch_lines: ``via="provider"``: the most lines in one batch (default: the
+            provider's limit, 50,000 for OpenAI, 100,000 for Anthropic).
+        max_batch_bytes: ``via="provider"``: the most bytes in one batch (default: the
+            provider's limit, 200 MB for OpenAI, 255 MB for Anthropic).
+        cancel: ``via="provider"``: cancel the job's running batches, merge what they
+            answered, and submit nothing new.
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -459,6 +408,27 @@ async def run_batch(
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
+    if via not in ("online", "provider"):
+        raise ValueError(f"via must be 'online' or 'provider', not {via!r}")
+    if via == "provider":
+        from ._via_provider import run_provider_batch
+
+        return await run_provider_batch(
+            os.fspath(input_path),
+            os.fspath(output_path),
+            client=client,
+            retry_failed=retry_failed,
+            skip_invalid=skip_invalid,
+            progress=progress,
+            progress_interval=progress_interval,
+            handle_signals=handle_signals,
+            poll_interval=poll_interval,
+            max_batch_lines=max_batch_lines,
+            max_batch_bytes=max_batch_bytes,
+            cancel=cancel,
+        )
+    if cancel:
+        raise ValueError("cancel=True cancels a job's batches: it needs via='provider'")
     for name, value in (
         ("concurrency", concurrency),
         ("max_consecutive_failures", max_consecutive_failures),
@@ -504,9 +474,10 @@ async def _open_run(
     with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
         if names(output_path, input_file):
             raise ConfigurationError(f"the output file {output_path} is the input file")
-        with _naming(output_path), OutputFile.open(output_path) as output:
+        with naming(output_path), OutputFile.open(output_path) as output:
+            refuse_if_batches_run(output.path)
             scan = await output.scan()
-            with _naming(input_path):
+            with naming(input_path):
                 plan = await check_input(
                     input_file,
                     input_path,
@@ -553,24 +524,7 @@ def _status_stop(error: APIStatusError, base_url: str) -> str:
     kind = error.code or error.error_type
     status = f"{error.status_code} {kind}" if kind else str(error.status_code)
     where = redact_url(base_url)
-    return f"every request gets {status} from {where} ({_brief(error.message)})"
-
-
-def _brief(text: str, limit: int = 160) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _naming(path: str) -> Iterator[None]:
-    """Name ``path`` in the ``OSError``\\ s of descriptor calls (``write``, ``fsync``...)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = path
-        raise
+    return f"every request gets {status} from {where} ({brief(error.message)})"
 
 
 def _plan_text(plan: InputPlan, output: str, answered_before: int) -> str:

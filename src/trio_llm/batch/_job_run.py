@@ -1,0 +1,479 @@
+"""One run of a ``--via provider`` job: submit, follow, merge (see ``_via_provider``)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import IO, Final, final
+
+import trio
+
+from .. import _json
+from .._client import Client, ClientStatistics
+from .._errors import (
+    APIStatusError,
+    BatchInputError,
+    ConfigurationError,
+    LLMError,
+    RetryDeadlineExceeded,
+    error_from_response,
+)
+from .._retry import is_retryable
+from ..providers._batch_api import BatchAPI, RemoteBatch, ResultLine
+from ._input import Bits, InputPlan, Invalid, Request
+from ._job import (
+    CREATING,
+    DROPPED,
+    ENDED,
+    MERGED,
+    PLANNED,
+    RUNNING,
+    UPLOADING,
+    Job,
+    Part,
+    save_job,
+    state_path,
+)
+from ._keys import HashSet
+from ._output import OutputFile, answer_record, error_record, failure_record
+from ._progress import Counters
+from ._provider_plan import LineEncoder, each_line, plan_parts, read_part
+from ._provider_progress import ProviderReporter
+from ._summary import BatchSummary, ProviderBatch, brief, invalid_record, naming
+
+__all__ = ["JobRun", "result_record"]
+
+# Codes of the error lines of requests a batch ended without answering.
+_NOT_ANSWERED: Final = {
+    "failed": ("batch_failed", "failed as a whole"),
+    "expired": ("batch_expired", "expired before this request was processed"),
+    "cancelled": ("batch_cancelled", "was cancelled before this request was processed"),
+}
+
+
+def _ignore(_value: object) -> None:
+    """Drop a value (``HashSet.add`` says whether the key was new)."""
+
+
+class _Stop(Exception):
+    """The run stops: an error that would repeat (see :meth:`JobRun.halt`)."""
+
+
+def result_record(result: ResultLine) -> tuple[bytes, bool]:
+    """Return a result's output line, as online mode writes it, and whether it succeeded."""
+    custom_id = result.custom_id
+    status = result.status_code
+    if result.error_code is not None or status is None:
+        code = result.error_code or "batch_error"
+        message = result.error_message or "the request did not run"
+        return error_record(custom_id, code=code, message=message), False
+    if 200 <= status < 300:
+        body = result.body if isinstance(result.body, dict) else {"value": result.body}
+        line = answer_record(custom_id, body=body, request_id=result.request_id, status_code=status)
+        return line, True
+    content = b"" if result.body is None else _json.dumps(result.body, exact_non_finite=False)
+    error = error_from_response(status, {}, content, request_id=result.request_id)
+    return failure_record(custom_id, error), False
+
+
+@final
+class JobRun:
+    """One run of a job: its files, its state, and the batches it follows."""
+
+    def __init__(
+        self,
+        *,
+        client: Client,
+        api: BatchAPI,
+        encoder: LineEncoder,
+        input_file: IO[bytes],
+        plan: InputPlan,
+        output: OutputFile,
+        job: Job,
+        answered: Callable[[str], bool],
+        reporter: ProviderReporter,
+        poll_interval: float,
+    ) -> None:
+        self._client = client
+        self._api = api
+        self._encoder = encoder
+        self._input = input_file
+        self._plan = plan
+        self._output = output
+        self._job = job
+        self._state = state_path(output.path)
+        self._answered_before = answered
+        self._written = HashSet()
+        self._reporter = reporter
+        self._poll_interval = poll_interval
+        self.counters = Counters()
+        self.skipped = plan.answered_ok + plan.answered_failed
+        self.interrupted = False
+        self.stopped: str | None = None
+        self.stop_error: LLMError | None = None
+        self.scope = trio.CancelScope()
+
+    # -- the state -----------------------------------------------------------------------
+
+    def _save(self) -> None:
+        with naming(self._state):
+            save_job(self._state, self._job)
+
+    def _answered(self, custom_id: str) -> bool:
+        return custom_id in self._written or self._answered_before(custom_id)
+
+    def _write(self, line: bytes, custom_id: str | None) -> None:
+        self._output.write(line)
+        if custom_id is not None:
+            self._written.add(custom_id)
+
+    async def plan(self, *, default_model: str | None, max_lines: int) -> int:
+        """Cut the lines no batch of the job holds into new parts; record them. Step 3.
+
+        Returns:
+            The number of lines the new parts hold.
+        """
+        job = self._job
+        held = Bits()
+        for part in job.live:
+            for first, last, _ in part.lines:
+                for number in range(first, last + 1):
+                    held.set(number)
+        parts = await plan_parts(
+            self._input,
+            self._plan,
+            skip=held,
+            encoder=self._encoder,
+            default_model=default_model,
+            max_lines=max_lines,
+            first_index=len(job.parts),
+            record_invalid=self._record_invalid,
+        )
+        if parts:
+            job.parts.extend(parts)
+            self._save()  # before anything is sent
+        return sum(part.count for part in parts)
+
+    def _record_invalid(self, item: Invalid) -> None:
+        self._write(invalid_record(self._plan.path, item), None)
+        self.counters.invalid += 1
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def _known_ids(self) -> frozenset[str]:
+        return frozenset(part.batch_id for part in self._job.parts if part.batch_id)
+
+    async def _submit(self, part: Part) -> None:
+        """Upload (OpenAI) and create ``part``'s batch, each intent recorded first. Step 4."""
+        api, job = self._api, self._job
+        if part.status == CREATING:
+            assert part.intent_at is not None
+            found = await api.find_created(
+                metadata=job.metadata(part),
+                file_id=part.file_id,
+                count=part.count,
+                since=part.intent_at,
+                known=self._known_ids(),
+            )
+            if found is not None:
+                self._reporter.note(f"batch part {part.index}: found {found.id}, created before")
+                self._running(part, found)
+                return
+        lines: list[bytes] = []
+        if api.uploads and part.file_id is None:
+            name = job.file_name(part)
+            if part.status == UPLOADING:
+                assert part.intent_at is not None
+                part.file_id = await api.find_upload(name, part.size, part.intent_at)
+            if part.file_id is None:
+                lines = await self._read(part)
+                self._intend(part, UPLOADING)
+                part.file_id = await api.upload(name, lines)
+                lines = []  # its memory goes before the batch is created
+        elif not api.uploads:
+            lines = await self._read(part)
+        self._intend(part, CREATING)
+        batch = await api.create(
+            file_id=part.file_id, lines=lines, url=part.url, metadata=job.metadata(part)
+        )
+        self._running(part, batch)
+
+    async def _read(self, part: Part) -> list[bytes]:
+        with naming(self._plan.path):
+            return await read_part(
+                self._input, self._plan.path, part, self._encoder, self._plan.unsendable
+            )
+
+    def _intend(self, part: Part, status: str) -> None:
+        """Record that ``part``'s next step is starting, before its request is sent."""
+        part.status = status
+        part.intent_at = time.time()
+        self._save()
+        self._reporter.changed(part)
+
+    def _running(self, part: Part, batch: RemoteBatch) -> None:
+        part.batch_id = batch.id
+        part.status = RUNNING
+        self._update(part, batch, force_save=True)
+
+    # -- following -----------------------------------------------------------------------
+
+    def _update(self, part: Part, batch: RemoteBatch, *, force_save: bool = False) -> None:
+        """Take in what the provider says of ``part``'s batch; record status changes."""
+        before = (part.status, part.remote_status)
+        part.remote_status = batch.status
+        part.total, part.done, part.failed = batch.total, batch.done, batch.failed
+        if batch.ended and part.status == RUNNING:
+            part.status = ENDED
+            part.outcome = batch.outcome
+            part.results = list(batch.results)
+            part.errors = list(batch.errors)
+        if force_save or (part.status, part.remote_status) != before:
+            self._save()
+        self._reporter.changed(part)
+
+    async def _poll(self, part: Part) -> float | None:
+        assert part.batch_id is not None
+        batch, retry_after = await self._api.retrieve(part.batch_id)
+        self._update(part, batch)
+        return retry_after
+
+    async def _merge(self, part: Part) -> None:
+        """Write an output line for each of ``part``'s lines not answered yet. Step 5."""
+        assert part.batch_id is not None
+        members = HashSet()
+        with naming(self._plan.path):
+            await self._each_line(part, lambda item: _ignore(members.add(item.custom_id)))
+        counters = self.counters
+
+        def take(result: ResultLine) -> None:
+            if result.custom_id not in members or self._answered(result.custom_id):
+                return  # another batch's line, or one merged already
+            line, ok = result_record(result)
+            self._write(line, result.custom_id)
+            part.answered[0 if ok else 1] += 1
+            if ok:
+                counters.succeeded += 1
+                counters.prompt_tokens += result.usage.prompt_tokens
+                counters.completion_tokens += result.usage.completion_tokens
+            else:
+                counters.failed += 1
+
+        remote = RemoteBatch(
+            id=part.batch_id,
+            status=part.remote_status or "",
+            ended=True,
+            results=tuple(part.results),
+        )
+        await self._api.results(remote, take)
+        code, message = self._not_answered(part)
+
+        def fill(item: Request) -> None:
+            if not self._answered(item.custom_id):
+                self._write(
+                    error_record(item.custom_id, code=code, message=message), item.custom_id
+                )
+                part.answered[1] += 1
+                counters.failed += 1
+
+        with naming(self._plan.path):
+            await self._each_line(part, fill)
+        part.status = MERGED
+        part.lines = []  # every line is in OUTPUT now: OUTPUT is what counts
+        self._output.sync()
+        self._save()
+        self._reporter.changed(part)
+
+    def _each_line(self, part: Part, on_line: Callable[[Request], None]) -> Awaitable[None]:
+        return each_line(self._input, self._plan.path, part, self._plan.unsendable, on_line)
+
+    @staticmethod
+    def _not_answered(part: Part) -> tuple[str, str]:
+        """The code and message of the error line of a request the results do not answer."""
+        code, what = _NOT_ANSWERED.get(
+            part.outcome or "", ("missing_result", "ended without a result for this request")
+        )
+        message = f"batch {part.batch_id} {what}"
+        if part.outcome == "failed" and part.errors:
+            message += ": " + "; ".join(part.errors[:3])
+        return code, message
+
+    # -- the run -------------------------------------------------------------------------
+
+    def halt(self, reason: str, error: LLMError) -> None:
+        """Stop the run: an error that would repeat. Raises :class:`_Stop`."""
+        self.stopped, self.stop_error = reason, error
+        raise _Stop(reason)
+
+    async def _guarded(
+        self, what: str, step: Callable[[], Awaitable[float | None]], *, again: bool
+    ) -> float | None:
+        """Run ``step``; on an API error, halt, or (``again``, a retryable one) say so.
+
+        A poll or a merge that fails although retried is tried again at the next poll:
+        the batches keep running meanwhile. Anything else stops the run.
+        """
+        try:
+            return await step()
+        except (BatchInputError, ConfigurationError):
+            raise
+        except LLMError as exc:
+            retryable = isinstance(exc, RetryDeadlineExceeded) or is_retryable(exc)
+            if not (again and retryable):
+                self.halt(f"{what}: {brief(str(exc))}", exc)
+            self._reporter.note(
+                f"{what}: {brief(str(exc))}; trying again in {self._poll_interval:g} s"
+            )
+            return None
+
+    async def _cancel_all(self) -> None:
+        """Cancel every batch of the job; drop the parts not created yet."""
+        for part in self._job.live:
+            if part.status == CREATING:
+                await self._guarded(
+                    f"looking for batch part {part.index}",
+                    lambda part=part: self._find_for_cancel(part),  # type: ignore[misc]
+                    again=False,
+                )
+            if part.status in (PLANNED, UPLOADING, CREATING):
+                part.status = DROPPED
+                self._save()
+                self._reporter.changed(part)
+            elif part.status == RUNNING:
+                await self._guarded(
+                    f"cancelling batch {part.batch_id}",
+                    lambda part=part: self._cancel(part),  # type: ignore[misc]
+                    again=False,
+                )
+
+    async def _find_for_cancel(self, part: Part) -> None:
+        assert part.intent_at is not None
+        found = await self._api.find_created(
+            metadata=self._job.metadata(part),
+            file_id=part.file_id,
+            count=part.count,
+            since=part.intent_at,
+            known=self._known_ids(),
+        )
+        if found is not None:
+            self._running(part, found)
+
+    async def _cancel(self, part: Part) -> None:
+        assert part.batch_id is not None
+        try:
+            batch = await self._api.cancel(part.batch_id)
+        except APIStatusError as exc:
+            if exc.status_code != 409:  # 409: it ended already
+                raise
+            batch, _ = await self._api.retrieve(part.batch_id)
+        self._update(part, batch)
+
+    async def _submit_all(self) -> None:
+        for part in self._job.live:
+            if part.status in (PLANNED, UPLOADING, CREATING):
+
+                async def submit(part: Part = part) -> None:
+                    await self._submit(part)
+
+                await self._guarded(f"creating batch part {part.index}", submit, again=False)
+
+    async def _follow(self) -> None:
+        """Poll the running batches and merge the ended ones, until all are merged."""
+        while True:
+            wait = self._poll_interval
+            for part in self._job.live:
+                if part.status == RUNNING:
+                    asked = await self._guarded(
+                        f"polling batch {part.batch_id}",
+                        lambda part=part: self._poll(part),  # type: ignore[misc]
+                        again=True,
+                    )
+                    wait = max(wait, asked or 0.0)
+                if part.status == ENDED:
+
+                    async def merge(part: Part = part) -> None:
+                        await self._merge(part)
+
+                    await self._guarded(f"merging batch {part.batch_id}", merge, again=True)
+            if not any(part.status in (RUNNING, ENDED) for part in self._job.live):
+                return
+            await trio.sleep(wait)
+
+    async def execute(self, *, cancel: bool, handle_signals: bool, text: str) -> None:
+        """Submit, (cancel,) follow and merge, reporting meanwhile; see the module."""
+        reporter = self._reporter
+        reporter.start(text)
+        for part in self._job.live:
+            reporter.changed(part)
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    if handle_signals:
+                        await nursery.start(self._watch_signals)
+                    nursery.start_soon(reporter.run)
+                    try:
+                        if cancel:
+                            await self._cancel_all()
+                        else:
+                            await self._submit_all()
+                        await self._follow()
+                    except _Stop:
+                        pass
+                    nursery.cancel_scope.cancel()
+        finally:
+            reporter.close()
+
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """On SIGINT or SIGTERM, stop at once: nothing is lost, the batches keep running."""
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for signum in signals:
+                    self.interrupted = True
+                    self.scope.cancel()
+                    name = signal.Signals(signum).name
+                    self._reporter.note(f"{name}: stopping; the batches keep running")
+        except KeyboardInterrupt:
+            pass  # a SIGINT not read when the run ended: the summary is what is left
+
+    def summary(self, *, before: ClientStatistics, started: float) -> BatchSummary:
+        """Say what the run did (as :class:`BatchSummary` does for online runs)."""
+        plan, counters = self._plan, self.counters
+        after = self._client.statistics()
+        return BatchSummary(
+            input_path=plan.path,
+            output_path=self._output.path,
+            total=plan.total,
+            succeeded=counters.succeeded,
+            failed=counters.failed,
+            invalid=counters.invalid,
+            skipped=self.skipped,
+            skipped_failed=plan.answered_failed,
+            unanswered=plan.total - self.skipped - counters.handled,
+            retries=after.retried - before.retried,
+            rate_limited=after.rate_limited - before.rate_limited,
+            prompt_tokens=counters.prompt_tokens,
+            completion_tokens=counters.completion_tokens,
+            tokens=counters.prompt_tokens + counters.completion_tokens,
+            elapsed=trio.current_time() - started,
+            interrupted=self.interrupted,
+            stopped=self.stopped,
+            stop_error=self.stop_error,
+            via="provider",
+            batches=tuple(
+                ProviderBatch(
+                    part=part.index,
+                    id=part.batch_id,
+                    status=part.status,
+                    remote_status=part.remote_status,
+                    outcome=part.outcome,
+                    lines=part.count,
+                    done=part.done,
+                    failed=part.failed,
+                )
+                for part in self._job.parts
+            ),
+        )

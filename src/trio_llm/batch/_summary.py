@@ -1,0 +1,147 @@
+"""What a batch run did (:class:`BatchSummary`), and what both kinds of run share."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import final
+
+import attrs
+
+from .._errors import LLMError
+from ._input import Invalid
+from ._output import error_record
+
+__all__ = ["BatchSummary", "ProviderBatch", "brief", "invalid_record", "naming"]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ProviderBatch:
+    """One batch of a ``via="provider"`` job, as the run left it.
+
+    Attributes:
+        part: its number in the job (from 0).
+        id: the provider's batch id (``None`` if it was never created).
+        status: the job's word for it: ``planned``, ``uploading``, ``creating``,
+            ``running``, ``ended`` (results not merged yet), ``merged`` or ``dropped``
+            (``--cancel`` before it was created).
+        remote_status: the provider's own status (``in_progress``, ``completed``, ...).
+        outcome: how it ended: ``completed``, ``failed``, ``expired``, ``cancelled``.
+        lines: its input lines.
+        done: requests the provider processed.
+        failed: requests that ended in an error, as the provider counts them.
+    """
+
+    part: int
+    id: str | None
+    status: str
+    remote_status: str | None
+    outcome: str | None
+    lines: int
+    done: int
+    failed: int
+
+
+@final
+@attrs.frozen(kw_only=True)
+class BatchSummary:
+    """What a batch run did.
+
+    Every input line ends up in exactly one of ``skipped``, ``succeeded``, ``failed``,
+    ``invalid`` and ``unanswered``.
+
+    Attributes:
+        input_path: the input file.
+        output_path: the output file.
+        total: request lines in the input (blank lines are not counted).
+        succeeded: lines answered successfully by this run.
+        failed: lines answered with an error by this run (an error status that was not
+            retried, or the retries ran out, or the deadline passed).
+        invalid: invalid input lines recorded as error lines by this run
+            (``skip_invalid``).
+        skipped: lines already answered in the output file, not sent again.
+        skipped_failed: of ``skipped``, those answered with an error (kept, since
+            ``retry_failed`` was off).
+        unanswered: lines with no answer yet (the run was interrupted, or stopped):
+            rerun to send them.
+        retries: retry attempts the client made during the run.
+        rate_limited: 429 responses the client received during the run.
+        prompt_tokens: prompt tokens of the answers, as the server reported them.
+        completion_tokens: completion tokens of the answers.
+        tokens: ``prompt_tokens + completion_tokens``.
+        elapsed: seconds the run took, by the trio clock.
+        interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
+        stopped: why the run stopped sending before the end, in one line, when an error
+            showed that no request could succeed (see :func:`run_batch`); ``None`` if
+            it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
+            https://api.openai.com/v1 (Incorrect API key provided)"``.
+        stop_error: the error that stopped the run (``None`` with ``stopped``).
+        via: ``"online"`` (each line sent as a request) or ``"provider"`` (the
+            provider's Batch API).
+        batches: with ``via="provider"``, the job's batches at the provider, as this run
+            left them.
+    """
+
+    input_path: str
+    output_path: str
+    total: int
+    succeeded: int
+    failed: int
+    invalid: int
+    skipped: int
+    skipped_failed: int
+    unanswered: int
+    retries: int
+    rate_limited: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: int
+    elapsed: float
+    interrupted: bool
+    stopped: str | None = None
+    stop_error: LLMError | None = None
+    via: str = "online"
+    batches: tuple[ProviderBatch, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every input line has its answer in the output file."""
+        return self.unanswered == 0
+
+    @property
+    def errors(self) -> int:
+        """Lines whose answer in the output file is an error."""
+        return self.failed + self.invalid + self.skipped_failed
+
+    @property
+    def all_succeeded(self) -> bool:
+        """Whether every input line is answered, and successfully."""
+        return self.complete and self.errors == 0
+
+
+def invalid_record(path: str, item: Invalid) -> bytes:
+    """Return the output line of an invalid input line of ``path`` (``skip_invalid``)."""
+    return error_record(
+        None if item.keyed_by_line else item.custom_id,
+        code=item.code,
+        message=f"{path}:{item.line}: {item.reason}",
+        line=item.line,
+    )
+
+
+def brief(text: str, limit: int = 160) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Name ``path`` in the ``OSError``\\ s of descriptor calls (``write``, ``fsync``...)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise

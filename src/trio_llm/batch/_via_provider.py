@@ -1,0 +1,200 @@
+"""``run_batch(..., via="provider")``: a batch file through the provider's Batch API.
+
+The run, in order:
+
+1. Open OUTPUT (locked) and the job state beside it (``OUT.job.json``, see ``_job``).
+2. Scan OUTPUT, check INPUT (every problem with its line number, the Batch API's limits
+   included), repair OUTPUT: as online mode does, with the same functions.
+3. Plan: the lines not answered in OUTPUT and in no batch of the job yet are cut into
+   parts (``_provider_plan``), recorded in the state before anything is sent.
+4. Submit each new part: upload (OpenAI), create; each step recorded as an intent first,
+   so that a run killed with a request in flight looks for what it created before
+   creating it again.
+5. Follow: poll every running batch each ``poll_interval``; merge each ended batch's
+   results into OUTPUT (output lines exactly as online mode writes them), then an error
+   line for each of its lines the results do not answer; mark the part merged.
+
+Every line ends in OUTPUT once: results are written only for ``custom_id``\\ s of the part
+not answered yet, so a merge cut short is simply done again. Cancelled (Ctrl-C, SIGTERM,
+a cancel scope), the run stops at once; the batches keep running at the provider, and the
+same command resumes polling.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+
+from .._client import Client
+from .._errors import (
+    ConfigurationError,
+    redact_url,
+)
+from ..providers._batch_api import batch_api_for
+from ._input import check_input, unsendable_urls
+from ._job import (
+    PLANNED,
+    Job,
+    load_job,
+    new_job,
+    state_path,
+)
+from ._job_run import JobRun
+from ._locked import names
+from ._output import OutputFile
+from ._provider_plan import LineEncoder
+from ._provider_progress import open_provider_reporter
+from ._summary import BatchSummary, naming
+
+__all__ = ["run_provider_batch"]
+
+# The base URL a --simulate job is recorded under: its server ends with the process.
+_SIMULATED: Final = "simulated"
+
+
+def _job_for(path: str, client: Client, *, simulated: bool, notes: list[str]) -> Job:
+    """Return the job of the output file (a new one if none), checked against the client.
+
+    A ``--simulate`` job's batches ended with the process that ran its fake server: its
+    parts that were sent are planned again (the simulation costs nothing).
+
+    Raises:
+        ConfigurationError: the job's batches are at another provider or base URL.
+    """
+    provider = client._provider.name
+    base_url = _SIMULATED if simulated else redact_url(client.base_url)
+    job = load_job(path)
+    if job is None:
+        return new_job(provider, base_url, simulated=simulated)
+    live = job.live
+    if (job.provider, job.base_url) != (provider, base_url):
+        if live:
+            where = "the --simulate server" if job.simulated else f"{job.base_url}"
+            raise ConfigurationError(
+                f"{path}: the job's {len(live)} batch(es) are at {where} (provider "
+                f"{job.provider}): run with those settings to resume or --cancel them, or "
+                "remove the file to forget them (their lines are then sent again)"
+            )
+        job.provider, job.base_url, job.simulated = provider, base_url, simulated
+    if simulated:
+        lost = [part for part in live if part.status != PLANNED]
+        for part in lost:
+            part.status, part.intent_at, part.file_id, part.batch_id = PLANNED, None, None, None
+            part.remote_status, part.total, part.done, part.failed = None, 0, 0, 0
+        if lost:
+            lines = sum(part.count for part in lost)
+            notes.append(
+                f"--simulate: the simulated batches of the last run ended with it; "
+                f"submitting their {lines:,} lines again"
+            )
+    return job
+
+
+def _limit(name: str, value: int | None, provider_limit: int) -> int:
+    if value is None:
+        return provider_limit
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    return value
+
+
+async def run_provider_batch(
+    input_path: str,
+    output_path: str,
+    *,
+    client: Client,
+    retry_failed: bool = False,
+    skip_invalid: bool = False,
+    progress: bool = False,
+    progress_interval: float = 10.0,
+    handle_signals: bool = False,
+    poll_interval: float = 30.0,
+    max_batch_lines: int | None = None,
+    max_batch_bytes: int | None = None,
+    cancel: bool = False,
+    simulated: bool = False,
+) -> BatchSummary:
+    """Run a batch file through the provider's Batch API; see ``run_batch(via="provider")``.
+
+    ``simulated``: the client speaks to the ``--simulate`` fake server of this process
+    (a later run's server will not know its batches: see :func:`_job_for`).
+
+    Cancellation: the requests in flight are abandoned; the state and OUTPUT stay whole,
+    the batches created keep running at the provider, and the same call resumes them.
+    """
+    if not poll_interval > 0:
+        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+    api = batch_api_for(client)
+    max_lines = _limit("max_batch_lines", max_batch_lines, api.max_lines)
+    max_bytes = _limit("max_batch_bytes", max_batch_bytes, api.max_bytes)
+    started = trio.current_time()
+    before = client.statistics()
+    encoder = LineEncoder(api, client._provider, max_bytes=max_bytes)
+    # Blocking file calls on purpose: local files, buffered (see _output).
+    with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
+        if names(output_path, input_file):
+            raise ConfigurationError(f"the output file {output_path} is the input file")
+        with naming(output_path), OutputFile.open(output_path) as output:
+            notes: list[str] = []
+            job = _job_for(state_path(output.path), client, simulated=simulated, notes=notes)
+            scan = await output.scan()
+            answered = scan.answered
+            with naming(input_path):
+                plan = await check_input(
+                    input_file,
+                    input_path,
+                    answered,
+                    default_model=client.model,
+                    skip_invalid=skip_invalid or cancel,  # cancelling needs no valid input
+                    retry_failed=retry_failed,
+                    unsendable=unsendable_urls(client._provider),
+                    line_check=encoder.check(client.model),
+                )
+            notes += await output.prepare(retry_failed=retry_failed)
+            failed_count = not retry_failed
+            run = JobRun(
+                client=client,
+                api=api,
+                encoder=encoder,
+                input_file=input_file,
+                plan=plan,
+                output=output,
+                job=job,
+                answered=lambda key: (
+                    key in answered.ok or (failed_count and key in answered.failed)
+                ),
+                reporter=open_provider_reporter(enabled=progress, interval=progress_interval),
+                poll_interval=poll_interval,
+            )
+            before_plan = len(job.parts)
+            new_lines = (
+                0 if cancel else await run.plan(default_model=client.model, max_lines=max_lines)
+            )
+            text = _plan_text(run, job, before_plan, new_lines, api.name, cancel=cancel)
+            for note in notes:
+                run._reporter.note(note)
+            await run.execute(cancel=cancel, handle_signals=handle_signals, text=text)
+    return run.summary(before=before, started=started)
+
+
+def _plan_text(
+    run: JobRun, job: Job, before_plan: int, new_lines: int, provider: str, *, cancel: bool
+) -> str:
+    plan = run._plan
+    parts = [f"{plan.total:,} lines in {plan.path}"]
+    if run.skipped:
+        parts.append(f"{run.skipped:,} answered already")
+    resumed = [part for part in job.parts[:before_plan] if part.live]
+    if resumed:
+        lines = sum(part.count for part in resumed)
+        parts.append(f"{lines:,} in {len(resumed)} batch(es) of this job at {provider}")
+    if cancel:
+        parts.append("cancelling them")
+    elif new_lines:
+        count = len(job.parts) - before_plan
+        parts.append(f"submitting {new_lines:,} in {count} new batch(es) to {provider}'s Batch API")
+    return (
+        "; ".join(parts)
+        + f" -> {run._output.path} (job {job.job_id}, {state_path(run._output.path)})"
+    )
