@@ -107,8 +107,9 @@ async def test_partial_hold_sends_whole_lines_then_waits(
     async with http.stream("GET", f"/v1/files/{file_id}/content") as response:
         assert response.headers["content-length"] == str(len(whole))
         chunks = response.aiter_raw()
-        while hold.waiting == 0 or received.count(b"\n") < 5:
+        while received.count(b"\n") < 5:
             received += await chunks.__anext__()
+        await hold.wait_arrived()
         assert received.count(b"\n") == 5
         assert received.endswith(b"\n")
         assert len(received) < len(whole)
