@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import httpx2
@@ -147,6 +147,26 @@ async def test_hold_of_a_streamed_reply_waits_before_it(
         assert server.stats.requests_by_status == {}
         hold.release()
     assert server.stats.requests_by_status == {200: 1}
+
+
+async def test_release_during_latency_lets_the_answer_through(
+    autojump_clock: trio.abc.Clock, server: FakeLLMServer, http: httpx2.AsyncClient
+) -> None:
+    """A hold released while its request still waits out the latency does not hold it."""
+    server.config = FakeLLMConfig(latency=5.0)
+    hold = server.hold("POST /v1/chat/completions")
+    answers: list[int] = []
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def chat() -> None:
+        answers.append((await http.post("/v1/chat/completions", json=body)).status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(chat)
+        await trio.sleep(1)
+        hold.release()
+    assert answers == [200]
+    assert hold.arrived == 0
 
 
 async def test_hold_refuses_unknown_routes_twice_held_and_bad_shares(server: FakeLLMServer) -> None:

@@ -418,15 +418,42 @@ async def test_upload_is_validated(
         ("multipart/form-data", b"--x\r\n"),
         ("multipart/form-data; boundary=x", b"no delimiter here"),
         ("multipart/form-data; boundary=x", b'--x\r\ncontent-disposition: form-data; name="a"'),
+        (None, b"{}"),
     ],
 )
 async def test_malformed_multipart_is_refused(
-    http: httpx2.AsyncClient, content_type: str, body: bytes
+    http: httpx2.AsyncClient, content_type: str | None, body: bytes
 ) -> None:
     """A body that is not well-formed multipart/form-data gets a 400 saying so."""
-    response = await http.post("/files", content=body, headers={"content-type": content_type})
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = await http.post("/files", content=body, headers=headers)
     assert response.status_code == 400
     assert "multipart" in response.json()["error"]["message"]
+
+
+async def test_parts_without_a_name_are_ignored(http: httpx2.AsyncClient) -> None:
+    """Parts with no Content-Disposition name do not count as fields."""
+    body = (
+        b"--b\r\ncontent-type: text/plain\r\n\r\nstray\r\n"
+        b"--b\r\ncontent-disposition: form-data\r\n\r\nnameless\r\n"
+        b'--b\r\ncontent-disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        b"{}\n\r\n--b--\r\n"
+    )
+    headers = {"content-type": 'multipart/form-data; boundary="b"'}
+    response = await http.post("/files", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["bytes"] == 3
+
+
+async def test_input_file_over_the_size_limit_fails_the_batch(
+    autojump_clock: trio.abc.Clock, client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input file over the batch size limit (200 MB; 10 bytes here) fails validation."""
+    monkeypatch.setattr("trio_llm.testing._batch_openai.MAX_INPUT_BYTES", 10)
+    done = await finish(client, (await submit(client, [line("a")])).id)
+    assert done.status == "failed"
+    assert [e.code for e in done.errors.data or []] == ["file_too_large"]  # type: ignore[union-attr]
 
 
 async def test_upload_larger_than_the_ordinary_body_limit(

@@ -234,11 +234,6 @@ class App:
         self._anthropic_batches = AnthropicBatches(self)
 
     @property
-    def config(self) -> FakeLLMConfig:
-        """The server's current config."""
-        return self._server.config
-
-    @property
     def stats(self) -> FakeLLMStats:
         """The server's live counters."""
         return self._server.stats
@@ -419,7 +414,7 @@ class App:
         completion_id = "chatcmpl-" + os.urandom(12).hex()
         return _openai.with_identity(prepared.rest, completion_id, int(time.time()))
 
-    def answer_line(self, endpoint: str, payload: object, seed: int) -> tuple[int, bytes]:
+    def answer_line(self, endpoint: str, payload: dict[str, Any], seed: int) -> tuple[int, bytes]:
         """Answer one Batch API line's body as a POST to ``endpoint`` would be answered.
 
         The same parsing and replies as the online endpoints, without rate limits, faults
@@ -428,8 +423,6 @@ class App:
         """
         anthropic = endpoint == MESSAGES
         try:
-            if not isinstance(payload, dict):
-                raise BadRequest("The request body must be a JSON object.")
             prepared = prepare_payload(endpoint, payload, seed)
             if prepared.generation is not None and prepared.generation.stream:
                 raise BadRequest("Streaming is not supported in batches.", "stream")

@@ -293,13 +293,13 @@ class _Exchange:
         events = reply.events
         if reply.stall:
             await trio.sleep_forever()
+        if reply.latency:
+            await trio.sleep(reply.latency)
         if reply.hold is not None:
             if reply.hold.partial is not None and events is None:
                 await self._send_held(reply, reply.hold)
                 return
             await reply.hold.pass_through()
-        if reply.latency:
-            await trio.sleep(reply.latency)
         if events is None:
             if reply.generation:
                 await trio.sleep(reply.generation)
