@@ -181,18 +181,19 @@ class JobRun:
                 self._running(part, found)
                 return
         lines: list[bytes] = []
-        if api.uploads and part.file_id is None:
-            name = job.file_name(part)
-            if part.status == UPLOADING:
-                assert part.intent_at is not None
-                part.file_id = await api.find_upload(name, part.size, part.intent_at)
-            if part.file_id is None:
-                lines = await self._read(part)
-                self._intend(part, UPLOADING)
-                part.file_id = await api.upload(name, lines)
-                lines = []  # its memory goes before the batch is created
-        elif not api.uploads:
+        if not api.uploads:
             lines = await self._read(part)
+        elif part.file_id is None and part.status == UPLOADING:
+            assert part.intent_at is not None
+            part.file_id = await api.find_upload(job.file_name(part), part.size, part.intent_at)
+        if api.uploads and part.file_id is None:
+            lines = await self._read(part)
+            self._intend(part, UPLOADING)
+            part.file_id = await api.upload(job.file_name(part), lines)
+            lines = []  # its memory goes before the batch is created
+        elif api.uploads:  # uploaded by an earlier run: its lines must still be INPUT's
+            with naming(self._plan.path):
+                await self._each_line(part, _ignore)
         self._intend(part, CREATING)
         batch = await api.create(
             file_id=part.file_id, lines=lines, url=part.url, metadata=job.metadata(part)
@@ -405,7 +406,9 @@ class JobRun:
         reporter = self._reporter
         reporter.start(text)
         for part in self._job.live:
-            reporter.changed(part)
+            if part.status != PLANNED:  # (the text counts the new ones)
+                reporter.changed(part)
+        failure: LLMError | OSError | None = None
         try:
             with self.scope:
                 async with trio.open_nursery() as nursery:
@@ -420,9 +423,13 @@ class JobRun:
                         await self._follow()
                     except _Stop:
                         pass
+                    except (LLMError, OSError) as exc:
+                        failure = exc  # raised alone, not in the nursery's group
                     nursery.cancel_scope.cancel()
         finally:
             reporter.close()
+        if failure is not None:
+            raise failure
 
     async def _watch_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -25,18 +25,17 @@ _REFRESH: Final = 0.1
 
 
 def describe(part: Part) -> str:
-    """Say where a batch is, in a few words: ``batch_abc in_progress 1,200/5,000, 3 failed``."""
-    name = part.batch_id or f"part {part.index}"
+    """Say where a batch is: ``part 0 batch_abc: in_progress 1,200/5,000, 3 failed``."""
+    name = f"part {part.index}" + (f" {part.batch_id}" if part.batch_id else "")
     if part.status in ("planned", "uploading", "creating", "dropped"):
         return f"{name}: {part.status} ({part.count:,} lines)"
-    status = part.remote_status or part.status
     if part.status == "merged":
         ok, errors = part.answered
-        ended = part.outcome or status
+        ended = part.outcome or part.remote_status
         return f"{name}: {ended}, merged ({ok:,} answered OK, {errors:,} with an error)"
     total = part.total or part.count
     failed = f", {part.failed:,} failed" if part.failed else ""
-    return f"{name}: {status} {part.done:,}/{total:,}{failed}"
+    return f"{name}: {part.remote_status} {part.done:,}/{total:,}{failed}"
 
 
 class ProviderReporter:
@@ -87,7 +86,7 @@ class _PlainReporter(ProviderReporter):
         ):
             return  # nothing new, or only counts that were shown lately
         self._shown[part.index] = (status, now, text)
-        _say(f"batch {part.index}: {text}")
+        _say(text)
 
 
 class _TerminalReporter(ProviderReporter):
@@ -100,7 +99,6 @@ class _TerminalReporter(ProviderReporter):
         self._console = Console(stderr=True)
         self._progress: Progress = Progress(
             SpinnerColumn(),
-            TextColumn("[bold]batch {task.fields[index]}"),
             BarColumn(bar_width=20),
             TextColumn("{task.fields[text]}"),
             console=self._console,
@@ -125,7 +123,7 @@ class _TerminalReporter(ProviderReporter):
         task = self._tasks.get(part.index)
         if task is None:
             task = self._tasks[part.index] = self._progress.add_task(
-                "batch", total=total, index=part.index, text=""
+                "batch", total=total, text=""
             )
         self._progress.update(task, total=total, completed=done, text=describe(part))
 
