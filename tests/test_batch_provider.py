@@ -58,6 +58,23 @@ def each_once(path: Path, count: int, *, prefix: str = "r") -> dict[str, dict[st
     return {record["custom_id"]: record for record in records}
 
 
+def exists(path: str) -> bool:
+    """Whether ``path`` exists."""
+    return Path(path).exists()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path``."""
+    Path(path).write_text(text)
+
+
+def forget_batch(path: str) -> None:
+    """Make the job state at ``path`` name a batch the server does not know."""
+    state = json.loads(Path(path).read_text())
+    state["parts"][0]["batch_id"] = "batch_unknown"
+    Path(path).write_text(json.dumps(state))
+
+
 def base_of(server: FakeLLMServer, provider: str) -> str:
     return server.root_url if provider == "anthropic" else server.base_url
 
@@ -97,13 +114,16 @@ async def test_lines_split_into_batches_and_merge_as_online_answers(
         ) as client:
             await trio_llm.run_batch(source, online, client=client)
     assert creates(server) == 3
-    assert summary.all_succeeded and summary.succeeded == 25 and summary.via == "provider"
+    assert summary.all_succeeded
+    assert summary.succeeded == 25
+    assert summary.via == "provider"
     assert [batch.lines for batch in summary.batches] == [10, 10, 5]
     assert {batch.status for batch in summary.batches} == {"merged"}
     assert summary.tokens > 0
     merged, answered = each_once(target, 25), each_once(online, 25)
     for custom_id, record in merged.items():
-        assert record["error"] is None and record["response"]["status_code"] == 200
+        assert record["error"] is None
+        assert record["response"]["status_code"] == 200
         body, expected = record["response"]["body"], answered[custom_id]["response"]["body"]
         assert record.keys() == answered[custom_id].keys()
         text = body["choices"][0]["message"] if provider == "openai" else body["content"]
@@ -112,7 +132,8 @@ async def test_lines_split_into_batches_and_merge_as_online_answers(
     online_path = CHAT if provider == "openai" else "/v1/messages"
     assert server.stats.requests_by_endpoint[online_path] == 25  # the online run only
     job = load_job(state_path(str(target)))
-    assert job is not None and all(part.lines == [] for part in job.parts)
+    assert job is not None
+    assert all(part.lines == [] for part in job.parts)
 
 
 async def test_openai_batches_hold_one_url_and_one_model(
@@ -134,7 +155,8 @@ async def test_openai_batches_hold_one_url_and_one_model(
     async with open_fake_llm() as server:
         summary = await run(server, source, tmp_path / "out.jsonl", max_batch_bytes=400)
         batches = server.openai_batches
-    assert summary.all_succeeded and summary.succeeded == 12
+    assert summary.all_succeeded
+    assert summary.succeeded == 12
     groups = Counter((b["endpoint"], b["request_counts"]["total"]) for b in batches)
     # 3 chat lines of each model (~190 bytes a line: two a batch), 6 embeddings lines
     assert groups == Counter(
@@ -169,11 +191,14 @@ async def test_failed_and_expired_lines_become_error_lines(
         assert record["error"]["code"] == "invalid_request_error"
         assert record["error"]["message"].startswith("HTTP 400: Injected error")
     expired = [r for r in records.values() if r["error"] and r["error"]["code"] == "batch_expired"]
-    assert expired and all(r["response"] is None for r in expired)
+    assert expired
+    assert all(r["response"] is None for r in expired)
     ok = [r for r in records.values() if r["error"] is None]
-    assert summary.succeeded == len(ok) and summary.failed == 2 + len(expired)
-    assert not summary.all_succeeded and summary.complete
-    assert summary.batches[0].outcome == ("expired" if provider == "openai" else "expired")
+    assert summary.succeeded == len(ok)
+    assert summary.failed == 2 + len(expired)
+    assert not summary.all_succeeded
+    assert summary.complete
+    assert summary.batches[0].outcome == "expired"
 
 
 @pytest.mark.parametrize(
@@ -195,7 +220,8 @@ async def test_a_whole_batch_that_fails_or_expires_is_an_error_line_per_line(
         assert "invalid_request" in message
     else:  # the provider's error file says it
         assert "expired" in message
-    assert summary.failed == 5 and summary.errors == 5
+    assert summary.failed == 5
+    assert summary.errors == 5
 
 
 async def test_retry_failed_resubmits_only_the_failed_lines(
@@ -211,10 +237,14 @@ async def test_retry_failed_resubmits_only_the_failed_lines(
         server.config = attrs.evolve(server.config, batch_error_ids=())
         second = await run(server, source, target, retry_failed=True)
         batches = server.openai_batches
-    assert first.failed == 3 and again.skipped == 20 and again.skipped_failed == 3
+    assert first.failed == 3
+    assert again.skipped == 20
+    assert again.skipped_failed == 3
     assert creates(server) == 2
     assert batches[-1]["request_counts"]["total"] == 3
-    assert second.succeeded == 3 and second.skipped == 17 and second.all_succeeded
+    assert second.succeeded == 3
+    assert second.skipped == 17
+    assert second.all_succeeded
     records = each_once(target, 20)
     assert all(records[k] == v for k, v in kept.items())  # the successes, untouched
     assert all(record["error"] is None for record in records.values())
@@ -245,7 +275,8 @@ async def test_cancel_cancels_the_running_batch_and_merges_what_it_answered(
         assert server.openai_batches[0]["status"] == "in_progress"
         summary = await run(server, source, target, cancel=True)
         batch = server.openai_batches[0]
-    assert batch["status"] == "cancelled" and creates(server) == 1
+    assert batch["status"] == "cancelled"
+    assert creates(server) == 1
     records = each_once(target, 1500)
     codes = Counter(r["error"]["code"] if r["error"] else "ok" for r in records.values())
     assert codes["ok"] == batch["request_counts"]["completed"] > 0
@@ -267,35 +298,32 @@ async def test_cancel_drops_parts_not_created_and_a_rerun_submits_them(
             nursery.cancel_scope.cancel()
         hold.release()
         cancelled = await run(server, source, target, cancel=True)
-        assert not cancelled.complete and cancelled.unanswered == 4
+        assert not cancelled.complete
+        assert cancelled.unanswered == 4
         assert [b.status for b in cancelled.batches] == ["dropped"]
         summary = await run(server, source, target)
-    assert summary.all_succeeded and creates(server) == 1
+    assert summary.all_succeeded
+    assert creates(server) == 1
     each_once(target, 4)
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
-@pytest.mark.parametrize(
-    "route",
-    [
-        "POST /v1/files",
-        "POST /v1/batches",
-        "GET /v1/batches/{batch_id}",
-        "GET /v1/files/{file_id}/content",
-    ],
-)
+# A request of each step (upload, create, poll, results), with the provider it belongs to.
+STEPS = [
+    ("openai", "POST /v1/files"),
+    ("openai", "POST /v1/batches"),
+    ("openai", "GET /v1/batches/{batch_id}"),
+    ("openai", "GET /v1/files/{file_id}/content"),
+    ("anthropic", "POST /v1/messages/batches"),
+    ("anthropic", "GET /v1/messages/batches/{message_batch_id}"),
+    ("anthropic", "GET /v1/messages/batches/{message_batch_id}/results"),
+]
+
+
+@pytest.mark.parametrize(("provider", "route"), STEPS)
 async def test_a_run_stopped_at_any_step_resumes_without_a_second_batch(
     tmp_path: Path, autojump_clock: trio.abc.Clock, provider: str, route: str
 ) -> None:
     """Cancelled with a request of each step in flight: the rerun creates nothing twice."""
-    if provider == "anthropic":
-        if route == "POST /v1/files":
-            pytest.skip("Anthropic batches have no upload")
-        route = route.replace("/v1/batches", "/v1/messages/batches")
-        route = route.replace("{batch_id}", "{message_batch_id}")
-        route = route.replace(
-            "/v1/files/{file_id}/content", "/v1/messages/batches/{message_batch_id}/results"
-        )
     source = write_jsonl(tmp_path / "in.jsonl", prompts(30))
     target = tmp_path / "out.jsonl"
     async with open_fake_llm(FakeLLMConfig(batch_delay=5.0)) as server:
@@ -315,7 +343,8 @@ async def test_a_run_stopped_at_any_step_resumes_without_a_second_batch(
     assert creates(server) == 1
     if provider == "openai":
         assert uploads == 1  # found again by its name, not uploaded twice
-    assert summary.complete and summary.all_succeeded
+    assert summary.complete
+    assert summary.all_succeeded
     each_once(target, 30)
 
 
@@ -328,19 +357,22 @@ async def test_sigint_while_polling_leaves_the_batch_running(
     async with open_fake_llm(FakeLLMConfig(batch_delay=100.0)) as server:
 
         async def interrupt() -> None:
-            while not server.openai_batches:
-                await trio.sleep(1)
+            polls = server.hold("GET /v1/batches/{batch_id}")
+            await polls.wait_arrived()  # the batch exists, and is being polled
+            polls.release()
             await trio.sleep(10)
             os.kill(os.getpid(), signal.SIGINT)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(interrupt)
             stopped = await run(server, source, target, handle_signals=True)
-        assert stopped.interrupted and stopped.unanswered == 5
+        assert stopped.interrupted
+        assert stopped.unanswered == 5
         assert server.openai_batches[0]["status"] == "in_progress"
         assert [b.status for b in stopped.batches] == ["running"]
         summary = await run(server, source, target)
-    assert summary.all_succeeded and creates(server) == 1
+    assert summary.all_succeeded
+    assert creates(server) == 1
     each_once(target, 5)
 
 
@@ -354,11 +386,13 @@ async def test_anthropic_refuses_custom_ids_its_api_refuses(tmp_path: Path) -> N
     async with open_fake_llm() as server:
         with pytest.raises(trio_llm.BatchInputError) as caught:
             await run(server, source, target, provider="anthropic")
-    assert caught.value.invalid_lines == 2 and caught.value.line == 2
+    assert caught.value.invalid_lines == 2
+    assert caught.value.line == 2
     assert f"{source}:2: custom_id 'has space' is not accepted" in str(caught.value)
     assert f"{source}:3:" in str(caught.value)
-    assert creates(server) == 0 and not target.exists()
-    assert not Path(state_path(str(target))).exists()
+    assert creates(server) == 0
+    assert not target.exists()
+    assert not exists(state_path(str(target)))
 
 
 async def test_a_request_larger_than_a_batch_is_invalid(
@@ -372,7 +406,8 @@ async def test_a_request_larger_than_a_batch_is_invalid(
         with pytest.raises(trio_llm.BatchInputError, match=r"in\.jsonl:3: the request is"):
             await run(server, source, target, max_batch_bytes=1000)
         summary = await run(server, source, target, max_batch_bytes=1000, skip_invalid=True)
-    assert summary.invalid == 1 and summary.succeeded == 2
+    assert summary.invalid == 1
+    assert summary.succeeded == 2
     records = {r["custom_id"]: r for r in read_output(target)}
     assert records["big"]["error"]["code"] == "request_too_large"
 
@@ -434,12 +469,10 @@ async def test_a_batch_unknown_to_the_key_stops_the_run(
     async with open_fake_llm(FakeLLMConfig(batch_delay=100.0)) as server:
         with trio.move_on_after(10):
             await run(server, source, target)
-        path = state_path(str(target))
-        state = json.loads(Path(path).read_text())
-        state["parts"][0]["batch_id"] = "batch_unknown"
-        Path(path).write_text(json.dumps(state))
+        forget_batch(state_path(str(target)))
         summary = await run(server, source, target)
-    assert summary.stopped is not None and "batch_unknown" in summary.stopped
+    assert summary.stopped is not None
+    assert "batch_unknown" in summary.stopped
     assert isinstance(summary.stop_error, trio_llm.NotFoundError)
     assert summary.unanswered == 2
 
@@ -448,7 +481,7 @@ async def test_a_corrupt_job_state_is_refused(tmp_path: Path) -> None:
     """A job state that is not one is named, with what to do."""
     source = write_jsonl(tmp_path / "in.jsonl", prompts(1))
     target = tmp_path / "out.jsonl"
-    Path(state_path(str(target))).write_text("{not json")
+    write_text(state_path(str(target)), "{not json")
     async with open_fake_llm() as server:
         with pytest.raises(trio_llm.BatchInputError, match="not a trio-llm job state"):
             await run(server, source, target)
