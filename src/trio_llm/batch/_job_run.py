@@ -177,7 +177,7 @@ class JobRun:
                 known=self._known_ids(),
             )
             if found is not None:
-                self._reporter.note(f"batch part {part.index}: found {found.id}, created before")
+                self._reporter.note(f"part {part.index}: found {found.id}, created before")
                 self._running(part, found)
                 return
         lines: list[bytes] = []
@@ -186,6 +186,8 @@ class JobRun:
         elif part.file_id is None and part.status == UPLOADING:
             assert part.intent_at is not None
             part.file_id = await api.find_upload(job.file_name(part), part.size, part.intent_at)
+            if part.file_id is not None:
+                self._reporter.note(f"part {part.index}: found {part.file_id}, uploaded before")
         if api.uploads and part.file_id is None:
             lines = await self._read(part)
             self._intend(part, UPLOADING)
