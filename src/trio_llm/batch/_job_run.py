@@ -21,7 +21,7 @@ from .._errors import (
 )
 from .._retry import is_retryable
 from ..providers._batch_api import BatchAPI, RemoteBatch, ResultLine
-from ._input import Bits, InputPlan, Invalid, Request
+from ._input import Bits, InputPlan, Invalid
 from ._job import (
     CREATING,
     DROPPED,
@@ -38,7 +38,7 @@ from ._job import (
 from ._keys import HashSet
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters
-from ._provider_plan import LineEncoder, each_line, plan_parts, read_part
+from ._provider_plan import LineEncoder, each_id, plan_parts, read_part
 from ._provider_progress import ProviderReporter
 from ._summary import BatchSummary, ProviderBatch, brief, invalid_record, naming
 
@@ -194,8 +194,7 @@ class JobRun:
             part.file_id = await api.upload(job.file_name(part), lines)
             lines = []  # its memory goes before the batch is created
         elif api.uploads:  # uploaded by an earlier run: its lines must still be INPUT's
-            with naming(self._plan.path):
-                await self._each_line(part, _ignore)
+            await self._each_id(part, _ignore)
         self._intend(part, CREATING)
         batch = await api.create(
             file_id=part.file_id, lines=lines, url=part.url, metadata=job.metadata(part)
@@ -246,8 +245,14 @@ class JobRun:
         """Write an output line for each of ``part``'s lines not answered yet. Step 5."""
         assert part.batch_id is not None
         members = HashSet()
-        with naming(self._plan.path):
-            await self._each_line(part, lambda item: _ignore(members.add(item.custom_id)))
+        answered = [0]  # of its lines, those already in OUTPUT (a merge cut short)
+
+        def member(custom_id: str) -> None:
+            members.add(custom_id)
+            if self._answered(custom_id):
+                answered[0] += 1
+
+        await self._each_id(part, member)
         counters = self.counters
 
         def take(result: ResultLine) -> None:
@@ -255,6 +260,7 @@ class JobRun:
                 return  # another batch's line, or one merged already
             line, ok = result_record(result)
             self._write(line, result.custom_id)
+            answered[0] += 1
             part.answered[0 if ok else 1] += 1
             if ok:
                 counters.succeeded += 1
@@ -270,26 +276,25 @@ class JobRun:
             results=tuple(part.results),
         )
         await self._api.results(remote, take)
-        code, message = self._not_answered(part)
+        if answered[0] < part.count:  # lines the results do not answer
+            code, message = self._not_answered(part)
 
-        def fill(item: Request) -> None:
-            if not self._answered(item.custom_id):
-                self._write(
-                    error_record(item.custom_id, code=code, message=message), item.custom_id
-                )
-                part.answered[1] += 1
-                counters.failed += 1
+            def fill(custom_id: str) -> None:
+                if not self._answered(custom_id):
+                    self._write(error_record(custom_id, code=code, message=message), custom_id)
+                    part.answered[1] += 1
+                    counters.failed += 1
 
-        with naming(self._plan.path):
-            await self._each_line(part, fill)
+            await self._each_id(part, fill)
         part.status = MERGED
         part.lines = []  # every line is in OUTPUT now: OUTPUT is what counts
         self._output.sync()
         self._save()
         self._reporter.changed(part)
 
-    def _each_line(self, part: Part, on_line: Callable[[Request], None]) -> Awaitable[None]:
-        return each_line(self._input, self._plan.path, part, self._plan.unsendable, on_line)
+    async def _each_id(self, part: Part, on_id: Callable[[str], None]) -> None:
+        with naming(self._plan.path):
+            await each_id(self._input, self._plan.path, part, on_id)
 
     @staticmethod
     def _not_answered(part: Part) -> tuple[str, str]:

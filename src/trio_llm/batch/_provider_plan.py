@@ -18,13 +18,14 @@ from typing import IO, Final, final
 
 import trio
 
+from .. import _json
 from .._errors import BatchInputError
 from ..providers._base import Provider
 from ..providers._batch_api import BatchAPI
 from ._input import EMBEDDINGS_URL, Bits, InputPlan, Invalid, Request, duplicate_line, parse_line
 from ._job import Part
 
-__all__ = ["LineEncoder", "each_line", "plan_parts", "read_part"]
+__all__ = ["LineEncoder", "each_id", "plan_parts", "read_part"]
 
 _LINES_PER_CHECKPOINT: Final = 2048
 
@@ -206,18 +207,16 @@ def _changed(path: str, part: Part, line: int) -> BatchInputError:
     )
 
 
-async def each_line(
-    file: IO[bytes],
-    path: str,
-    part: Part,
-    unsendable: Mapping[str, str],
-    on_line: Callable[[Request], None],
+async def _each_line(
+    file: IO[bytes], path: str, part: Part, read_id: Callable[[int, bytes], str | None]
 ) -> None:
-    """Read ``part``'s lines back from INPUT, in order, into ``on_line``.
+    """Read ``part``'s lines back from INPUT, in order, through ``read_id``.
+
+    ``read_id(number, raw)`` returns the line's ``custom_id`` (``None``: it no longer
+    parses); the ids must be the planned ones, in order (the part's fingerprint).
 
     Raises:
-        BatchInputError: INPUT changed since the part was planned (a line that no longer
-            parses, or other lines than the planned ones: checked at the end).
+        BatchInputError: INPUT changed since the part was planned.
     """
     hasher = _fingerprint()
     count = 0
@@ -231,14 +230,38 @@ async def each_line(
                 await trio.lowlevel.checkpoint()
             if raw.isspace():
                 continue
-            item = parse_line(raw, number, default_model=part.default_model, unsendable=unsendable)
-            if isinstance(item, Invalid):
+            custom_id = read_id(number, raw)
+            if custom_id is None:
                 raise _changed(path, part, number)
-            hasher.update(item.custom_id.encode() + b"\n")
+            hasher.update(custom_id.encode() + b"\n")
             count += 1
-            on_line(item)
     if count != part.count or hasher.hexdigest() != part.fingerprint:
         raise _changed(path, part, part.lines[0][0] if part.lines else 1)
+
+
+async def each_id(file: IO[bytes], path: str, part: Part, on_id: Callable[[str], None]) -> None:
+    """Hand the ``custom_id`` of each of ``part``'s lines to ``on_id``, in input order.
+
+    Only the ``custom_id`` is read (the line was checked whole when it was planned).
+
+    Raises:
+        BatchInputError: INPUT changed since the part was planned.
+    """
+
+    def read_id(number: int, raw: bytes) -> str | None:
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark
+            raw = raw[3:]
+        try:
+            record = _json.loads(raw)
+        except ValueError:
+            return None
+        custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        if not isinstance(custom_id, str):
+            return None
+        on_id(custom_id)
+        return custom_id
+
+    await _each_line(file, path, part, read_id)
 
 
 async def read_part(
@@ -250,12 +273,17 @@ async def read_part(
         BatchInputError: INPUT changed since the part was planned.
     """
     lines: list[bytes] = []
+    default_model = part.default_model
 
-    def add(item: Request) -> None:
-        encoded = encoder.encode(item, part.default_model)
+    def read_id(number: int, raw: bytes) -> str | None:
+        item = parse_line(raw, number, default_model=default_model, unsendable=unsendable)
+        if isinstance(item, Invalid):
+            return None
+        encoded = encoder.encode(item, default_model)
         if isinstance(encoded, Invalid):
-            raise _changed(path, part, item.line)
+            return None
         lines.append(encoded[1])
+        return item.custom_id
 
-    await each_line(file, path, part, unsendable, add)
+    await _each_line(file, path, part, read_id)
     return lines

@@ -122,9 +122,7 @@ class _TerminalReporter(ProviderReporter):
         done = total if part.status == "merged" else part.done
         task = self._tasks.get(part.index)
         if task is None:
-            task = self._tasks[part.index] = self._progress.add_task(
-                "batch", total=total, text=""
-            )
+            task = self._tasks[part.index] = self._progress.add_task("batch", total=total, text="")
         self._progress.update(task, total=total, completed=done, text=describe(part))
 
     async def run(self) -> None:
