@@ -485,3 +485,51 @@ async def test_a_corrupt_job_state_is_refused(tmp_path: Path) -> None:
     async with open_fake_llm() as server:
         with pytest.raises(trio_llm.BatchInputError, match="not a trio-llm job state"):
             await run(server, source, target)
+
+
+async def test_progress_on_a_terminal_shows_each_batch(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal, one line per batch: its status and the provider's counts, in a bar."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    monkeypatch.delenv("TERM", raising=False)
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    async with open_fake_llm(FakeLLMConfig(batch_delay=30.0, batch_error_ids=("r1",))) as server:
+        await run(server, source, tmp_path / "out.jsonl", max_batch_lines=6, progress=True)
+    err = capsys.readouterr().err
+    assert "submitting 12 in 2 new batch(es) to openai's Batch API" in err
+    assert "━" in err
+    batches = [batch["id"] for batch in server.openai_batches]
+    assert "part 0: in_progress " in err
+    assert "part 0: completed, merged: 5 OK, 1 with an error" in err
+    assert "part 1: completed, merged: 6 OK, 0 with an error" in err
+    assert len(batches) == 2
+
+
+async def test_plain_progress_shows_counts_at_most_every_interval(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off a terminal: each status once, and growing counts at most every interval."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(2000))
+    async with open_fake_llm(FakeLLMConfig(batch_delay=100.0)) as server:
+        await run(server, source, tmp_path / "out.jsonl", progress=True, progress_interval=30.0)
+    batch = server.openai_batches[0]["id"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if f"({batch})" in line]
+    in_progress = [line for line in lines if ": in_progress " in line]
+    # answered in 4 chunks of 500 over 80 s; a line at 10 s, then at most every 30 s
+    assert [line.split(": in_progress ")[1] for line in in_progress] == [
+        f"500/2,000 ({batch})",
+        f"1,000/2,000 ({batch})",
+        f"2,000/2,000 ({batch})",
+    ]
+    assert lines[0] == f"trio-llm batch: part 0: validating 0/2,000 ({batch})"
+    assert lines[-1].endswith(f"completed, merged: 2,000 OK, 0 with an error ({batch})")

@@ -195,7 +195,7 @@ async def test_plain_progress_says_each_status_and_exit_1_on_errors(tmp_path: Pa
     assert done.returncode == 1, stderr
     for status in ("uploading", "creating", "validating", "in_progress", "completed, merged"):
         assert status in stderr
-    assert "29 answered OK, 1 with an error" in stderr
+    assert "completed, merged: 29 OK, 1 with an error (batch_" in stderr
     assert "rerun with --retry-failed" in stderr
 
 

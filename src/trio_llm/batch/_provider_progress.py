@@ -25,17 +25,20 @@ _REFRESH: Final = 0.1
 
 
 def describe(part: Part) -> str:
-    """Say where a batch is: ``part 0 batch_abc: in_progress 1,200/5,000, 3 failed``."""
-    name = f"part {part.index}" + (f" {part.batch_id}" if part.batch_id else "")
+    """Say where a batch is: ``part 0: in_progress 1,200/5,000, 3 failed (batch_abc)``.
+
+    The batch's id comes last: a terminal too narrow for the line cuts it first.
+    """
+    name = f"part {part.index}"
     if part.status in ("planned", "uploading", "creating", "dropped"):
         return f"{name}: {part.status} ({part.count:,} lines)"
     if part.status == "merged":
         ok, errors = part.answered
         ended = part.outcome or part.remote_status
-        return f"{name}: {ended}, merged ({ok:,} answered OK, {errors:,} with an error)"
+        return f"{name}: {ended}, merged: {ok:,} OK, {errors:,} with an error ({part.batch_id})"
     total = part.total or part.count
     failed = f", {part.failed:,} failed" if part.failed else ""
-    return f"{name}: {part.remote_status} {part.done:,}/{total:,}{failed}"
+    return f"{name}: {part.remote_status} {part.done:,}/{total:,}{failed} ({part.batch_id})"
 
 
 class ProviderReporter:
@@ -99,7 +102,7 @@ class _TerminalReporter(ProviderReporter):
         self._console = Console(stderr=True)
         self._progress: Progress = Progress(
             SpinnerColumn(),
-            BarColumn(bar_width=20),
+            BarColumn(bar_width=10),
             TextColumn("{task.fields[text]}"),
             console=self._console,
             auto_refresh=False,  # no refresh thread: run() redraws
