@@ -352,10 +352,10 @@ def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
             f"To resume, run the same command again: {_resume_command(args)}"
         )
         return EXIT_INTERRUPTED
-    if not summary.complete:  # --cancel: lines whose batch was never created
+    if not summary.complete:  # --cancel: lines never submitted, or whose part was dropped
         _say(
-            f"{answered}: their batches were cancelled before they were created; run "
-            f"without --cancel to submit them: {_resume_command(args)}"
+            f"{answered}: they are in no batch at the provider (never submitted, or "
+            f"dropped by --cancel); run without --cancel to submit them: {_resume_command(args)}"
         )
         return EXIT_ERROR
     if summary.errors:
