@@ -20,6 +20,7 @@ import attrs
 import pytest
 import trio
 
+from trio_llm._cli import main
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
 ENV = {**os.environ, "PYTHONWARNINGS": "error"}
@@ -224,4 +225,21 @@ async def test_simulate_runs_the_whole_flow_offline(tmp_path: Path) -> None:
     done = await finish([*argv, "--via", "provider", "--simulate", "--max-batch-lines", "20"])
     assert done.returncode == 0, done.stderr.decode()
     assert "submitting 30 in 2 new batch(es) to openai's Batch API" in done.stderr.decode()
+    each_once(target)
+
+
+def test_the_command_in_process_runs_and_resumes_offline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """main(): --simulate --via provider answers every line; the rerun has nothing to do."""
+    source, target = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    argv = ["batch", str(source), "-o", str(target), "--via", "provider", "--simulate"]
+    assert main([*argv, "--max-batch-lines", "20", "--max-batch-bytes", "100000"]) == 0
+    first = capsys.readouterr().err
+    assert "its Batch API batches take 2 s" in first
+    assert "batches of the job" in first
+    assert "2 merged" in first
+    assert main(argv) == 0
+    assert "30 answered already" in capsys.readouterr().err
+    assert main(["batch", str(source), "-o", str(target), "--cancel"]) == 2
     each_once(target)
