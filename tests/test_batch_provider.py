@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import trio_llm
+from trio_llm.batch import ViaProvider
 from trio_llm.batch._job import load_job, state_path
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
@@ -87,12 +88,19 @@ async def run(
     provider: str = "openai",
     **options: Any,
 ) -> trio_llm.BatchSummary:
-    """Run ``source`` through the provider's Batch API (polling every second)."""
-    options.setdefault("poll_interval", 1.0)
+    """Run ``source`` through the provider's Batch API (polling every second).
+
+    ``options`` are ``ViaProvider``'s fields and ``run_batch``'s other arguments.
+    """
+    settings = {"poll_interval": 1.0}
+    for name in ("poll_interval", "max_batch_lines", "max_batch_bytes", "cancel"):
+        if name in options:
+            settings[name] = options.pop(name)
+    via = ViaProvider(**settings)
     async with trio_llm.open_client(
         base_url=base_of(server, provider), model="m", provider=provider
     ) as client:
-        return await trio_llm.run_batch(source, target, client=client, via="provider", **options)
+        return await trio_llm.run_batch(source, target, client=client, via=via, **options)
 
 
 def creates(server: FakeLLMServer) -> int:

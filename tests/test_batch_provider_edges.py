@@ -14,6 +14,7 @@ import pytest
 import trio
 
 import trio_llm
+from trio_llm.batch import ViaProvider
 from trio_llm.batch._command import _exit_status
 from trio_llm.batch._job import Job, Part, load_job, save_job, state_path
 from trio_llm.batch._summary import BatchSummary, ProviderBatch
@@ -57,12 +58,14 @@ async def run(
     server: FakeLLMServer, source: Path, target: Path, *, provider: str = "openai", **options: Any
 ) -> trio_llm.BatchSummary:
     base = server.root_url if provider == "anthropic" else server.base_url
-    options.setdefault("poll_interval", 1.0)
+    via = ViaProvider(
+        poll_interval=options.pop("poll_interval", 1.0), cancel=options.pop("cancel", False)
+    )
     retry = options.pop("retry", trio_llm.RetryPolicy())
     async with trio_llm.open_client(
         base_url=base, model="m", provider=provider, retry=retry
     ) as client:
-        return await run_provider_batch(str(source), str(target), client=client, **options)
+        return await run_provider_batch(str(source), str(target), client=client, via=via, **options)
 
 
 async def stop_at(server: FakeLLMServer, route: str, run_it: Any) -> None:
@@ -228,22 +231,18 @@ async def test_bodies_the_provider_cannot_translate_are_invalid(
 
 
 async def test_bad_settings_are_refused(tmp_path: Path) -> None:
-    """Limits below 1, a poll interval of 0, an unknown via, cancel online: ValueError."""
+    """Limits below 1, a poll interval of 0, an unknown via: ValueError."""
     source = write_jsonl(tmp_path / "in.jsonl", prompts(1))
     target = tmp_path / "out.jsonl"
     async with (
         open_fake_llm() as server,
         trio_llm.open_client(base_url=server.base_url, model="m") as client,
     ):
-        for options in (
-            {"via": "provider", "max_batch_lines": 0},
-            {"via": "provider", "max_batch_bytes": 0},
-            {"via": "provider", "poll_interval": 0},
-            {"via": "carrier pigeon"},
-            {"cancel": True},
-        ):
-            with pytest.raises(ValueError, match=r"must|needs"):
-                await trio_llm.run_batch(source, target, client=client, **options)
+        for settings in ({"max_batch_lines": 0}, {"max_batch_bytes": 0}, {"poll_interval": 0}):
+            with pytest.raises(ValueError, match="must be"):
+                ViaProvider(**settings)
+        with pytest.raises(ValueError, match="via must be 'online' or 'provider'"):
+            await trio_llm.run_batch(source, target, client=client, via="carrier pigeon")
         with pytest.raises(trio_llm.ConfigurationError, match="is the input file"):
             await trio_llm.run_batch(source, source, client=client, via="provider")
 

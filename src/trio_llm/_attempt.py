@@ -85,20 +85,12 @@ class Request:
     )
 
     def __init__(
-        self,
-        url: str,
-        content: bytes,
-        estimate: int,
-        *,
-        stream: bool,
-        shown_url: str,
-        method: str = "POST",
-        headers: list[tuple[bytes, bytes]] | None = None,
+        self, url: str, content: bytes, estimate: int, *, stream: bool, shown_url: str
     ) -> None:
         self.url = url
-        self.method = method
-        # Every header of the request when it is not the client's usual set (None).
-        self.headers = headers
+        self.method = "POST"
+        # Every header of the request, when it is not the client's usual set.
+        self.headers: list[tuple[bytes, bytes]] | None = None
         self.shown_url = shown_url  # the URL as messages show it: credentials redacted
         self.content = content
         self.estimate = estimate
@@ -406,27 +398,18 @@ class Requester:
     ) -> Request:
         """Return a request of the provider's other APIs (files, batches): no token estimate.
 
-        Args:
-            method: ``GET`` or ``POST``.
-            url: the absolute URL.
-            content: the body, encoded.
-            content_type: the body's type, when it is not JSON (a multipart upload).
-            download: the body is read as it arrives (:meth:`Exchange.receive_some`),
-                uncompressed, by a ``read`` that keeps the exchange (as a stream's does).
+        ``content_type`` replaces JSON's (a multipart upload); a ``download`` is read as it
+        arrives, uncompressed, by a ``read`` that keeps the exchange (as a stream's does).
         """
-        shown = self._shown.get(url) or redact_url(url)
-        headers = None
+        request = Request(url, content, 0, stream=download, shown_url=redact_url(url))
+        request.method = method
         if content_type is not None or download:
             replaced = {b"content-type", b"accept", b"accept-encoding"}
             headers = [line for line in self._headers if line[0].lower() not in replaced]
             headers.append((b"content-type", (content_type or "application/json").encode()))
-            if download:
-                headers += [(b"accept", b"*/*"), (b"accept-encoding", b"identity")]
-            else:
-                headers.append((b"accept", b"application/json"))
-        return Request(
-            url, content, 0, stream=download, shown_url=shown, method=method, headers=headers
-        )
+            accept = b"*/*" if download else b"application/json"
+            request.headers = [*headers, (b"accept", accept), (b"accept-encoding", b"identity")]
+        return request
 
     def call(
         self,
@@ -576,9 +559,7 @@ class Requester:
 
     async def _send_through_httpx(self, request: Request) -> HttpxResponse:
         http = self._http
-        extra: list[tuple[bytes, bytes]] | dict[str, str] | None = request.headers
-        if extra is None and request.stream:
-            extra = {"accept": "text/event-stream"}
+        extra = request.headers or ({"accept": "text/event-stream"} if request.stream else None)
         built = http.build_request(
             request.method, request.url, content=request.content, headers=extra
         )

@@ -42,7 +42,7 @@ from .._ratelimit import RateLimit
 from ..providers._registry import provider_named
 from ._output import OutputWriteError
 from ._progress import print_summary
-from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES, BatchSummary, run_batch
+from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES, BatchSummary, ViaProvider, run_batch
 
 __all__ = ["add_batch_parser", "run_batch_command"]
 
@@ -236,19 +236,22 @@ async def _via_provider(args: argparse.Namespace, client: Client) -> BatchSummar
     poll = args.poll_interval
     if poll is None:
         poll = _SIMULATED_POLL_INTERVAL if args.simulate else _POLL_INTERVAL
+    via = ViaProvider(
+        poll_interval=poll,
+        max_batch_lines=args.max_batch_lines,
+        max_batch_bytes=args.max_batch_bytes,
+        cancel=args.cancel,
+    )
     return await run_provider_batch(
         args.input,
         args.output,
         client=client,
+        via=via,
         retry_failed=args.retry_failed,
         skip_invalid=args.skip_invalid,
         progress=True,
         progress_interval=args.progress_interval,
         handle_signals=True,
-        poll_interval=poll,
-        max_batch_lines=args.max_batch_lines,
-        max_batch_bytes=args.max_batch_bytes,
-        cancel=args.cancel,
         simulated=args.simulate,
     )
 

@@ -40,7 +40,7 @@ from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters
 from ._provider_plan import LineEncoder, each_id, plan_parts, read_part
 from ._provider_progress import ProviderReporter
-from ._summary import BatchSummary, ProviderBatch, brief, invalid_record, naming
+from ._summary import BatchSummary, ProviderBatch, ViaProvider, brief, invalid_record, naming
 
 __all__ = ["JobRun", "result_record"]
 
@@ -93,7 +93,7 @@ class JobRun:
         job: Job,
         answered: Callable[[str], bool],
         reporter: ProviderReporter,
-        poll_interval: float,
+        via: ViaProvider,
     ) -> None:
         self._client = client
         self._api = api
@@ -106,7 +106,10 @@ class JobRun:
         self._answered_before = answered
         self._written = HashSet()
         self._reporter = reporter
-        self._poll_interval = poll_interval
+        self._via = via
+        self._poll_interval = via.poll_interval
+        #: What the run is about to do, said first (set once planned).
+        self.text = ""
         self.counters = Counters()
         self.skipped = plan.answered_ok + plan.answered_failed
         self.interrupted = False
@@ -408,10 +411,18 @@ class JobRun:
                 return
             await trio.sleep(wait)
 
-    async def execute(self, *, cancel: bool, handle_signals: bool, text: str) -> None:
-        """Submit, (cancel,) follow and merge, reporting meanwhile; see the module."""
+    def note(self, text: str) -> None:
+        """Show a message (progress on): a note on the run."""
+        self._reporter.note(text)
+
+    async def execute(self, limit: int = 0, *, handle_signals: bool, grace: float = 0.0) -> None:
+        """Submit (or cancel), follow and merge, reporting meanwhile; see ``_via_provider``.
+
+        As the online run's ``execute``: ``limit`` and ``grace`` do not apply (the requests
+        are few, and a signal stops the run at once: nothing is lost).
+        """
         reporter = self._reporter
-        reporter.start(text)
+        reporter.start(self.text)
         for part in self._job.live:
             if part.status != PLANNED:  # (the text counts the new ones)
                 reporter.changed(part)
@@ -423,7 +434,7 @@ class JobRun:
                         await nursery.start(self._watch_signals)
                     nursery.start_soon(reporter.run)
                     try:
-                        if cancel:
+                        if self._via.cancel:
                             await self._cancel_all()
                         else:
                             await self._submit_all()

@@ -22,7 +22,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
-from typing import IO, Any, Final, final
+from typing import IO, TYPE_CHECKING, Any, Final, final
 
 import trio
 
@@ -60,12 +60,17 @@ from ._output import OutputFile, answer_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter
 from ._summary import BatchSummary as BatchSummary
 from ._summary import ProviderBatch as ProviderBatch
+from ._summary import ViaProvider as ViaProvider
 from ._summary import brief, invalid_record, naming
+
+if TYPE_CHECKING:
+    from ._job_run import JobRun
 
 __all__ = [
     "DEFAULT_MAX_CONSECUTIVE_FAILURES",
     "BatchSummary",
     "ProviderBatch",
+    "ViaProvider",
     "invalid_record",
     "run_batch",
 ]
@@ -345,11 +350,7 @@ async def run_batch(
     handle_signals: bool = False,
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
-    via: str = "online",
-    poll_interval: float = 30.0,
-    max_batch_lines: int | None = None,
-    max_batch_bytes: int | None = None,
-    cancel: bool = False,
+    via: str | ViaProvider = "online",
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -361,8 +362,7 @@ async def run_batch(
     Fails fast: a 401, 403, 404, 405 or 407, or ``max_consecutive_failures`` lines in a
     row failing with no answer, a 5xx, a 429 or the deadline (after their retries), stop
     the run: no new request, those in flight cancelled, ``summary.stopped`` says why, and
-    those lines stay unanswered for the rerun. Other statuses (400, 422) are the line's
-    answer. See ``docs/batch.md``.
+    those lines stay unanswered for the rerun. See ``docs/batch.md``.
 
     Args:
         input_path: the JSONL file of requests.
@@ -382,18 +382,9 @@ async def run_batch(
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
-        via: ``"online"`` sends each line as a request; ``"provider"`` submits them
-            through the provider's Batch API (OpenAI, Anthropic: half the price, results
-            within 24 hours) and merges the results into ``output_path`` in the same
-            format. See ``docs/batch.md`` (``--via provider``) for what it does and keeps.
-            ``concurrency``, ``grace`` and ``max_consecutive_failures`` are online only.
-        poll_interval: ``via="provider"``: seconds between two polls of a batch.
-        max_batch_lines: ``via="provider"``: the most lines in one batch (default: the
-            provider's limit, 50,000 for OpenAI, 100,000 for Anthropic).
-        max_batch_bytes: ``via="provider"``: the most bytes in one batch (default: the
-            provider's limit, 200 MB for OpenAI, 255 MB for Anthropic).
-        cancel: ``via="provider"``: cancel the job's running batches, merge what they
-            answered, and submit nothing new.
+        via: ``"online"``: each line is a request; ``"provider"`` (or a
+            :class:`ViaProvider`): the lines go through the provider's Batch API, and the
+            results are merged into ``output_path`` alike (online-only options ignored).
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -408,33 +399,7 @@ async def run_batch(
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    if via not in ("online", "provider"):
-        raise ValueError(f"via must be 'online' or 'provider', not {via!r}")
-    if via == "provider":
-        from ._via_provider import run_provider_batch
-
-        return await run_provider_batch(
-            os.fspath(input_path),
-            os.fspath(output_path),
-            client=client,
-            retry_failed=retry_failed,
-            skip_invalid=skip_invalid,
-            progress=progress,
-            progress_interval=progress_interval,
-            handle_signals=handle_signals,
-            poll_interval=poll_interval,
-            max_batch_lines=max_batch_lines,
-            max_batch_bytes=max_batch_bytes,
-            cancel=cancel,
-        )
-    if cancel:
-        raise ValueError("cancel=True cancels a job's batches: it needs via='provider'")
-    for name, value in (
-        ("concurrency", concurrency),
-        ("max_consecutive_failures", max_consecutive_failures),
-    ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    _check_settings(concurrency=concurrency, max_consecutive_failures=max_consecutive_failures)
     started = trio.current_time()
     before = client.statistics()
     async with _open_run(
@@ -446,6 +411,7 @@ async def run_batch(
         progress=progress,
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
+        via=via,
     ) as run:
         limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
@@ -463,13 +429,36 @@ async def _open_run(
     progress: bool,
     progress_interval: float,
     max_failures: int | None,
-) -> AsyncIterator[_Run]:
+    via: str | ViaProvider,
+) -> AsyncIterator[_Run | JobRun]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
+
+    With ``via`` not ``"online"``, the run of a job through the provider's Batch API
+    (``_via_provider``) instead.
 
     Raises:
         BatchInputError, ConfigurationError, OSError: as :func:`run_batch`, before any
             request is sent.
     """
+    if via != "online":
+        from ._via_provider import open_provider_run
+
+        if not isinstance(via, ViaProvider):
+            if via != "provider":
+                raise ValueError(f"via must be 'online' or 'provider', not {via!r}")
+            via = ViaProvider()
+        async with open_provider_run(
+            client,
+            input_path,
+            output_path,
+            via,
+            skip_invalid=skip_invalid,
+            retry_failed=retry_failed,
+            progress=progress,
+            progress_interval=progress_interval,
+        ) as job_run:
+            yield job_run
+        return
     # Blocking file calls on purpose: local files, buffered (see _output).
     with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
         if names(output_path, input_file):
@@ -508,6 +497,13 @@ async def _open_run(
                 reporter=reporter,
                 max_failures=max_failures,
             )
+
+
+def _check_settings(**settings: int | None) -> None:
+    """Refuse a setting below 1 (``None`` is allowed)."""
+    for name, value in settings.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
 
 
 def _is_outage(error: LLMError) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import final
+from typing import Any, final
 
 import attrs
 
@@ -12,7 +12,47 @@ from .._errors import LLMError
 from ._input import Invalid
 from ._output import error_record
 
-__all__ = ["BatchSummary", "ProviderBatch", "brief", "invalid_record", "naming"]
+__all__ = [
+    "BatchSummary",
+    "ProviderBatch",
+    "ViaProvider",
+    "brief",
+    "invalid_record",
+    "naming",
+]
+
+
+def _at_least_one(_instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name} must be an int >= 1 (or None), not {value!r}")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0 seconds, not {value!r}")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ViaProvider:
+    """How ``run_batch(..., via=ViaProvider(...))`` uses the provider's Batch API.
+
+    ``via="provider"`` is ``via=ViaProvider()``. See ``docs/batch.md`` (``--via provider``).
+
+    Attributes:
+        poll_interval: seconds between two polls of a batch.
+        max_batch_lines: the most lines in one batch (``None``: the provider's limit,
+            50,000 for OpenAI, 100,000 for Anthropic).
+        max_batch_bytes: the most bytes in one batch (``None``: the provider's limit,
+            200 MB for OpenAI, 255 MB for Anthropic).
+        cancel: cancel the job's running batches, merge what they answered, and submit
+            nothing new.
+    """
+
+    poll_interval: float = attrs.field(default=30.0, validator=_positive)
+    max_batch_lines: int | None = attrs.field(default=None, validator=_at_least_one)
+    max_batch_bytes: int | None = attrs.field(default=None, validator=_at_least_one)
+    cancel: bool = False
 
 
 @final

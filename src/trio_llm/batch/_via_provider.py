@@ -22,6 +22,8 @@ same command resumes polling.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Final
 
 import trio
@@ -45,7 +47,7 @@ from ._locked import names
 from ._output import OutputFile
 from ._provider_plan import LineEncoder
 from ._provider_progress import open_provider_reporter
-from ._summary import BatchSummary, naming
+from ._summary import BatchSummary, ViaProvider, naming
 
 __all__ = ["run_provider_batch"]
 
@@ -91,12 +93,8 @@ def _job_for(path: str, client: Client, *, simulated: bool, notes: list[str]) ->
     return job
 
 
-def _limit(name: str, value: int | None, provider_limit: int) -> int:
-    if value is None:
-        return provider_limit
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1 (or None), got {value}")
-    return value
+def _limit(value: int | None, provider_limit: int) -> int:
+    return provider_limit if value is None else value
 
 
 async def run_provider_batch(
@@ -104,33 +102,67 @@ async def run_provider_batch(
     output_path: str,
     *,
     client: Client,
+    via: ViaProvider,
     retry_failed: bool = False,
     skip_invalid: bool = False,
     progress: bool = False,
     progress_interval: float = 10.0,
     handle_signals: bool = False,
-    poll_interval: float = 30.0,
-    max_batch_lines: int | None = None,
-    max_batch_bytes: int | None = None,
-    cancel: bool = False,
     simulated: bool = False,
 ) -> BatchSummary:
-    """Run a batch file through the provider's Batch API; see ``run_batch(via="provider")``.
+    """Run a batch file through the provider's Batch API: ``run_batch(via=via)``, and more.
 
     ``simulated``: the client speaks to the ``--simulate`` fake server of this process
     (a later run's server will not know its batches: see :func:`_job_for`).
 
+    Cancellation: as for :func:`open_provider_run`.
+    """
+    started = trio.current_time()
+    before = client.statistics()
+    async with open_provider_run(
+        client,
+        input_path,
+        output_path,
+        via,
+        retry_failed=retry_failed,
+        skip_invalid=skip_invalid,
+        progress=progress,
+        progress_interval=progress_interval,
+        simulated=simulated,
+    ) as run:
+        await run.execute(handle_signals=handle_signals)
+    return run.summary(before=before, started=started)
+
+
+@contextlib.asynccontextmanager
+async def open_provider_run(
+    client: Client,
+    input_path: str,
+    output_path: str,
+    via: ViaProvider,
+    *,
+    retry_failed: bool,
+    skip_invalid: bool,
+    progress: bool,
+    progress_interval: float,
+    simulated: bool = False,
+) -> AsyncIterator[JobRun]:
+    """Open the files and the job, check INPUT and plan (steps 1 to 3); yield the run.
+
+    The block runs it (:meth:`JobRun.execute`: steps 4 and 5); leaving closes the files.
+
+    Raises:
+        BatchInputError, ConfigurationError, OSError: before anything is sent, as for
+            ``run_batch``; ``ConfigurationError`` also when the job's batches are at
+            another provider or base URL.
+
     Cancellation: the requests in flight are abandoned; the state and OUTPUT stay whole,
     the batches created keep running at the provider, and the same call resumes them.
     """
-    if not poll_interval > 0:
-        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
     api = batch_api_for(client)
-    max_lines = _limit("max_batch_lines", max_batch_lines, api.max_lines)
-    max_bytes = _limit("max_batch_bytes", max_batch_bytes, api.max_bytes)
-    started = trio.current_time()
-    before = client.statistics()
-    encoder = LineEncoder(api, client._provider, max_bytes=max_bytes)
+    encoder = LineEncoder(
+        api, client._provider, max_bytes=_limit(via.max_batch_bytes, api.max_bytes)
+    )
     # Blocking file calls on purpose: local files, buffered (see _output).
     with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
         if names(output_path, input_file):
@@ -146,7 +178,7 @@ async def run_provider_batch(
                     input_path,
                     answered,
                     default_model=client.model,
-                    skip_invalid=skip_invalid or cancel,  # cancelling needs no valid input
+                    skip_invalid=skip_invalid or via.cancel,  # cancelling needs no valid input
                     retry_failed=retry_failed,
                     unsendable=unsendable_urls(client._provider),
                     line_check=encoder.check(client.model),
@@ -165,21 +197,22 @@ async def run_provider_batch(
                     key in answered.ok or (failed_count and key in answered.failed)
                 ),
                 reporter=open_provider_reporter(enabled=progress, interval=progress_interval),
-                poll_interval=poll_interval,
+                via=via,
             )
             before_plan = len(job.parts)
-            new_lines = (
-                0 if cancel else await run.plan(default_model=client.model, max_lines=max_lines)
-            )
-            text = _plan_text(run, job, before_plan, new_lines, api.name, cancel=cancel)
+            if not via.cancel:
+                max_lines = _limit(via.max_batch_lines, api.max_lines)
+                new_lines = await run.plan(default_model=client.model, max_lines=max_lines)
+                run.text = _plan_text(run, job, before_plan, new_lines, api.name)
+            else:
+                run.text = _plan_text(run, job, before_plan, 0, api.name, cancel=True)
             for note in notes:
-                run._reporter.note(note)
-            await run.execute(cancel=cancel, handle_signals=handle_signals, text=text)
-    return run.summary(before=before, started=started)
+                run.note(note)
+            yield run
 
 
 def _plan_text(
-    run: JobRun, job: Job, before_plan: int, new_lines: int, provider: str, *, cancel: bool
+    run: JobRun, job: Job, before_plan: int, new_lines: int, provider: str, *, cancel: bool = False
 ) -> str:
     plan = run._plan
     parts = [f"{plan.total:,} lines in {plan.path}"]
