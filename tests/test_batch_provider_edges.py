@@ -432,7 +432,11 @@ def test_exit_messages_of_provider_runs(capsys: pytest.CaptureFixture[str]) -> N
     assert _exit_status(_summary(interrupted=True, batches=tuple(running)), args) == 130
     assert _exit_status(_summary(interrupted=True, batches=(_batch("planned", None),)), args) == 130
     assert _exit_status(_summary(), args) == 1
+    unknown = trio_llm.NotFoundError("no such batch", status_code=404)
+    stopped = _summary(stopped="polling batch batch_x: HTTP 404", stop_error=unknown)
+    assert _exit_status(stopped, args) == 3
     err = capsys.readouterr().err
+    assert "unknown to this key, or the server has no Batch API: check $OPENAI_API_KEY" in err
     assert "5 batch(es) keep running at the provider (batch_0, batch_1, batch_2, ...)" in err
     assert (
         "to cancel them instead: trio-llm batch in.jsonl -o out.jsonl --via provider --cancel"

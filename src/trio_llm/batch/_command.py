@@ -307,6 +307,11 @@ def _stop_hint(error: LLMError | None, args: argparse.Namespace) -> str:
         return f"check the API key in {key}"
     if status == 403:
         return f"check that the key in {key} may use this model and endpoint"
+    if status == 404 and getattr(args, "via", "online") == "provider":
+        return (
+            "a batch or file of the job is unknown to this key, or the server has no Batch "
+            f"API: check {key} (the key that created the job) and --base-url"
+        )
     if status in (404, 405):
         return "check --base-url, --provider and the model (--model or body.model)"
     if status == 407:

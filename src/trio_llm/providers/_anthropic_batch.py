@@ -14,7 +14,7 @@ is not one the job knows already (:meth:`AnthropicBatchAPI.find_created`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, final
 from urllib.parse import quote, urlsplit
@@ -181,7 +181,7 @@ class AnthropicBatchAPI:
         self, *, file_id: str | None, lines: list[bytes], url: str, metadata: Mapping[str, str]
     ) -> RemoteBatch:
         """``POST /v1/messages/batches`` with every request (no metadata: none is kept)."""
-        content = b"".join([b'{"requests":[', b",".join(lines), b"]}"])
+        content = b"".join(_requests_body(lines))  # one copy of the lines, not two
         payload = await self._client._api_call(
             "POST", self._batches, json_reply, content=content, no_deadline=True
         )
@@ -244,6 +244,16 @@ class AnthropicBatchAPI:
             lambda line: sink(parse_result(line, _result)),
             max_line=limit,
         )
+
+
+def _requests_body(lines: list[bytes]) -> Iterator[bytes]:
+    """Yield the parts of ``{"requests": [...]}`` around the encoded ``lines``."""
+    yield b'{"requests":['
+    for index, line in enumerate(lines):
+        if index:
+            yield b","
+        yield line
+    yield b"]}"
 
 
 def _origin(url: str) -> tuple[str, str]:
