@@ -62,8 +62,9 @@ async def run(
         poll_interval=options.pop("poll_interval", 1.0), cancel=options.pop("cancel", False)
     )
     retry = options.pop("retry", trio_llm.RetryPolicy())
+    timeouts = options.pop("timeouts", None)
     async with trio_llm.open_client(
-        base_url=base, model="m", provider=provider, retry=retry
+        base_url=base, model="m", provider=provider, retry=retry, timeouts=timeouts
     ) as client:
         return await run_provider_batch(str(source), str(target), client=client, via=via, **options)
 
@@ -90,6 +91,40 @@ async def test_a_poll_that_fails_is_tried_again_at_the_next_poll(
     err = capsys.readouterr().err
     assert err.count("; trying again in 5 s") == 2
     assert "polling batch batch_" in err
+
+
+@pytest.mark.parametrize(
+    ("provider", "route"),
+    [("openai", "POST /v1/batches"), ("anthropic", "POST /v1/messages/batches")],
+)
+async def test_a_create_whose_answer_is_lost_is_found_not_repeated(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    provider: str,
+    route: str,
+) -> None:
+    """A create that times out is never retried blindly: the next round finds its batch."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    target = tmp_path / "out.jsonl"
+    async with open_fake_llm() as server:
+        hold = server.hold(route)  # the batch is made; its answer never comes
+        summary = await run(
+            server,
+            source,
+            target,
+            provider=provider,
+            poll_interval=10.0,
+            timeouts=trio_llm.Timeouts(read=5.0),
+            progress=True,
+        )
+        hold.release()
+    assert creates(server) == 1
+    assert summary.all_succeeded
+    err = capsys.readouterr().err
+    assert "ReadTimeout" in err
+    assert "trying again in 10 s" in err
+    assert "created before" in err
 
 
 async def test_cancel_finds_a_create_in_flight_and_cancels_it(

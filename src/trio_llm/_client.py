@@ -183,6 +183,7 @@ class Client:
         content_type: str | None = None,
         download: bool = False,
         no_deadline: bool = False,
+        once: bool = False,
     ) -> Awaitable[T]:
         """Call another API of the provider (files, batches) through the same lifecycle.
 
@@ -190,13 +191,14 @@ class Client:
         mapping apply, as to a chat call; no token estimate is reserved. ``read`` gets the
         open exchange of a success status (see :meth:`Requester.attempt`). With
         ``no_deadline`` (a transfer of many megabytes) the policy's deadline is left out;
-        the per-phase timeouts still apply. Used by ``run_batch(..., via="provider")``.
+        the per-phase timeouts still apply; ``once`` makes one attempt (a request that must
+        not be repeated blindly). Used by ``run_batch(..., via="provider")``.
         """
         requester = self._requester
         request = requester.api_request(
             method, url, content, content_type=content_type, download=download
         )
-        policy = self._retry
+        policy = None if once else self._retry
         if no_deadline and policy is not None:
             policy = attrs.evolve(policy, deadline=None)
         return requester.call(request, read, policy)

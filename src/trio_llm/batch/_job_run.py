@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import IO, Final, final
 
 import trio
@@ -342,21 +343,15 @@ class JobRun:
         """Cancel every batch of the job; drop the parts not created yet."""
         for part in self._job.live:
             if part.status == CREATING:
-                await self._guarded(
-                    f"looking for batch part {part.index}",
-                    lambda part=part: self._find_for_cancel(part),  # type: ignore[misc]
-                    again=False,
-                )
+                what = f"looking for batch part {part.index}"
+                await self._guarded(what, partial(self._find_for_cancel, part), again=False)
             if part.status in (PLANNED, UPLOADING, CREATING):
                 part.status = DROPPED
                 self._save()
                 self._reporter.changed(part)
             elif part.status == RUNNING:
-                await self._guarded(
-                    f"cancelling batch {part.batch_id}",
-                    lambda part=part: self._cancel(part),  # type: ignore[misc]
-                    again=False,
-                )
+                what = f"cancelling batch {part.batch_id}"
+                await self._guarded(what, partial(self._cancel, part), again=False)
 
     async def _find_for_cancel(self, part: Part) -> None:
         assert part.intent_at is not None
@@ -380,34 +375,27 @@ class JobRun:
             batch, _ = await self._api.retrieve(part.batch_id)
         self._update(part, batch)
 
-    async def _submit_all(self) -> None:
-        for part in self._job.live:
-            if part.status in (PLANNED, UPLOADING, CREATING):
-
-                async def submit(part: Part = part) -> None:
-                    await self._submit(part)
-
-                await self._guarded(f"creating batch part {part.index}", submit, again=False)
-
     async def _follow(self) -> None:
-        """Poll the running batches and merge the ended ones, until all are merged."""
+        """Submit, poll and merge, every ``poll_interval``, until every part is merged.
+
+        A step that fails in a way worth retrying (after the client's own retries) is
+        tried again at the next round; a create, which the client never repeats (a lost
+        answer may hide a batch that was made), is then looked for first (``_submit``).
+        """
         while True:
             wait = self._poll_interval
             for part in self._job.live:
+                if part.status in (PLANNED, UPLOADING, CREATING):
+                    what = f"creating batch part {part.index}"
+                    await self._guarded(what, partial(self._submit, part), again=True)
                 if part.status == RUNNING:
-                    asked = await self._guarded(
-                        f"polling batch {part.batch_id}",
-                        lambda part=part: self._poll(part),  # type: ignore[misc]
-                        again=True,
-                    )
+                    what = f"polling batch {part.batch_id}"
+                    asked = await self._guarded(what, partial(self._poll, part), again=True)
                     wait = max(wait, asked or 0.0)
                 if part.status == ENDED:
-
-                    async def merge(part: Part = part) -> None:
-                        await self._merge(part)
-
-                    await self._guarded(f"merging batch {part.batch_id}", merge, again=True)
-            if not any(part.status in (RUNNING, ENDED) for part in self._job.live):
+                    what = f"merging batch {part.batch_id}"
+                    await self._guarded(what, partial(self._merge, part), again=True)
+            if not self._job.live:
                 return
             await trio.sleep(wait)
 
@@ -436,8 +424,6 @@ class JobRun:
                     try:
                         if self._via.cancel:
                             await self._cancel_all()
-                        else:
-                            await self._submit_all()
                         await self._follow()
                     except _Stop:
                         pass

@@ -183,7 +183,7 @@ class AnthropicBatchAPI:
         """``POST /v1/messages/batches`` with every request (no metadata: none is kept)."""
         content = b"".join(_requests_body(lines))  # one copy of the lines, not two
         payload = await self._client._api_call(
-            "POST", self._batches, json_reply, content=content, no_deadline=True
+            "POST", self._batches, json_reply, content=content, once=True
         )
         return _batch(payload)
 

@@ -154,7 +154,11 @@ class BatchAPI(Protocol):
     async def create(
         self, *, file_id: str | None, lines: list[bytes], url: str, metadata: Mapping[str, str]
     ) -> RemoteBatch:
-        """Create a batch of ``lines`` (or of the uploaded file ``file_id``)."""
+        """Create a batch of ``lines`` (or of the uploaded file ``file_id``), in one attempt.
+
+        Never retried here: a create whose answer was lost may have made the batch, so the
+        caller looks for it (:meth:`find_created`) before creating it again.
+        """
         ...
 
     async def find_created(

@@ -242,7 +242,10 @@ class OpenAIBatchAPI:
             "completion_window": "24h",
             "metadata": dict(metadata),
         }
-        return await self._call("POST", "/batches", _json.dumps(body))
+        payload = await self._client._api_call(
+            "POST", self._base + "/batches", json_reply, content=_json.dumps(body), once=True
+        )
+        return _parsed(payload)
 
     async def find_created(
         self,
