@@ -20,7 +20,7 @@ from trio_llm.batch._job import Job, Part, load_job, save_job, state_path
 from trio_llm.batch._summary import BatchSummary, ProviderBatch
 from trio_llm.batch._via_provider import run_provider_batch
 from trio_llm.providers import _anthropic_batch, _openai_batch
-from trio_llm.providers._batch_api import RemoteBatch, ResultLine, batch_api_for
+from trio_llm.providers._batch_api import RemoteBatch, ResultLine, batch_api_for, stream_lines
 from trio_llm.providers._openai_batch import OpenAIBatchAPI, multipart_file
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
@@ -479,3 +479,16 @@ def test_exit_messages_of_provider_runs(capsys: pytest.CaptureFixture[str]) -> N
     )
     assert "interrupted; to resume, run the same command again" in err
     assert "run without --cancel to submit them" in err
+
+
+async def test_downloads_are_read_line_by_line_within_a_limit(fake_llm: FakeLLMServer) -> None:
+    """A last line without its newline is read; a line over the limit is refused."""
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
+        api = OpenAIBatchAPI(client)
+        file_id = await api.upload("z.jsonl", [b'{"a": 1}\n\n', b'{"b": 2}'])
+        url = f"{fake_llm.base_url}/files/{file_id}/content"
+        lines: list[bytes] = []
+        await stream_lines(client, url, lines.append, max_line=100)
+        assert lines == [b'{"a": 1}', b'{"b": 2}']
+        with pytest.raises(trio_llm.APIResponseError, match="a line longer than 5 bytes"):
+            await stream_lines(client, url, lines.append, max_line=5)

@@ -234,16 +234,13 @@ async def stream_lines(
     exchange = await client._api_call("GET", url, keep_open, download=True, no_deadline=True)
     try:
         pending = b""
-        while True:
-            data = await exchange.receive_some()
-            if not data:
-                break
+        while data := await exchange.receive_some():
             pending += data
-            if b"\n" not in data:
-                if len(pending) > max_line:
+            lines = pending.split(b"\n") if b"\n" in data else [pending]
+            pending = lines.pop()  # the start of a line not whole yet
+            for line in (*lines, pending):
+                if len(line) > max_line:
                     raise exchange.bad_reply(f"has a line longer than {max_line:,} bytes")
-                continue
-            *lines, pending = pending.split(b"\n")
             for line in lines:
                 if line.strip():
                     on_line(line)
