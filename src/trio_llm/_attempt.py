@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import httpx2
 import trio
@@ -49,8 +49,11 @@ from ._http import BodyTooLarge, HTTPResponse, TrioTransport
 from ._ratelimit import RateLimiter, Reservation
 from ._retry import call_with_retries
 from ._sending import HttpxResponse, stream_decoder
-from ._types import Usage
+from ._types import JSONObject, Usage
 from .providers._base import Provider
+
+if TYPE_CHECKING:
+    from ._cache import CachedReply, CacheHook
 
 __all__ = ["Exchange", "Request", "Requester"]
 
@@ -69,10 +72,12 @@ class Request:
     """One call's request, encoded once and sent by each attempt.
 
     ``waiting_for`` says what the call is waiting for now, for the message of a deadline
-    that passes before any response.
+    that passes before any response. ``cache_key`` is set when the client's cache is to
+    be consulted and filled (:mod:`trio_llm._cache`).
     """
 
     __slots__ = (
+        "cache_key",
         "content",
         "deadline_at",
         "estimate",
@@ -92,6 +97,7 @@ class Request:
         self.stream = stream
         self.waiting_for = "the response"
         self.deadline_at = _INF  # the call's deadline, set by the retry loop
+        self.cache_key: str | None = None
 
     @property
     def label(self) -> str:
@@ -239,12 +245,15 @@ class Exchange:
         body = _json.dumps({"error": error})
         return self._requester.status_error(self, status, body, "error event in the stream")
 
-    def finish(self, usage: Usage) -> None:
+    def finish(self, usage: Usage, payload: JSONObject | None = None) -> None:
         """Count the call as succeeded with ``usage``; settle the reservation with it.
 
-        A reply that reports no tokens settles at the estimate.
+        A reply that reports no tokens settles at the estimate. ``payload``, the reply
+        (a streamed one aggregated), is stored in the client's cache if the call uses it.
         """
         requester = self._requester
+        if payload is not None and requester.cache is not None:
+            requester.cache.store(self.request, self.request_id, payload, usage)
         requester.succeeded += 1
         requester.prompt_tokens += usage.prompt_tokens
         requester.completion_tokens += usage.completion_tokens
@@ -307,6 +316,8 @@ class Requester:
         "_phases",
         "_shown",
         "_stream_headers",
+        "cache",
+        "cache_hits",
         "completion_tokens",
         "direct",
         "failed",
@@ -368,25 +379,44 @@ class Requester:
         self.rate_limited = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cache: CacheHook | None = None  # the client's response cache, if it has one
+        self.cache_hits = 0
 
-    def request(self, url: str, body: Mapping[str, Any], *, stream: bool = False) -> Request:
-        """Encode ``body`` for ``url`` once, with its token estimate when rate-limited."""
+    def request(
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        *,
+        stream: bool = False,
+        cache: str | None = None,
+    ) -> Request:
+        """Encode ``body`` for ``url`` once, with its token estimate when rate-limited.
+
+        ``cache`` names the kind of call (``"chat"``, ``"embeddings"``) whose reply the
+        client's cache may answer and keep; ``None``: the cache is not used.
+        """
         estimate = estimate_tokens(body) if self.rate is not None else 0
         shown = self._shown.get(url)
         if shown is None:
             shown = self._shown[url] = redact_url(url)
-        return Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
+        request = Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
+        if cache is not None and self.cache is not None:
+            request.cache_key = self.cache.key(cache, body)
+        return request
 
     def call(
         self,
         request: Request,
         read: Callable[[Exchange], Awaitable[T]],
         policy: RetryPolicy | None,
+        replay: Callable[[CachedReply], T] | None = None,
     ) -> Awaitable[T]:
         """Run attempts under ``policy``: each opens an exchange and ``read`` s it.
 
         Returns the call's coroutine (a plain function: one frame fewer held by every
-        request in flight). See :meth:`attempt` for ``read``.
+        request in flight). See :meth:`attempt` for ``read``. A request with a cache key
+        is first looked up in the client's cache, and a hit is returned by ``replay``
+        without any attempt (:meth:`trio_llm._cache.CacheHook.call`).
 
         Raises:
             LLMError: the last attempt's error (counted as a failed call), or
@@ -396,7 +426,10 @@ class Requester:
         released, reservation refunded if nothing was sent); nothing is retried.
         """
         attempt = partial(self.attempt, request, read)
-        return call_with_retries(attempt, policy, call=request, stats=self)
+        if request.cache_key is None or replay is None or self.cache is None:
+            return call_with_retries(attempt, policy, call=request, stats=self)
+        send = partial(call_with_retries, attempt, policy, call=request, stats=self)
+        return self.cache.call(self, request, send, replay)
 
     def count_retry(self, error: LLMError) -> None:
         """Count a retry decided after ``error``, and keep ``error`` as the latest."""
@@ -406,6 +439,10 @@ class Requester:
     def count_failure(self, _error: LLMError) -> None:
         """Count a call that failed with ``_error``."""
         self.failed += 1
+
+    def count_cache_hit(self) -> None:
+        """Count a call answered from the client's cache (no attempt, no tokens)."""
+        self.cache_hits += 1
 
     async def attempt(self, request: Request, read: Callable[[Exchange], Awaitable[T]]) -> T:
         """Make one attempt: reserve, take a slot, send, check the status, then ``read``.

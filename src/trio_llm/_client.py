@@ -23,6 +23,7 @@ import httpx2
 import trio
 
 from ._attempt import Exchange, Requester
+from ._cache import CachedReply, CacheSetting, open_cache_hook
 from ._config import RetryPolicy, Timeouts
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
@@ -79,12 +80,14 @@ class ClientStatistics:
         waiting: requests waiting for a concurrency slot or for rate-limit capacity now.
         max_concurrency: the concurrency limit.
         sent: HTTP attempts started.
-        succeeded: calls that returned a result.
+        succeeded: calls the server answered (replies from the cache are ``cache_hits``).
         failed: calls that raised an error (cancelled calls count in neither).
         retried: retry attempts made (attempts after the first of a call).
         rate_limited: 429 responses received.
         prompt_tokens: prompt tokens reported by the server's ``usage``.
         completion_tokens: completion tokens reported by the server's ``usage``.
+        cache_hits: calls answered from the client's response cache: no request sent,
+            no capacity taken, no tokens counted.
     """
 
     in_flight: int
@@ -97,6 +100,7 @@ class ClientStatistics:
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
+    cache_hits: int = 0
 
 
 @final
@@ -166,6 +170,7 @@ class Client:
             rate_limited=requester.rate_limited,
             prompt_tokens=requester.prompt_tokens,
             completion_tokens=requester.completion_tokens,
+            cache_hits=requester.cache_hits,
         )
 
     def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
@@ -183,6 +188,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> ChatResponse:
         """Send one chat request and return the reply.
@@ -193,6 +199,8 @@ class Client:
             model: the model; defaults to the client's.
             retry: this call's :class:`RetryPolicy` (default: the client's); ``None``
                 makes one attempt with no deadline.
+            cache: ``False``: this call neither reads nor fills the client's response
+                cache (``open_client(cache=...)``).
             **params: any other field of the request body (``temperature``,
                 ``max_tokens``, ``tools``, ``response_format``, ...), passed unchanged.
 
@@ -212,8 +220,11 @@ class Client:
         request = requester.request(
             self._chat_url,
             self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params),
+            cache="chat" if cache else None,
         )
-        return await requester.call(request, self._read_chat, self._policy(retry))
+        return await requester.call(
+            request, self._read_chat, self._policy(retry), self._replay_chat
+        )
 
     async def _read_chat(self, exchange: Exchange) -> ChatResponse:
         payload = await exchange.read_json()
@@ -221,8 +232,11 @@ class Client:
             reply = self._provider.parse_chat(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
-        exchange.finish(reply.usage)
+        exchange.finish(reply.usage, payload)
         return reply
+
+    def _replay_chat(self, entry: CachedReply) -> ChatResponse:
+        return entry.chat_response(self._provider)
 
     async def embed(
         self,
@@ -230,6 +244,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> EmbeddingResponse:
         """Embed one text or a list of texts; vectors come back in input order.
@@ -238,6 +253,7 @@ class Client:
             texts: a string or a sequence of strings.
             model: the model; defaults to the client's.
             retry: this call's :class:`RetryPolicy`, as for :meth:`chat`.
+            cache: ``False``: skip the client's response cache, as for :meth:`chat`.
             **params: other request fields (``dimensions``, ``encoding_format``, ...).
                 ``encoding_format="base64"`` is decoded transparently.
 
@@ -250,8 +266,11 @@ class Client:
         request = requester.request(
             self._embeddings_url,
             self._provider.embeddings_body(texts, self._resolve_model(model), params),
+            cache="embeddings" if cache else None,
         )
-        return await requester.call(request, self._read_embeddings, self._policy(retry))
+        return await requester.call(
+            request, self._read_embeddings, self._policy(retry), self._replay_embeddings
+        )
 
     async def _read_embeddings(self, exchange: Exchange) -> EmbeddingResponse:
         payload = await exchange.read_json()
@@ -259,8 +278,11 @@ class Client:
             reply = self._provider.parse_embeddings(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
-        exchange.finish(reply.usage)
+        exchange.finish(reply.usage, payload)
         return reply
+
+    def _replay_embeddings(self, entry: CachedReply) -> EmbeddingResponse:
+        return entry.embedding_response(self._provider)
 
     def _chat_item(
         self,
@@ -346,6 +368,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> AbstractAsyncContextManager[ChatStream]:
         """Stream one chat reply: ``async with client.stream(prompt) as stream:``.
@@ -355,13 +378,16 @@ class Client:
         first event are retried under ``retry`` (default: the client's) and raised from
         ``async with``; later ones raise :class:`StreamError` from the loop. Other
         arguments as for :meth:`chat`; ``stream_options.include_usage`` is set unless
-        given.
+        given. With the client's cache, a reply stored before (streamed or not) is
+        replayed as a stream, and a reply streamed to its end is stored.
 
         Cancellation: leaving the block early (break, an exception, a cancel scope)
         closes the response and its connection at once and releases the slot.
         """
         body = self._provider.stream_body(prompt_or_messages, self._resolve_model(model), params)
-        return open_chat_stream(self._requester, self._chat_url, body, self._policy(retry))
+        return open_chat_stream(
+            self._requester, self._chat_url, body, self._policy(retry), cache=cache
+        )
 
     def stream_many(
         self,
@@ -369,6 +395,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> AbstractAsyncContextManager[MultiChatStream]:
         """Stream several replies at once: ``async for index, item in streams``.
@@ -384,7 +411,9 @@ class Client:
         resolved = self._resolve_model(model)
         stream_body = self._provider.stream_body
         bodies = [stream_body(prompt, resolved, params) for prompt in prompts]
-        return open_stream_many(self._requester, self._chat_url, bodies, self._policy(retry))
+        return open_stream_many(
+            self._requester, self._chat_url, bodies, self._policy(retry), cache=cache
+        )
 
 
 def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
@@ -452,6 +481,7 @@ async def open_client(
     transport: httpx2.AsyncBaseTransport | None = None,
     headers: Mapping[str, str] | None = None,
     max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+    cache: CacheSetting | None = None,
 ) -> AsyncIterator[Client]:
     """Open a client: a connection pool and the limits every task using it shares.
 
@@ -481,9 +511,12 @@ async def open_client(
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
             (at most 16 MiB) accepted; a larger one fails the call at once with
             :class:`APIResponseError`. ``None``: no limit.
+        cache: a response cache: an SQLite file's path (created if missing) or any
+            :class:`ResponseCache`; ``None``: none. Calls may opt out (``cache=False``).
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
+        CacheError: the cache file cannot be used (corrupt, of a newer format).
 
     Leaving the block closes every connection: open the client outside the nursery
     whose tasks use it, so that their calls have finished by then.
@@ -512,10 +545,6 @@ async def open_client(
         timeouts=timeouts,
         max_response_bytes=max_response_bytes,
     )
-    async with http:
-        yield Client(
-            requester=requester,
-            base_url=url,
-            model=model,
-            retry=RetryPolicy() if retry is CLIENT_DEFAULT else retry,
-        )
+    policy = RetryPolicy() if retry is CLIENT_DEFAULT else retry
+    async with http, open_cache_hook(cache, adapter.name) as requester.cache:
+        yield Client(requester=requester, base_url=url, model=model, retry=policy)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Final, final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
@@ -25,6 +26,10 @@ from ._sse import DEFAULT_MAX_EVENT_SIZE as MAX_EVENT_SIZE
 from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder
 from ._types import ChatChunk, ChatResponse, JSONObject
 from .providers._base import Provider, StreamTranslator
+
+if TYPE_CHECKING:
+    from ._cache import CachedReply
+    from ._cache_replay import ReplayReader
 
 __all__ = ["BUFFER", "StreamReader", "open_reader", "start_stream"]
 
@@ -165,7 +170,7 @@ class StreamReader:
             exchange.fail()
             raise
         self.response = self._aggregate.to_response(exchange.request_id)
-        exchange.finish(self.response.usage)
+        exchange.finish(self.response.usage, self.response.raw)
 
     async def _pump(self, channel: trio.MemorySendChannel[Any], index: int | None) -> None:
         idle = self._idle
@@ -334,13 +339,21 @@ def _starts_reply(event: ServerSentEvent, provider: Provider, exchange: Exchange
 
 
 async def start_stream(
-    requester: Requester, url: str, body: JSONObject, retry: RetryPolicy | None
-) -> StreamReader:
-    """Start one stream under ``retry``: attempts up to the first event."""
-    request = requester.request(url, body, stream=True)
+    requester: Requester,
+    url: str,
+    body: JSONObject,
+    retry: RetryPolicy | None,
+    replay: Callable[[CachedReply], ReplayReader] | None = None,
+) -> StreamReader | ReplayReader:
+    """Start one stream under ``retry``: attempts up to the first event.
+
+    With ``replay``, the call uses the client's response cache: a hit is replayed, with no
+    attempt, and a reply streamed to its end is stored.
+    """
+    request = requester.request(url, body, stream=True, cache=None if replay is None else "chat")
     idle = requester.timeouts.stream_idle
 
-    async def first_event(exchange: Exchange) -> StreamReader:
+    async def first_event(exchange: Exchange) -> StreamReader | ReplayReader:
         return await open_reader(exchange, requester.provider, idle)
 
-    return await requester.call(request, first_event, retry)
+    return await requester.call(request, first_event, retry, replay)

@@ -19,7 +19,7 @@ so a slow consumer stops the reader and, through TCP, the server.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, final
 
@@ -27,6 +27,8 @@ import attrs
 import trio
 
 from ._attempt import Requester
+from ._cache import CachedReply
+from ._cache_replay import ReplayReader
 from ._config import RetryPolicy
 from ._errors import LLMError
 from ._fanout import Worker, Workers, open_task_channel
@@ -74,7 +76,9 @@ class ChatStream:
     __slots__ = ("_delivered", "_exchange", "_receive")
 
     def __init__(
-        self, receive: trio.MemoryReceiveChannel[ChatChunk], exchange: StreamReader
+        self,
+        receive: trio.MemoryReceiveChannel[ChatChunk],
+        exchange: StreamReader | ReplayReader,
     ) -> None:
         self._receive = receive
         self._exchange = exchange
@@ -138,9 +142,22 @@ class ChatStream:
         )
 
 
+def _replayer(requester: Requester, cache: bool) -> Callable[[CachedReply], ReplayReader] | None:
+    """Return how a stream replays a cached reply; ``None`` if it does not use the cache."""
+    if not cache or requester.cache is None:
+        return None
+    provider = requester.provider
+    return lambda entry: ReplayReader(entry.chat_response(provider))
+
+
 @asynccontextmanager
 async def open_chat_stream(
-    requester: Requester, url: str, body: JSONObject, retry: RetryPolicy | None
+    requester: Requester,
+    url: str,
+    body: JSONObject,
+    retry: RetryPolicy | None,
+    *,
+    cache: bool = True,
 ) -> AsyncIterator[ChatStream]:
     """Send a streamed chat request (``body``); yield its chunks as a :class:`ChatStream`.
 
@@ -155,6 +172,8 @@ async def open_chat_stream(
         body: the request body, ``"stream": true`` and the provider's usage option set.
         retry: the policy of the attempts up to the first event (its deadline bounds
             them, not the stream); ``None`` makes one attempt.
+        cache: whether the client's response cache may answer (a replay: no request) and
+            keep the reply once it is complete.
 
     Raises:
         APIStatusError: from ``async with``: the server answered with an error status,
@@ -170,7 +189,7 @@ async def open_chat_stream(
     never returned to the pool half-read, and the concurrency slot released. A cancelled
     stream counts as neither succeeded nor failed.
     """
-    reader = await start_stream(requester, url, body, retry)
+    reader = await start_stream(requester, url, body, retry, _replayer(requester, cache))
     del body
 
     def fill(nursery: trio.Nursery, send: trio.MemorySendChannel[ChatChunk]) -> None:
@@ -252,9 +271,10 @@ async def _stream_one(
     index: int,
     channel: trio.MemorySendChannel[Any],
     retry: RetryPolicy | None,
+    cache: bool,
 ) -> Result[ChatResponse]:
     try:
-        reader = await start_stream(requester, url, body, retry)
+        reader = await start_stream(requester, url, body, retry, _replayer(requester, cache))
         try:
             await reader.pump(channel, index)
             await reader.drain()
@@ -268,7 +288,12 @@ async def _stream_one(
 
 @asynccontextmanager
 async def open_stream_many(
-    requester: Requester, url: str, bodies: Sequence[JSONObject], retry: RetryPolicy | None
+    requester: Requester,
+    url: str,
+    bodies: Sequence[JSONObject],
+    retry: RetryPolicy | None,
+    *,
+    cache: bool = True,
 ) -> AsyncIterator[MultiChatStream]:
     """Stream several chat replies at once, multiplexed into one :class:`MultiChatStream`.
 
@@ -284,6 +309,8 @@ async def open_stream_many(
         bodies: one streamed request body per reply.
         retry: each stream's policy up to its first event, as for
             :func:`open_chat_stream`.
+        cache: whether the client's response cache is used, as for
+            :func:`open_chat_stream`.
 
     Cancellation: leaving the block early, by ``break``, an exception or a cancelled
     scope, closes every open stream and starts no more.
@@ -296,7 +323,7 @@ async def open_stream_many(
             clone = send.clone()
 
             async def stream(index: int, body: JSONObject) -> None:
-                result = await _stream_one(requester, url, body, index, clone, retry)
+                result = await _stream_one(requester, url, body, index, clone, retry, cache)
                 results[index] = result
                 await clone.send((index, result))
 

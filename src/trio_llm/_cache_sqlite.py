@@ -1,0 +1,534 @@
+"""The built-in response cache: one SQLite file, shared safely by several processes.
+
+Under Trio, without a thread per request: :func:`open_sqlite_cache` starts ONE worker
+thread (``trio.to_thread.run_sync``, a limiter of its own) in its nursery, which owns the
+connection for as long as the block lasts. Tasks hand it jobs through a thread-safe queue;
+it takes every job waiting at once (a batch), answers the batch's lookups with one
+``run_sync_soon`` into Trio, and commits the batch's writes in one transaction. A lookup
+costs a queue put and a wake-up each way (``benchmarks/cache.py``); a store does not wait.
+
+The file (format 1, ``PRAGMA user_version``; ``PRAGMA application_id`` marks it as
+trio-llm's)::
+
+    entries(key TEXT PRIMARY KEY, value BLOB, size, created_at, used_at)
+    meta(name, value)       created_at, hits (since creation), bytes (sum of entry sizes)
+
+WAL mode, ``synchronous=NORMAL``: readers never wait for a writer, several processes share
+the file (on one machine: WAL needs shared memory, so not over a network file system),
+and a crash loses at most the transactions of its last moments, never the file's
+integrity. Writers queue on SQLite's lock (``busy_timeout``). Triggers keep ``bytes``
+exact whoever writes. Lookups mark entries used (``used_at``, the hit count) in memory and
+write the marks with the next transaction, or within a second; eviction removes the least
+recently used entries beyond ``max_bytes``, and entries older than ``ttl`` are misses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, final
+
+import outcome
+import trio
+
+from ._errors import CacheError, ConfigurationError
+from ._fanout import open_owning_nursery
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "FILE_FORMAT",
+    "SQLiteCache",
+    "connect",
+    "open_sqlite_cache",
+]
+
+logger = logging.getLogger("trio_llm")
+
+#: The version of the file's layout (``PRAGMA user_version``).
+FILE_FORMAT: Final = 1
+#: ``max_bytes`` unless given: 1 GiB of stored replies.
+DEFAULT_MAX_BYTES: Final = 1 << 30
+
+_APPLICATION_ID: Final = 0x74726C63  # "trlc": a trio-llm cache
+_BUSY_TIMEOUT: Final = 10.0  # seconds a write waits for another process's
+_BATCH: Final = 256  # jobs taken at once
+_MARK_INTERVAL: Final = 1.0  # seconds lookups' marks may wait for a transaction
+_PURGE_INTERVAL: Final = 60.0  # seconds between removals of expired entries
+
+_SCHEMA: Final = (
+    "CREATE TABLE entries (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL, "
+    "size INTEGER NOT NULL, created_at REAL NOT NULL, used_at REAL NOT NULL)",
+    "CREATE INDEX entries_by_use ON entries (used_at)",
+    "CREATE INDEX entries_by_age ON entries (created_at)",
+    "CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value NOT NULL)",
+    # `bytes` stays exact whoever writes (this client, another process, `cache clear`).
+    "CREATE TRIGGER entry_added AFTER INSERT ON entries BEGIN "
+    "UPDATE meta SET value = value + NEW.size WHERE name = 'bytes'; END",
+    "CREATE TRIGGER entry_removed AFTER DELETE ON entries BEGIN "
+    "UPDATE meta SET value = value - OLD.size WHERE name = 'bytes'; END",
+    "CREATE TRIGGER entry_replaced AFTER UPDATE OF size ON entries BEGIN "
+    "UPDATE meta SET value = value - OLD.size + NEW.size WHERE name = 'bytes'; END",
+)
+
+_UPSERT: Final = (
+    "INSERT INTO entries (key, value, size, created_at, used_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, "
+    "created_at = excluded.created_at, used_at = excluded.used_at"
+)
+
+
+def _uri(path: str, *, create: bool) -> str:
+    return Path(path).absolute().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+
+
+def connect(
+    path: str | os.PathLike[str], *, create: bool, check: bool = True
+) -> sqlite3.Connection:
+    """Open the cache file ``path`` (blocking), in WAL mode; create it if ``create``.
+
+    ``check`` runs SQLite's ``quick_check`` over the whole file (about 0.5 ms per MB),
+    so that a damaged file is refused here rather than found in the middle of a job.
+    The connection may be used from another thread than this one (one at a time).
+
+    Raises:
+        CacheError: the file cannot be opened or created, is not a trio-llm cache, is
+            corrupt, or was written by a newer trio-llm.
+    """
+    shown = os.fspath(path)
+    try:
+        connection = sqlite3.connect(
+            _uri(shown, create=create),
+            uri=True,
+            timeout=_BUSY_TIMEOUT,
+            isolation_level=None,  # transactions are ours: BEGIN IMMEDIATE ... COMMIT
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise CacheError(f"cannot open the cache file {shown}: {exc}", path=shown) from exc
+    try:
+        _prepare(connection, shown, check=check)
+    except sqlite3.Error as exc:
+        connection.close()
+        raise CacheError(
+            f"{shown} cannot be used as a cache ({exc}): it is corrupt or not a cache; "
+            "delete it (or name another file) to start an empty cache",
+            path=shown,
+        ) from exc
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _prepare(connection: sqlite3.Connection, shown: str, *, check: bool) -> None:
+    """Check what the file is, create its tables if it is new, and set the connection up."""
+    execute = connection.execute
+    _check_kind(connection, shown)
+    if execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+        raise CacheError(f"{shown}: SQLite refused WAL mode for this file", path=shown)
+    execute("PRAGMA synchronous = NORMAL")
+    execute("BEGIN IMMEDIATE")  # a second process creating the file waits here
+    try:
+        if _check_kind(connection, shown) == 0:
+            for statement in _SCHEMA:
+                execute(statement)
+            execute(
+                "INSERT INTO meta (name, value) VALUES ('created_at', ?), ('hits', 0), "
+                "('bytes', 0)",
+                (time.time(),),
+            )
+            execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            execute(f"PRAGMA user_version = {FILE_FORMAT}")
+        execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            execute("ROLLBACK")
+        raise
+    if check:
+        problems = [row[0] for row in execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems[:3]))
+
+
+def _check_kind(connection: sqlite3.Connection, shown: str) -> int:
+    """Return the file's format (0: an empty new file); refuse any other kind of file."""
+    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if application_id == 0 and version == 0:
+        if connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise CacheError(f"{shown} is an SQLite database, but not a trio-llm cache", path=shown)
+        return 0
+    if application_id != _APPLICATION_ID:
+        raise CacheError(f"{shown} is an SQLite database, but not a trio-llm cache", path=shown)
+    if version > FILE_FORMAT:
+        raise CacheError(
+            f"{shown} was written by a newer trio-llm (cache format {version}; this "
+            f"version reads format {FILE_FORMAT}): upgrade trio-llm, or name another file",
+            path=shown,
+        )
+    if version != FILE_FORMAT:
+        raise CacheError(f"{shown}: unknown cache format {version}", path=shown)
+    return int(version)
+
+
+@final
+class _Get:
+    """A lookup: its key, the time it was asked, and the task waiting for its value."""
+
+    __slots__ = ("abandoned", "key", "now", "task", "value")
+
+    def __init__(self, key: str, now: float, task: trio.lowlevel.Task) -> None:
+        self.key = key
+        self.now = now
+        self.task = task
+        self.value: bytes | None = None
+        self.abandoned = False  # cancelled: nobody waits for the value
+
+
+@final
+class _Set:
+    """A store: written in the batch's transaction; nobody waits for it."""
+
+    __slots__ = ("key", "now", "value")
+
+    def __init__(self, key: str, value: bytes, now: float) -> None:
+        self.key = key
+        self.value = value
+        self.now = now
+
+
+_STOP: Final = object()
+
+
+def _wake(jobs: list[_Get]) -> None:
+    """Give each waiting task its lookup's value (in Trio's thread)."""
+    for job in jobs:
+        if not job.abandoned:
+            trio.lowlevel.reschedule(job.task, outcome.Value(job.value))
+
+
+@final
+class _Worker:
+    """The thread's side: owns the connection; runs jobs in batches until stopped."""
+
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        *,
+        shown: str,
+        max_bytes: int | None,
+        ttl: float | None,
+        answer: Callable[[list[_Get]], None],
+    ) -> None:
+        self._db = connection
+        self._shown = shown
+        self._max_bytes = max_bytes
+        self._ttl = ttl
+        self._answer = answer
+        self._writing = False  # a write transaction is open
+        self._used: dict[str, float] = {}  # hits not yet written: key -> time
+        self._hits = 0
+        self._marked_at = time.monotonic()
+        self._purged_at = -math.inf
+        self._now = 0.0  # the latest job's time, by the cache's clock
+        self._warned: set[str] = set()
+
+    def run(self, jobs: queue.SimpleQueue[Any]) -> None:
+        """Serve ``jobs`` until :data:`_STOP`; then write what is left and close."""
+        try:
+            while True:
+                timeout = None
+                if self._used:
+                    timeout = max(0.0, self._marked_at + _MARK_INTERVAL - time.monotonic())
+                try:
+                    batch = [jobs.get(timeout=timeout)]
+                except queue.Empty:
+                    self._commit()
+                    continue
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._serve(batch):
+                    return
+        finally:
+            self._db.close()
+
+    def _serve(self, batch: list[Any]) -> bool:
+        """Run one batch in order; return whether it stops the worker."""
+        stop = False
+        answered: list[_Get] = []
+        for job in batch:
+            if job is _STOP:
+                stop = True
+            elif type(job) is _Set:
+                self._now = job.now
+                self._write(job)
+            else:
+                self._now = job.now
+                job.value = self._read(job)
+                answered.append(job)
+        if answered:
+            self._answer(answered)  # before the commit: lookups never wait for it
+        if stop or self._writing or time.monotonic() - self._marked_at >= _MARK_INTERVAL:
+            self._commit()
+        return stop
+
+    def _read(self, job: _Get) -> bytes | None:
+        try:
+            row = self._db.execute(
+                "SELECT value, created_at FROM entries WHERE key = ?", (job.key,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            self._warn("lookups", exc)
+            return None
+        if row is None:
+            return None
+        value, created_at = row
+        if self._ttl is not None and created_at <= job.now - self._ttl:
+            return None  # expired; removed by the next purge
+        self._used[job.key] = job.now
+        self._hits += 1
+        return bytes(value)
+
+    def _write(self, job: _Set) -> None:
+        try:
+            self._begin()
+            size = len(job.key) + len(job.value)
+            self._db.execute(_UPSERT, (job.key, job.value, size, job.now, job.now))
+        except sqlite3.Error as exc:
+            self._abort("writes", exc)
+
+    def _begin(self) -> None:
+        if not self._writing:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._writing = True
+
+    def _commit(self) -> None:
+        """Write the marks of lookups, purge, evict, and commit the batch's transaction."""
+        used, hits = self._used, self._hits
+        self._used, self._hits = {}, 0
+        self._marked_at = time.monotonic()
+        if not (used or self._writing):
+            return
+        execute = self._db.execute
+        try:
+            self._begin()
+            if used:
+                self._db.executemany(
+                    "UPDATE entries SET used_at = max(used_at, ?) WHERE key = ?",
+                    [(at, key) for key, at in used.items()],
+                )
+                execute("UPDATE meta SET value = value + ? WHERE name = 'hits'", (hits,))
+            if self._ttl is not None and self._marked_at - self._purged_at >= _PURGE_INTERVAL:
+                self._purged_at = self._marked_at
+                execute("DELETE FROM entries WHERE created_at <= ?", (self._now - self._ttl,))
+            if self._max_bytes is not None:
+                self._evict(self._max_bytes)
+            execute("COMMIT")
+            self._writing = False
+        except sqlite3.Error as exc:
+            self._abort("writes", exc)
+
+    def _evict(self, max_bytes: int) -> None:
+        """Remove the least recently used entries until they hold at most ``max_bytes``."""
+        execute = self._db.execute
+        total = execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0]
+        while total > max_bytes:
+            doomed = []
+            for key, size in execute(
+                "SELECT key, size FROM entries ORDER BY used_at LIMIT 64"
+            ).fetchall():
+                doomed.append((key,))
+                total -= size
+                if total <= max_bytes:
+                    break
+            if not doomed:
+                return
+            self._db.executemany("DELETE FROM entries WHERE key = ?", doomed)
+
+    def _abort(self, what: str, exc: sqlite3.Error) -> None:
+        """Roll the batch back after a failure (a full disk, say); the worker goes on."""
+        if self._writing:
+            self._writing = False
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back already
+        self._warn(what, exc)
+
+    def _warn(self, what: str, exc: sqlite3.Error) -> None:
+        if what not in self._warned:  # once per kind: a failing disk fails every batch
+            self._warned.add(what)
+            logger.warning(
+                "response cache %s: %s failed (%s); calls go on without them",
+                self._shown,
+                what,
+                exc,
+            )
+
+
+@final
+class SQLiteCache:
+    """A response cache in an SQLite file; open it with :func:`open_sqlite_cache`.
+
+    Satisfies :class:`~trio_llm.ResponseCache`. One worker thread serves it, whatever
+    the number of tasks and clients using it.
+    """
+
+    def __init__(
+        self, path: str, *, jobs: queue.SimpleQueue[Any], clock: Callable[[], float]
+    ) -> None:
+        self._path = path
+        self._jobs = jobs
+        self._clock = clock
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<trio_llm.SQLiteCache {self._path!r}>"
+
+    @property
+    def path(self) -> str:
+        """The cache file."""
+        return self._path
+
+    async def get(self, key: str) -> bytes | None:
+        """Return the value stored under ``key``; ``None`` if absent, expired or closed.
+
+        A failure to read the file is a miss too (logged once as a warning).
+
+        Cancellation: the lookup is abandoned; nothing is changed.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return None
+        job = _Get(key, self._clock(), trio.lowlevel.current_task())
+        self._jobs.put(job)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            job.abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        value: bytes | None = await trio.lowlevel.wait_task_rescheduled(abort)
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``; it is committed with the worker's next batch.
+
+        Returns at once; lookups made after it see it. A failure to write is logged once
+        as a warning. Ignored once the cache is closed.
+
+        Cancellation: never blocks; the value is stored or not, as if not cancelled.
+        """
+        if not self._closed:
+            self._jobs.put(_Set(key, value, self._clock()))
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(_STOP)
+
+
+def _check_settings(max_bytes: object, ttl: object) -> None:
+    if max_bytes is not None and (
+        not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1
+    ):
+        raise ConfigurationError(f"max_bytes must be an int >= 1 or None, not {max_bytes!r}")
+    if ttl is not None and (
+        not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not ttl > 0
+    ):
+        raise ConfigurationError(f"ttl must be a number of seconds > 0 or None, not {ttl!r}")
+
+
+@asynccontextmanager
+async def open_sqlite_cache(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ttl: float | None = None,
+    clock: Callable[[], float] = time.time,
+    check: bool = True,
+) -> AsyncIterator[SQLiteCache]:
+    """Open a response cache in the SQLite file ``path`` (created if missing).
+
+    Pass the cache to :func:`open_client` (``cache=``); ``open_client(cache=path)`` opens
+    one with the defaults. Several clients, and several processes, may share a file.
+
+    Args:
+        path: the file. Its directory must exist. Not on a network file system.
+        max_bytes: the most bytes of stored replies (keys and values) kept; beyond, the
+            least recently used are removed. ``None``: no bound. The file is larger by
+            SQLite's overhead (indexes, free pages).
+        ttl: seconds after which a stored reply is a miss (and is removed); ``None``:
+            replies never expire.
+        clock: the time in seconds, read in Trio's thread; ``time.time`` by default
+            (stored times outlive the process). Tests may pass a fake.
+        check: verify the whole file when opening it (SQLite's ``quick_check``, about
+            0.5 ms per MB), so that a damaged file is refused here, not found mid-job.
+
+    Raises:
+        CacheError: the file cannot be opened or created, is not a trio-llm cache, is
+            corrupt, or was written by a newer trio-llm.
+        ConfigurationError: ``max_bytes`` or ``ttl`` is invalid.
+
+    Leaving the block commits what is stored and closes the file, cancelled or not (it
+    waits for the worker thread to finish its batch).
+    """
+    _check_settings(max_bytes, ttl)
+    shown = os.fspath(path)
+    with trio.CancelScope(shield=True):  # an open connection must not be lost
+        connection = await trio.to_thread.run_sync(
+            partial(connect, shown, create=True, check=check)
+        )
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    cache = SQLiteCache(shown, jobs=jobs, clock=clock)
+    token = trio.lowlevel.current_trio_token()
+    worker = _Worker(
+        connection,
+        shown=shown,
+        max_bytes=max_bytes,
+        ttl=ttl,
+        answer=lambda jobs: token.run_sync_soon(_wake, jobs),
+    )
+    try:
+        async with open_owning_nursery() as nursery:
+            nursery.start_soon(_serve, worker, jobs)
+            try:
+                yield cache
+            finally:
+                cache._close()
+    finally:
+        cache._close()
+
+
+async def _serve(worker: _Worker, jobs: queue.SimpleQueue[Any]) -> None:
+    """Run the worker in its thread; the thread ends once the cache is closed."""
+    started = False
+
+    def run() -> None:
+        nonlocal started
+        started = True
+        worker.run(jobs)
+
+    try:
+        await trio.to_thread.run_sync(run, limiter=trio.CapacityLimiter(1))
+    finally:
+        if not started:  # cancelled before the thread began: close the file here
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(worker.run, _closed_queue())
+
+
+def _closed_queue() -> queue.SimpleQueue[Any]:
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    jobs.put(_STOP)
+    return jobs
