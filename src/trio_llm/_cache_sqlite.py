@@ -3,8 +3,9 @@
 Under Trio, without a thread per request: :func:`open_sqlite_cache` starts ONE worker
 thread (``trio.to_thread.run_sync``, a limiter of its own) in its nursery, which owns the
 connection for as long as the block lasts. Tasks hand it jobs through a thread-safe queue;
-it takes every job waiting at once (a batch), answers the batch's lookups with one
-``run_sync_soon`` into Trio, and commits the batch's writes in one transaction. A lookup
+it takes every job waiting at once (a batch), runs them in order, commits the batch's
+writes in one transaction, then answers the batch's lookups with one ``run_sync_soon``
+into Trio: a lookup answered means every store made before it is committed. A lookup
 costs a queue put and a wake-up each way (``benchmarks/cache.py``); a store does not wait.
 
 The file (format 1, ``PRAGMA user_version``; ``PRAGMA application_id`` marks it as
@@ -61,7 +62,7 @@ _APPLICATION_ID: Final = 0x74726C63  # "trlc": a trio-llm cache
 _BUSY_TIMEOUT: Final = 10.0  # seconds a write waits for another process's
 _BATCH: Final = 256  # jobs taken at once
 _MARK_INTERVAL: Final = 1.0  # seconds lookups' marks may wait for a transaction
-_PURGE_INTERVAL: Final = 60.0  # seconds between removals of expired entries
+_PURGE_INTERVAL: Final = 60.0  # seconds (by the cache's clock) between purges of expired
 
 _SCHEMA: Final = (
     "CREATE TABLE entries (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL, "
@@ -131,8 +132,12 @@ def connect(
 def _prepare(connection: sqlite3.Connection, shown: str, *, check: bool) -> None:
     """Check what the file is, create its tables if it is new, and set the connection up."""
     execute = connection.execute
-    _check_kind(connection, shown)
-    if execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+    execute("BEGIN")  # one snapshot: another process may be creating the file right now
+    try:
+        _check_kind(connection, shown)  # before WAL mode: never change another kind of file
+    finally:
+        execute("ROLLBACK")
+    if _wal_mode(connection) != "wal":
         raise CacheError(f"{shown}: SQLite refused WAL mode for this file", path=shown)
     execute("PRAGMA synchronous = NORMAL")
     execute("BEGIN IMMEDIATE")  # a second process creating the file waits here
@@ -156,6 +161,26 @@ def _prepare(connection: sqlite3.Connection, shown: str, *, check: bool) -> None
         problems = [row[0] for row in execute("PRAGMA quick_check").fetchall()]
         if problems != ["ok"]:
             raise sqlite3.DatabaseError("; ".join(problems[:3]))
+
+
+def _wal_mode(connection: sqlite3.Connection) -> str:
+    """Put the file in WAL mode (it stays so); return the mode it is in.
+
+    Switching fails at once, without SQLite's busy wait, while another connection has the
+    file open: that happens only while several openers create a new file at once, so the
+    switch is retried for as long as a write would wait.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        mode = str(connection.execute("PRAGMA journal_mode").fetchone()[0])
+        if mode == "wal":
+            return mode
+        try:
+            return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
 
 
 def _check_kind(connection: sqlite3.Connection, shown: str) -> int:
@@ -277,10 +302,12 @@ class _Worker:
                 self._now = job.now
                 job.value = self._read(job)
                 answered.append(job)
-        if answered:
-            self._answer(answered)  # before the commit: lookups never wait for it
         if stop or self._writing or time.monotonic() - self._marked_at >= _MARK_INTERVAL:
             self._commit()
+        if answered:
+            # After the commit: a lookup answered means every store made before it is in
+            # the file, for every process (the commit costs no fsync in WAL mode).
+            self._answer(answered)
         return stop
 
     def _read(self, job: _Get) -> bytes | None:
@@ -329,8 +356,8 @@ class _Worker:
                     [(at, key) for key, at in used.items()],
                 )
                 execute("UPDATE meta SET value = value + ? WHERE name = 'hits'", (hits,))
-            if self._ttl is not None and self._marked_at - self._purged_at >= _PURGE_INTERVAL:
-                self._purged_at = self._marked_at
+            if self._ttl is not None and self._now - self._purged_at >= _PURGE_INTERVAL:
+                self._purged_at = self._now  # by the cache's clock, as the ttl
                 execute("DELETE FROM entries WHERE created_at <= ?", (self._now - self._ttl,))
             if self._max_bytes is not None:
                 self._evict(self._max_bytes)

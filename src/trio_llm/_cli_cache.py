@@ -195,7 +195,7 @@ def _size(count: int) -> str:
 
 
 def _age(seconds: float) -> str:
-    for unit in ("w", "d", "h", "m"):
+    for unit in ("d", "h", "m"):
         if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
             return f"{seconds / _UNITS[unit]:g}{unit}"
     return f"{seconds:g}s"
@@ -228,5 +228,6 @@ def run_cache_command(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise CommandError(f"no cache file at {exc.filename}", status=EXIT_USAGE) from None
     which = "" if args.older_than is None else f" stored more than {_age(args.older_than)} ago"
-    print(f"trio-llm cache: removed {removed:,} replies{which} ({_size(size)}) from {args.path}")
+    replies = "reply" if removed == 1 else "replies"
+    print(f"trio-llm cache: removed {removed:,} {replies}{which} ({_size(size)}) from {args.path}")
     return EXIT_OK
