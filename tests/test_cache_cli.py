@@ -125,7 +125,7 @@ def test_clear_a_file_in_use(tmp_path: Path) -> None:
         async with trio_llm.open_sqlite_cache(path) as cache:
             for n in range(10):
                 await cache.set(f"{n:064x}", b"v")
-            await cache.get("0" * 64)  # committed
+            await cache.commit()
             assert await trio.to_thread.run_sync(clear_entries, path) == (10, 10 * 65)
             assert await cache.get("0" * 64) is None
 

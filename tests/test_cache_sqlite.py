@@ -131,7 +131,7 @@ async def test_max_bytes_evicts_least_recently_used(
         assert await cache.get(key(0)) == value  # 0 is now the most recently used
         mock_clock.jump(1)
         await cache.set(key(3), value)  # one too many: 1, the least recently used, goes
-        await cache.get(key(99))  # answered once that store is committed, eviction done
+        await cache.commit()  # the stores and the lookup's mark written, eviction done
         assert await cache.get(key(1)) is None
         for n in (0, 2, 3):
             assert await cache.get(key(n)) == value
@@ -164,8 +164,8 @@ async def test_two_caches_on_one_file_see_each_other(tmp_path: Path) -> None:
     ):
         await one.set(key(1), b"from one")
         await two.set(key(2), b"from two")
-        await one.get(key(1))  # answered once the stores before it are committed
-        await two.get(key(2))
+        await one.commit()
+        await two.commit()
         assert await two.get(key(1)) == b"from one"
         assert await one.get(key(2)) == b"from two"
 
@@ -293,12 +293,12 @@ async def test_a_full_disk_mid_job_is_a_warning(
     with caplog.at_level(logging.WARNING, logger="trio_llm"):
         async with trio_llm.open_sqlite_cache(tmp_path / "c.sqlite") as cache:
             await cache.set(key(0), b"small")
-            assert await cache.get(key(0)) == b"small"
+            await cache.commit()
             for n in range(1, 20):
                 await cache.set(key(n), os.urandom(4000))
+            await cache.commit()  # does not fit: the whole commit is dropped
             assert await cache.get(key(0)) == b"small"
-            stored = [await cache.get(key(n)) is not None for n in range(1, 20)]
-            assert stored.count(False) > 10  # dropped: they did not fit
+            assert [await cache.get(key(n)) for n in range(1, 20)] == [None] * 19
     warnings = [r.message for r in caplog.records if "writes failed" in r.message]
     assert len(warnings) == 1
     assert "full" in warnings[0]
@@ -312,12 +312,14 @@ async def test_a_file_broken_mid_job_is_a_warning(
     with caplog.at_level(logging.WARNING, logger="trio_llm"):
         async with trio_llm.open_sqlite_cache(path) as cache:
             await cache.set(KEY, b"v")
+            await cache.commit()
             assert await cache.get(KEY) == b"v"
             with sqlite3.connect(path) as db:  # another program breaks the file
                 db.execute("DROP TABLE entries")
             assert await cache.get(KEY) is None
             assert await cache.get(KEY) is None
             await cache.set(KEY, b"w")
+            await cache.commit()  # fails: dropped
             assert await cache.get(KEY) is None
     messages = [r.message for r in caplog.records]
     assert sum("lookups failed" in m for m in messages) == 1
@@ -334,7 +336,7 @@ _WRITER = textwrap.dedent(
             while True:
                 await cache.set(f"{n:064x}", b"x" * 2000)
                 if n == 200:
-                    await cache.get(f"{n:064x}")  # answered after the batches before
+                    await cache.commit()
                     print("committed", flush=True)
                 n += 1
                 if n % 50 == 0:
@@ -365,3 +367,20 @@ async def test_a_killed_writer_never_corrupts_the_file(tmp_path: Path) -> None:
     async with trio_llm.open_sqlite_cache(path) as cache:  # quick_check passes
         for n in range(201):
             assert await cache.get(key(n)) == b"x" * 2000
+
+
+async def test_stores_are_committed_soon_without_being_asked(tmp_path: Path) -> None:
+    """Stores reach the file for other processes by themselves, within moments."""
+    path = tmp_path / "c.sqlite"
+
+    def visible() -> bool:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT count(*) FROM entries").fetchone()[0] == 3
+
+    async with trio_llm.open_sqlite_cache(path) as cache:
+        for n in range(3):
+            await cache.set(key(n), b"v")
+        with trio.fail_after(10):  # committed within 50 ms; generous for a loaded machine
+            while not await trio.to_thread.run_sync(visible):
+                await trio.sleep(0.01)
+    await cache.commit()  # closed: nothing to do

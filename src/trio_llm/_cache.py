@@ -19,7 +19,6 @@ A cache answers a call with a reply stored earlier instead of asking the server:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -100,7 +99,7 @@ def cache_key(provider: str, kind: str, body: Mapping[str, Any]) -> str | None:
     ``body`` without ``stream`` and ``stream_options``, as JSON with sorted keys; so
     ``temperature``, ``seed``, ``max_tokens``, the model and every message are part of the
     key, and a streamed and a plain call of the same request share it. ``None`` if the
-    body has values JSON cannot sort or hold (such a call is not cached).
+    body holds values JSON cannot (such a call is not cached).
     """
     material = {
         "body": {name: value for name, value in body.items() if name not in _DELIVERY_FIELDS},
@@ -109,10 +108,9 @@ def cache_key(provider: str, kind: str, body: Mapping[str, Any]) -> str | None:
         "provider": provider,
     }
     try:
-        text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(_json.canonical(material)).hexdigest()
     except (TypeError, ValueError):
-        return None  # e.g. keys of mixed types, which have no order
-    return hashlib.sha256(text.encode()).hexdigest()
+        return None
 
 
 @final

@@ -2,11 +2,11 @@
 
 Under Trio, without a thread per request: :func:`open_sqlite_cache` starts ONE worker
 thread (``trio.to_thread.run_sync``, a limiter of its own) in its nursery, which owns the
-connection for as long as the block lasts. Tasks hand it jobs through a thread-safe queue;
-it takes every job waiting at once (a batch), runs them in order, commits the batch's
-writes in one transaction, then answers the batch's lookups with one ``run_sync_soon``
-into Trio: a lookup answered means every store made before it is committed. A lookup
-costs a queue put and a wake-up each way (``benchmarks/cache.py``); a store does not wait.
+connection for as long as the block lasts (:mod:`trio_llm._cache_worker`). Tasks hand it
+jobs through a mailbox; it takes every job waiting at once and answers the lookups of a
+batch with one ``run_sync_soon`` into Trio. A lookup costs one wake-up each way
+(``benchmarks/cache.py``); a store does not wait, nor wake the worker: stores are
+committed together, within 50 ms, or at once by :meth:`SQLiteCache.commit`.
 
 The file (format 1, ``PRAGMA user_version``; ``PRAGMA application_id`` marks it as
 trio-llm's)::
@@ -16,19 +16,16 @@ trio-llm's)::
 
 WAL mode, ``synchronous=NORMAL``: readers never wait for a writer, several processes share
 the file (on one machine: WAL needs shared memory, so not over a network file system),
-and a crash loses at most the transactions of its last moments, never the file's
-integrity. Writers queue on SQLite's lock (``busy_timeout``). Triggers keep ``bytes``
-exact whoever writes. Lookups mark entries used (``used_at``, the hit count) in memory and
-write the marks with the next transaction, or within a second; eviction removes the least
-recently used entries beyond ``max_bytes``, and entries older than ``ttl`` are misses.
+and a crash loses at most the stores of its last 50 ms, never the file's integrity.
+Writers queue on SQLite's lock (``busy_timeout``), held only while a commit runs.
+Triggers keep ``bytes`` exact whoever writes. Lookups mark entries used (``used_at``, the
+hit count), written with the next commit or within a second; eviction removes the least
+recently used entries beyond ``max_bytes``; entries older than ``ttl`` are misses.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-import queue
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,9 +34,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, final
 
-import outcome
 import trio
 
+from ._cache_worker import STOP, Ask, Mailbox, Store, Worker, wake
 from ._errors import CacheError, ConfigurationError
 from ._fanout import open_owning_nursery
 
@@ -51,8 +48,6 @@ __all__ = [
     "open_sqlite_cache",
 ]
 
-logger = logging.getLogger("trio_llm")
-
 #: The version of the file's layout (``PRAGMA user_version``).
 FILE_FORMAT: Final = 1
 #: ``max_bytes`` unless given: 1 GiB of stored replies.
@@ -60,9 +55,6 @@ DEFAULT_MAX_BYTES: Final = 1 << 30
 
 _APPLICATION_ID: Final = 0x74726C63  # "trlc": a trio-llm cache
 _BUSY_TIMEOUT: Final = 10.0  # seconds a write waits for another process's
-_BATCH: Final = 256  # jobs taken at once
-_MARK_INTERVAL: Final = 1.0  # seconds lookups' marks may wait for a transaction
-_PURGE_INTERVAL: Final = 60.0  # seconds (by the cache's clock) between purges of expired
 
 _SCHEMA: Final = (
     "CREATE TABLE entries (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL, "
@@ -77,12 +69,6 @@ _SCHEMA: Final = (
     "UPDATE meta SET value = value - OLD.size WHERE name = 'bytes'; END",
     "CREATE TRIGGER entry_replaced AFTER UPDATE OF size ON entries BEGIN "
     "UPDATE meta SET value = value - OLD.size + NEW.size WHERE name = 'bytes'; END",
-)
-
-_UPSERT: Final = (
-    "INSERT INTO entries (key, value, size, created_at, used_at) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, "
-    "created_at = excluded.created_at, used_at = excluded.used_at"
 )
 
 
@@ -205,206 +191,6 @@ def _check_kind(connection: sqlite3.Connection, shown: str) -> int:
 
 
 @final
-class _Get:
-    """A lookup: its key, the time it was asked, and the task waiting for its value."""
-
-    __slots__ = ("abandoned", "key", "now", "task", "value")
-
-    def __init__(self, key: str, now: float, task: trio.lowlevel.Task) -> None:
-        self.key = key
-        self.now = now
-        self.task = task
-        self.value: bytes | None = None
-        self.abandoned = False  # cancelled: nobody waits for the value
-
-
-@final
-class _Set:
-    """A store: written in the batch's transaction; nobody waits for it."""
-
-    __slots__ = ("key", "now", "value")
-
-    def __init__(self, key: str, value: bytes, now: float) -> None:
-        self.key = key
-        self.value = value
-        self.now = now
-
-
-_STOP: Final = object()
-
-
-def _wake(jobs: list[_Get]) -> None:
-    """Give each waiting task its lookup's value (in Trio's thread)."""
-    for job in jobs:
-        if not job.abandoned:
-            trio.lowlevel.reschedule(job.task, outcome.Value(job.value))
-
-
-@final
-class _Worker:
-    """The thread's side: owns the connection; runs jobs in batches until stopped."""
-
-    def __init__(
-        self,
-        connection: sqlite3.Connection,
-        *,
-        shown: str,
-        max_bytes: int | None,
-        ttl: float | None,
-        answer: Callable[[list[_Get]], None],
-    ) -> None:
-        self._db = connection
-        self._shown = shown
-        self._max_bytes = max_bytes
-        self._ttl = ttl
-        self._answer = answer
-        self._writing = False  # a write transaction is open
-        self._used: dict[str, float] = {}  # hits not yet written: key -> time
-        self._hits = 0
-        self._marked_at = time.monotonic()
-        self._purged_at = -math.inf
-        self._now = 0.0  # the latest job's time, by the cache's clock
-        self._warned: set[str] = set()
-
-    def run(self, jobs: queue.SimpleQueue[Any]) -> None:
-        """Serve ``jobs`` until :data:`_STOP`; then write what is left and close."""
-        try:
-            while True:
-                timeout = None
-                if self._used:
-                    timeout = max(0.0, self._marked_at + _MARK_INTERVAL - time.monotonic())
-                try:
-                    batch = [jobs.get(timeout=timeout)]
-                except queue.Empty:
-                    self._commit()
-                    continue
-                while len(batch) < _BATCH:
-                    try:
-                        batch.append(jobs.get_nowait())
-                    except queue.Empty:
-                        break
-                if self._serve(batch):
-                    return
-        finally:
-            self._db.close()
-
-    def _serve(self, batch: list[Any]) -> bool:
-        """Run one batch in order; return whether it stops the worker."""
-        stop = False
-        answered: list[_Get] = []
-        for job in batch:
-            if job is _STOP:
-                stop = True
-            elif type(job) is _Set:
-                self._now = job.now
-                self._write(job)
-            else:
-                self._now = job.now
-                job.value = self._read(job)
-                answered.append(job)
-        if stop or self._writing or time.monotonic() - self._marked_at >= _MARK_INTERVAL:
-            self._commit()
-        if answered:
-            # After the commit: a lookup answered means every store made before it is in
-            # the file, for every process (the commit costs no fsync in WAL mode).
-            self._answer(answered)
-        return stop
-
-    def _read(self, job: _Get) -> bytes | None:
-        try:
-            row = self._db.execute(
-                "SELECT value, created_at FROM entries WHERE key = ?", (job.key,)
-            ).fetchone()
-        except sqlite3.Error as exc:
-            self._warn("lookups", exc)
-            return None
-        if row is None:
-            return None
-        value, created_at = row
-        if self._ttl is not None and created_at <= job.now - self._ttl:
-            return None  # expired; removed by the next purge
-        self._used[job.key] = job.now
-        self._hits += 1
-        return bytes(value)
-
-    def _write(self, job: _Set) -> None:
-        try:
-            self._begin()
-            size = len(job.key) + len(job.value)
-            self._db.execute(_UPSERT, (job.key, job.value, size, job.now, job.now))
-        except sqlite3.Error as exc:
-            self._abort("writes", exc)
-
-    def _begin(self) -> None:
-        if not self._writing:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._writing = True
-
-    def _commit(self) -> None:
-        """Write the marks of lookups, purge, evict, and commit the batch's transaction."""
-        used, hits = self._used, self._hits
-        self._used, self._hits = {}, 0
-        self._marked_at = time.monotonic()
-        if not (used or self._writing):
-            return
-        execute = self._db.execute
-        try:
-            self._begin()
-            if used:
-                self._db.executemany(
-                    "UPDATE entries SET used_at = max(used_at, ?) WHERE key = ?",
-                    [(at, key) for key, at in used.items()],
-                )
-                execute("UPDATE meta SET value = value + ? WHERE name = 'hits'", (hits,))
-            if self._ttl is not None and self._now - self._purged_at >= _PURGE_INTERVAL:
-                self._purged_at = self._now  # by the cache's clock, as the ttl
-                execute("DELETE FROM entries WHERE created_at <= ?", (self._now - self._ttl,))
-            if self._max_bytes is not None:
-                self._evict(self._max_bytes)
-            execute("COMMIT")
-            self._writing = False
-        except sqlite3.Error as exc:
-            self._abort("writes", exc)
-
-    def _evict(self, max_bytes: int) -> None:
-        """Remove the least recently used entries until they hold at most ``max_bytes``."""
-        execute = self._db.execute
-        total = execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()[0]
-        while total > max_bytes:
-            doomed = []
-            for key, size in execute(
-                "SELECT key, size FROM entries ORDER BY used_at LIMIT 64"
-            ).fetchall():
-                doomed.append((key,))
-                total -= size
-                if total <= max_bytes:
-                    break
-            if not doomed:
-                return
-            self._db.executemany("DELETE FROM entries WHERE key = ?", doomed)
-
-    def _abort(self, what: str, exc: sqlite3.Error) -> None:
-        """Roll the batch back after a failure (a full disk, say); the worker goes on."""
-        if self._writing:
-            self._writing = False
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # SQLite rolled back already
-        self._warn(what, exc)
-
-    def _warn(self, what: str, exc: sqlite3.Error) -> None:
-        if what not in self._warned:  # once per kind: a failing disk fails every batch
-            self._warned.add(what)
-            logger.warning(
-                "response cache %s: %s failed (%s); calls go on without them",
-                self._shown,
-                what,
-                exc,
-            )
-
-
-@final
 class SQLiteCache:
     """A response cache in an SQLite file; open it with :func:`open_sqlite_cache`.
 
@@ -412,11 +198,9 @@ class SQLiteCache:
     the number of tasks and clients using it.
     """
 
-    def __init__(
-        self, path: str, *, jobs: queue.SimpleQueue[Any], clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, path: str, *, mailbox: Mailbox, clock: Callable[[], float]) -> None:
         self._path = path
-        self._jobs = jobs
+        self._mailbox = mailbox
         self._clock = clock
         self._closed = False
 
@@ -428,18 +212,9 @@ class SQLiteCache:
         """The cache file."""
         return self._path
 
-    async def get(self, key: str) -> bytes | None:
-        """Return the value stored under ``key``; ``None`` if absent, expired or closed.
-
-        A failure to read the file is a miss too (logged once as a warning).
-
-        Cancellation: the lookup is abandoned; nothing is changed.
-        """
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return None
-        job = _Get(key, self._clock(), trio.lowlevel.current_task())
-        self._jobs.put(job)
+    async def _ask(self, key: str | None) -> bytes | None:
+        job = Ask(key, self._clock(), trio.lowlevel.current_task())
+        self._mailbox.put(job, wake=True)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             job.abandoned = True
@@ -448,22 +223,48 @@ class SQLiteCache:
         value: bytes | None = await trio.lowlevel.wait_task_rescheduled(abort)
         return value
 
-    async def set(self, key: str, value: bytes) -> None:
-        """Store ``value`` under ``key``; it is committed with the worker's next batch.
+    async def get(self, key: str) -> bytes | None:
+        """Return the value stored under ``key``; ``None`` if absent, expired or closed.
 
-        Returns at once; lookups made after it see it. A failure to write is logged once
-        as a warning. Ignored once the cache is closed.
+        Values stored by this cache are found at once; those of other processes once
+        they are committed. A failure to read the file is a miss (logged once).
+
+        Cancellation: the lookup is abandoned; nothing is changed.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._ask(key)
+
+    async def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``; committed within 50 ms (with others: batched).
+
+        Returns at once; lookups made after it see it. A failure to write is logged
+        once as a warning. Ignored once the cache is closed.
 
         Cancellation: never blocks; the value is stored or not, as if not cancelled.
         """
         if not self._closed:
-            self._jobs.put(_Set(key, value, self._clock()))
+            self._mailbox.put(Store(key, value, self._clock()), wake=False)
         await trio.lowlevel.checkpoint()
+
+    async def commit(self) -> None:
+        """Commit every value stored so far: other processes see them once this returns.
+
+        Leaving :func:`open_sqlite_cache`'s block commits too; stores are otherwise
+        committed within 50 ms. Does nothing once the cache is closed.
+
+        Cancellation: the commit happens anyway, soon; this returns without waiting for it.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._ask(None)
 
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._jobs.put(_STOP)
+            self._mailbox.put(STOP, wake=True)
 
 
 def _check_settings(max_bytes: object, ttl: object) -> None:
@@ -517,19 +318,19 @@ async def open_sqlite_cache(
         connection = await trio.to_thread.run_sync(
             partial(connect, shown, create=True, check=check)
         )
-    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    cache = SQLiteCache(shown, jobs=jobs, clock=clock)
+    mailbox = Mailbox()
+    cache = SQLiteCache(shown, mailbox=mailbox, clock=clock)
     token = trio.lowlevel.current_trio_token()
-    worker = _Worker(
+    worker = Worker(
         connection,
         shown=shown,
         max_bytes=max_bytes,
         ttl=ttl,
-        answer=lambda jobs: token.run_sync_soon(_wake, jobs),
+        answer=lambda jobs: token.run_sync_soon(wake, jobs),
     )
     try:
         async with open_owning_nursery() as nursery:
-            nursery.start_soon(_serve, worker, jobs)
+            nursery.start_soon(_serve, worker, mailbox)
             try:
                 yield cache
             finally:
@@ -538,24 +339,20 @@ async def open_sqlite_cache(
         cache._close()
 
 
-async def _serve(worker: _Worker, jobs: queue.SimpleQueue[Any]) -> None:
+async def _serve(worker: Worker, mailbox: Mailbox) -> None:
     """Run the worker in its thread; the thread ends once the cache is closed."""
     started = False
 
     def run() -> None:
         nonlocal started
         started = True
-        worker.run(jobs)
+        worker.run(mailbox)
 
     try:
         await trio.to_thread.run_sync(run, limiter=trio.CapacityLimiter(1))
     finally:
         if not started:  # cancelled before the thread began: close the file here
+            stopped = Mailbox()
+            stopped.put(STOP, wake=True)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(worker.run, _closed_queue())
-
-
-def _closed_queue() -> queue.SimpleQueue[Any]:
-    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    jobs.put(_STOP)
-    return jobs
+                await trio.to_thread.run_sync(worker.run, stopped)
