@@ -578,3 +578,27 @@ def test_entry_round_trip() -> None:
         stored_at=12.5,
     )
     assert CachedReply.from_bytes(entry.to_bytes()) == entry
+
+
+async def test_stores_beyond_the_write_behind_buffer_are_dropped() -> None:
+    """A cache slower than the server: replies beyond the buffer are not stored (no wait)."""
+    from trio_llm._attempt import Request
+    from trio_llm._cache import CacheHook
+
+    send, receive = trio.open_memory_channel[tuple[str, bytes]](1)
+    hook = CacheHook(MemoryCache(), "openai", send)
+    requests = []
+    for n in range(3):
+        request = Request("http://x/v1/chat/completions", b"{}", 0, stream=False, shown_url="x")
+        request.cache_key = f"{n:064x}"
+        requests.append(request)
+    usage = trio_llm.Usage()
+    for request in requests[:2]:
+        hook.store(request, "req", {"id": "r"}, usage)
+    assert receive.receive_nowait()[0] == requests[0].cache_key  # the first, buffered
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_nowait()  # the second was dropped: the buffer was full
+    await receive.aclose()
+    hook.store(requests[2], "req", {"id": "r"}, usage)  # closed: dropped quietly
+    unkeyed = Request("http://x", b"{}", 0, stream=False, shown_url="x")
+    hook.store(unkeyed, None, {}, usage)  # a call that does not use the cache

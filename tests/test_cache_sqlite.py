@@ -387,3 +387,16 @@ async def test_stores_are_committed_soon_without_being_asked(tmp_path: Path) -> 
         else:
             pytest.fail("the stores were not committed")  # pragma: no cover
     await cache.commit()  # closed: nothing to do
+
+
+async def test_opened_in_a_cancelled_scope(tmp_path: Path) -> None:
+    """Opened where everything is cancelled: the file is closed again, nothing leaks."""
+    path = tmp_path / "c.sqlite"
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with trio_llm.open_sqlite_cache(path) as cache:
+            await cache.set(KEY, b"v")  # Cancelled here: the store is dropped
+    assert scope.cancelled_caught
+    assert not await trio.Path(f"{path}-wal").exists()  # the last connection closed
+    async with trio_llm.open_sqlite_cache(path) as cache:
+        assert await cache.get(KEY) is None
