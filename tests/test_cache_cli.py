@@ -204,3 +204,12 @@ async def test_replay_client_refuses_its_own_settings(tmp_path: Path) -> None:
     with pytest.raises(trio_llm.ConfigurationError, match="transport="):
         async with open_replay_client(path, record=False, transport=None):
             pass  # pragma: no cover
+
+
+def test_resume_command_keeps_the_cache() -> None:
+    """The command printed to resume a batch names the same --cache."""
+    from trio_llm._cli import build_parser
+    from trio_llm.batch._command import _resume_command
+
+    args = build_parser().parse_args(["batch", "in.jsonl", "-o", "out.jsonl", "--cache", "c.db"])
+    assert _resume_command(args) == "trio-llm batch in.jsonl -o out.jsonl --cache c.db"
