@@ -76,7 +76,10 @@ class ResponseCache(Protocol):
     ``get`` returns ``None`` for a miss. An exception it raises fails the call, so a
     cache that would rather let calls go to the server when it fails returns ``None``
     (the SQLite cache does, and logs a warning). ``set`` may return before the value is
-    durable; an exception it raises is logged, and the call is not affected.
+    durable; an exception it raises is logged, and the call is not affected. The client
+    calls ``set`` from a task of its own, never in a call's path; a cache whose stores
+    never block may also have a plain method ``set_nowait(key, value)``, which the client
+    then calls instead, at once (the SQLite cache does).
     """
 
     async def get(self, key: str) -> bytes | None:
@@ -206,7 +209,15 @@ class CacheHook:
     One per client (:func:`open_cache_hook`), shared by all its tasks.
     """
 
-    __slots__ = ("_cache", "_flights", "_pending", "_provider", "_send", "_warned")
+    __slots__ = (
+        "_cache",
+        "_flights",
+        "_pending",
+        "_provider",
+        "_send",
+        "_set_nowait",
+        "_warned",
+    )
 
     def __init__(
         self,
@@ -221,6 +232,11 @@ class CacheHook:
         self._pending: dict[str, bytes] = {}
         self._flights: dict[str, _Flight] = {}
         self._warned = False
+        # A cache whose stores never block takes them at once, with no task in between.
+        set_nowait = getattr(cache, "set_nowait", None)
+        self._set_nowait: Callable[[str, bytes], None] | None = (
+            set_nowait if callable(set_nowait) else None
+        )
 
     def key(self, kind: str, body: Mapping[str, Any]) -> str | None:
         """Return the cache key of a request of ``kind`` (:func:`cache_key`)."""
@@ -307,6 +323,12 @@ class CacheHook:
         flight = self._flights.get(key)
         if flight is not None:
             flight.value = value
+        if self._set_nowait is not None:
+            try:
+                self._set_nowait(key, value)
+            except Exception as exc:
+                self._warn(exc)
+            return
         try:
             self._send.send_nowait((key, value))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -320,12 +342,15 @@ class CacheHook:
                 try:
                     await self._cache.set(key, value)
                 except Exception as exc:
-                    if not self._warned:
-                        self._warned = True
-                        logger.warning("response cache: a reply was not stored: %r", exc)
+                    self._warn(exc)
                 finally:
                     if self._pending.get(key) is value:
                         del self._pending[key]
+
+    def _warn(self, exc: Exception) -> None:
+        if not self._warned:  # once: a cache that fails to store fails every time
+            self._warned = True
+            logger.warning("response cache: a reply was not stored: %r", exc)
 
 
 def _is_cache(value: object) -> bool:

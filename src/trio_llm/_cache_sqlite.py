@@ -237,16 +237,21 @@ class SQLiteCache:
         return await self._ask(key)
 
     async def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``, as :meth:`set_nowait` does.
+
+        Cancellation: never blocks; the value is stored or not, as if not cancelled.
+        """
+        self.set_nowait(key, value)
+        await trio.lowlevel.checkpoint()
+
+    def set_nowait(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key``; committed within 50 ms (with others: batched).
 
         Returns at once; lookups made after it see it. A failure to write is logged
         once as a warning. Ignored once the cache is closed.
-
-        Cancellation: never blocks; the value is stored or not, as if not cancelled.
         """
         if not self._closed:
             self._mailbox.put(Store(key, value, self._clock()), wake=False)
-        await trio.lowlevel.checkpoint()
 
     async def commit(self) -> None:
         """Commit every value stored so far: other processes see them once this returns.

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import sqlite3
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -77,6 +78,7 @@ class Store:
 
 #: The last job: commit what is left, close the connection, end the thread.
 STOP: Final = object()
+_NOTHING: Final = object()  # wakes the worker, and is no job
 
 
 def wake(jobs: list[Ask]) -> None:
@@ -88,30 +90,53 @@ def wake(jobs: list[Ask]) -> None:
 
 @final
 class Mailbox:
-    """Jobs from Trio's thread to the worker's: wakes the worker only when needed."""
+    """Jobs from Trio's thread to the worker's: wakes the worker only when needed.
+
+    Lookups, commit requests and :data:`STOP` go through a queue and wake the worker;
+    stores go to a list beside it and wake the worker only if it sleeps with no deadline
+    (else its deadline, or the next lookup, picks them up). Both sides set their own flag
+    or list, then read the other's, so one of them always sees the other: a store is
+    never left behind a sleeping worker.
+    """
 
     def __init__(self) -> None:
-        self._ready = threading.Condition(threading.Lock())
-        self._jobs: list[Any] = []
-        self._idle = False  # the worker sleeps with no deadline: only a put wakes it
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stores: deque[Any] = deque()
+        self._idle = False  # the worker sleeps with no deadline: only the queue wakes it
 
     def put(self, job: object, *, wake: bool) -> None:
         """Add ``job``; wake the worker if ``wake``, or if nothing else would."""
-        with self._ready:
-            self._jobs.append(job)
-            if wake or self._idle:
-                self._idle = False
-                self._ready.notify()
+        if wake:
+            self._queue.put(job)
+            return
+        self._stores.append(job)
+        if self._idle:
+            self._queue.put(_NOTHING)
 
     def take(self, timeout: float | None) -> list[Any]:
-        """Return the jobs waiting, after waiting up to ``timeout`` seconds for one."""
-        with self._ready:
-            if not self._jobs:
-                self._idle = timeout is None
-                self._ready.wait(timeout)
-                self._idle = False
-            jobs, self._jobs = self._jobs, []
-        return jobs
+        """Return the jobs waiting (stores first), waiting up to ``timeout`` s for one."""
+        stores = self._stores
+        if timeout is None:
+            self._idle = True
+            if stores:  # a store came before the flag was seen: do not sleep
+                timeout = 0.0
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            first = _NOTHING
+        self._idle = False
+        jobs = []
+        while stores:
+            jobs.append(stores.popleft())
+        if first is not _NOTHING:
+            jobs.append(first)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not _NOTHING:
+                jobs.append(job)
 
 
 @final
