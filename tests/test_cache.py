@@ -602,3 +602,27 @@ async def test_stores_beyond_the_write_behind_buffer_are_dropped() -> None:
     hook.store(requests[2], "req", {"id": "r"}, usage)  # closed: dropped quietly
     unkeyed = Request("http://x", b"{}", 0, stream=False, shown_url="x")
     hook.store(unkeyed, None, {}, usage)  # a call that does not use the cache
+
+
+async def test_a_cache_taking_stores_at_once(
+    fake_llm: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache with set_nowait gets each reply at once; its failure is logged once."""
+
+    class Immediate(MemoryCache):
+        def set_nowait(self, key: str, value: bytes) -> None:
+            if self.values:
+                raise OSError("full")
+            self.values[key] = value
+
+    cache = Immediate()
+    with caplog.at_level(logging.WARNING, logger="trio_llm"):
+        async with trio_llm.open_client(
+            base_url=fake_llm.base_url, model="m", cache=cache
+        ) as client:
+            await client.chat("first")
+            assert len(cache.values) == 1  # stored by the call itself, no task in between
+            for prompt in ("second", "third"):
+                assert not (await client.chat(prompt)).cached
+            assert (await client.chat("first")).cached
+    assert sum("was not stored: OSError('full')" in r.message for r in caplog.records) == 1

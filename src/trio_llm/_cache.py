@@ -13,7 +13,8 @@ A cache answers a call with a reply stored earlier instead of asking the server:
 - :class:`CacheHook`: the lifecycle's side (:mod:`trio_llm._attempt`): the lookup that
   ``Requester.call`` makes before the retry loop (a hit is no attempt: no reservation, no
   slot, not ``sent``), single-flight for identical calls made at once, and the store
-  where ``Exchange.finish`` runs, written behind by one task of the client.
+  where ``Exchange.finish`` runs, written behind by one task of the client (or handed at
+  once to a cache whose stores never block: ``set_nowait``).
 """
 
 from __future__ import annotations
