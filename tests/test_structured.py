@@ -295,6 +295,20 @@ async def test_truncated_json_is_an_error_with_the_parser_message() -> None:
         ]
 
 
+async def test_many_problems_are_capped(provider: str) -> None:
+    """At most ten problems are listed per reply; the rest are counted."""
+    codes = {"type": "array", "items": {"type": "string", "pattern": "^X+$"}, "minItems": 12}
+    schema = {"type": "object", "properties": {"codes": codes}, "required": ["codes"]}
+    async with open_recorded(provider) as (client, bodies):
+        with pytest.raises(trio_llm.StructuredOutputError) as info:
+            await trio_llm.chat_structured(client, "Codes.", schema, max_repairs=1)
+    [first, _] = info.value.errors
+    assert first.count("does not match '^X+$'") == 10
+    assert first.startswith("$.codes[0]: ")
+    assert first.endswith("; ... and 2 more")
+    assert last_user_text(bodies[1]).count("\n- ") == 11
+
+
 async def test_class_validators_are_part_of_the_check(provider: str) -> None:
     """A value the class itself refuses (an attrs or a pydantic validator) is repaired."""
 
