@@ -8,6 +8,7 @@ tests read what the server received: the schema, the forced tool, the repair mes
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import enum
 import json
@@ -217,6 +218,20 @@ async def test_json_schema_dict(
         assert bodies[0]["response_format"]["json_schema"]["strict"] is True
     else:
         assert "Verdict_of_the_judge" in bodies[0]["tools"][0]["description"]
+
+
+async def test_a_changed_dict_schema_is_sent_as_changed(
+    provider: str, recorded: tuple[trio_llm.Client, list[dict[str, Any]]]
+) -> None:
+    """Checkers are cached by the schema's content: a dict changed in place is not stale."""
+    client, bodies = recorded
+    schema = copy.deepcopy(VERDICT)
+    first = await trio_llm.chat_structured(client, "Judge.", schema)
+    schema["properties"]["label"] = {"enum": ["maybe"]}
+    second = await trio_llm.chat_structured(client, "Judge.", schema)
+    assert first["label"] in ("yes", "no")
+    assert second["label"] == "maybe"
+    assert sent_schema(provider, bodies[1])["properties"]["label"] == {"enum": ["maybe"]}
 
 
 async def test_prompt_run_structured(

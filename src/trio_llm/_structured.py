@@ -18,6 +18,7 @@ problems of every attempt.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -74,25 +75,25 @@ def _decode(text: str) -> Any:
         raise _Invalid([f"$: not valid JSON ({exc})"]) from None
 
 
-def _validator(json_schema: Mapping[str, Any]) -> jsonschema.Draft202012Validator:
-    """Return a Draft 2020-12 validator with format checks.
+def _checker(json_schema: Mapping[str, Any], *, given: bool) -> Callable[[str], Any]:
+    """Return a function decoding a reply and validating it against ``json_schema``.
+
+    Draft 2020-12, with format checks. A schema the caller ``given`` is checked against
+    the metaschema first (it costs milliseconds, once: targets are cached); the ones
+    built here are valid by construction.
 
     Raises:
         ValueError: ``json_schema`` is not a valid JSON Schema.
     """
-    try:
-        jsonschema.Draft202012Validator.check_schema(json_schema)
-    except jsonschema.SchemaError as exc:
-        where = exc.json_path.replace("$", "schema", 1)
-        raise ValueError(f"not a valid JSON Schema: {where}: {exc.message}") from None
-    return jsonschema.Draft202012Validator(
+    if given:
+        try:
+            jsonschema.Draft202012Validator.check_schema(json_schema)
+        except jsonschema.SchemaError as exc:
+            where = exc.json_path.replace("$", "schema", 1)
+            raise ValueError(f"not a valid JSON Schema: {where}: {exc.message}") from None
+    validator = jsonschema.Draft202012Validator(
         json_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
-
-
-def _checker(json_schema: Mapping[str, Any]) -> Callable[[str], Any]:
-    """Return a function decoding a reply and validating it against ``json_schema``."""
-    validator = _validator(json_schema)
 
     def check(text: str) -> Any:
         value = _decode(text)
@@ -112,7 +113,7 @@ def _cattrs_problem(exc: BaseException, tp: type | None) -> str:
 
 
 def _record_loader(cls: type, json_schema: Mapping[str, Any]) -> Callable[[str], Any]:
-    check = _checker(json_schema)
+    check = _checker(json_schema, given=False)
 
     def load(text: str) -> Any:
         value = check(text)
@@ -151,24 +152,43 @@ def _name(name: str) -> str:
 
 
 def _target(schema: object) -> _Target:
-    """Return how to ask for and check ``schema``.
+    """Return how to ask for and check ``schema`` (cached: checking a JSON Schema costs ms).
 
     Raises:
         TypeError: ``schema`` is not a kind of schema that is supported.
         ValueError: a JSON Schema dict is not a valid JSON Schema.
     """
     if isinstance(schema, Mapping):
-        json_schema = dict(schema)
-        name = _name(str(json_schema.get("title") or "response"))
-        return _Target(name, json_schema, _checker(json_schema))
-    model = pydantic_model(schema)
+        try:
+            text = json.dumps(schema)  # the cache key; the key order is kept, as sent
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"a JSON Schema dict must be JSON: {exc}") from None
+        return _dict_target(text)
+    if isinstance(schema, type):
+        return _class_target(schema)
+    raise _unsupported(schema)
+
+
+@functools.lru_cache(maxsize=256)
+def _dict_target(text: str) -> _Target:
+    json_schema = json.loads(text)
+    name = _name(str(json_schema.get("title") or "response"))
+    return _Target(name, json_schema, _checker(json_schema, given=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _class_target(cls: type) -> _Target:
+    model = pydantic_model(cls)
     if model is not None:
-        return _Target(_name(model.__name__), json_schema_for(model), _model_loader(model))
-    if is_record(schema):
-        assert isinstance(schema, type)
-        json_schema = json_schema_for(schema)
-        return _Target(_name(schema.__name__), json_schema, _record_loader(schema, json_schema))
-    raise TypeError(
+        return _Target(_name(cls.__name__), json_schema_for(cls), _model_loader(model))
+    if is_record(cls):
+        json_schema = json_schema_for(cls)
+        return _Target(_name(cls.__name__), json_schema, _record_loader(cls, json_schema))
+    raise _unsupported(cls)
+
+
+def _unsupported(schema: object) -> TypeError:
+    return TypeError(
         "schema must be a pydantic model, an attrs class, a dataclass, a TypedDict or a "
         f"JSON Schema dict, not {schema!r}"
     )
