@@ -356,6 +356,10 @@ async def test_arguments_are_checked_before_sending(fake_llm: FakeLLMServer) -> 
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
         with pytest.raises(TypeError, match="pydantic model, an attrs class"):
             await trio_llm.chat_structured(client, "x", int)
+        with pytest.raises(TypeError, match="pydantic model, an attrs class"):
+            await trio_llm.chat_structured(client, "x", "Route")  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="a JSON Schema dict must be JSON"):
+            await trio_llm.chat_structured(client, "x", {"enum": {1, 2}})
         with pytest.raises(ValueError, match=r"not a valid JSON Schema: schema.type: 5 is not"):
             await trio_llm.chat_structured(client, "x", {"type": 5})
         with pytest.raises(ValueError, match="max_repairs"):
