@@ -236,6 +236,8 @@ def cli_endpoints(args: argparse.Namespace, *, url_flag: str) -> list[Endpoint] 
         raise ConfigurationError(
             "--simulate answers from the built-in fake server: drop --endpoints"
         )
+    from ._endpoints_config import load_endpoints  # (tomllib, only when asked for)
+
     return load_endpoints(path)
 
 

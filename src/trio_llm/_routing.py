@@ -13,8 +13,9 @@ The choice, for one attempt:
 2. Within the level, the endpoint with the least load per unit of weight, counting the
    attempt about to be added: ``(in flight + waiting + 1) / weight``; an endpoint whose
    own rate limiter or concurrency limit would make the attempt wait comes after those
-   that can send at once; ties go to the endpoint that has been sent the fewest attempts
-   per unit of weight. The state is exact and local (no other balancer shares it), so
+   that can send at once; ties go to the endpoint chosen least recently (so a lone
+   caller takes equal endpoints in turn, and one back from a cooldown is not owed the
+   traffic it missed). The state is exact and local (no other balancer shares it), so
    the least-loaded choice needs no sampling; a slow endpoint holds its load longer and
    so gets less.
 3. If no endpoint is available, the one that will be available soonest (the least
@@ -140,6 +141,7 @@ class Route:
     __slots__ = (
         "body_key",
         "builders",
+        "chosen",
         "cool_until",
         "cooldown",
         "direct",
@@ -218,6 +220,7 @@ class Route:
         self.probe: object = None  # the request probing it, while probing
         self.paused_until = -math.inf
         # Counters.
+        self.chosen = 0  # the router's count of choices when it last chose this one
         self.load = 0  # attempts assigned and not finished: waiting or in flight
         self.waiting = 0
         self.sent = 0
@@ -371,7 +374,7 @@ class Router:
         needs_model: some endpoint names no model of its own.
     """
 
-    __slots__ = ("_levels", "_single", "needs_model", "primary", "routes", "uniform")
+    __slots__ = ("_choices", "_levels", "_single", "needs_model", "primary", "routes", "uniform")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
@@ -393,6 +396,7 @@ class Router:
         self._single = self.routes[0] if len(self.routes) == 1 else None
         self.uniform = len({route.body_key for route in routes}) == 1
         self.needs_model = any(route.model is None for route in routes)
+        self._choices = 0
 
     def first(self, kind: int) -> Route:
         """The route a ``kind`` request is most likely sent to first (its body is built for it)."""
@@ -414,6 +418,8 @@ class Router:
                 route = self._available(levels, None, request, now)
             if route is None:
                 route = self._soonest(levels, now)
+            self._choices += 1
+            route.chosen = self._choices
         return route
 
     def _available(
@@ -425,7 +431,7 @@ class Router:
     ) -> Route | None:
         for level in levels:
             best: Route | None = None
-            best_load = best_served = math.inf
+            best_load = best_chosen = math.inf
             for route in level:
                 if avoid is not None and route in avoid:
                     continue
@@ -440,9 +446,8 @@ class Router:
                 load = (route.load + 1) / route.weight
                 if len(level) > 1 and not route.ready(request.estimate):
                     load += _BUSY
-                served = route.sent / route.weight
-                if load < best_load or (load == best_load and served < best_served):
-                    best, best_load, best_served = route, load, served
+                if load < best_load or (load == best_load and route.chosen < best_chosen):
+                    best, best_load, best_chosen = route, load, route.chosen
             if best is not None:
                 return best
         return None
