@@ -219,6 +219,60 @@ async def test_all_priority_zero_down_sends_everything_to_the_next_level(
     assert stats["c"].sent == 0
 
 
+async def test_with_every_endpoint_down_calls_still_go_and_find_the_first_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """All cooling: calls go to the soonest anyway, and the first to answer is back at once."""
+    async with fake_servers(failing(), failing()) as (a, b):
+        endpoints = [Endpoint(a.base_url, name="a"), Endpoint(b.base_url, name="b")]
+        retry = RetryPolicy(attempts=2, wait_initial=0.1, wait_jitter=0)
+        async with trio_llm.open_client(endpoints=endpoints, model="m", retry=retry) as client:
+            for _ in range(FAILURES_TO_COOL):
+                with pytest.raises(trio_llm.ServerError):
+                    await client.chat("hi")
+            assert {s.state for s in client.statistics().endpoints} == {"cooling"}
+            sent = a.stats.total_requests + b.stats.total_requests
+            with pytest.raises(trio_llm.ServerError):
+                await client.chat("hi")  # sent although both cool: nothing else to do
+            assert a.stats.total_requests + b.stats.total_requests == sent + 2
+            b.config = FakeLLMConfig()
+            reply = await client.chat("hi")  # a (or b) first, then the other: b answers
+            stats = by_name(client)
+    assert reply.endpoint == "b"
+    assert (stats["a"].state, stats["b"].state) == ("cooling", "up")
+
+
+async def test_a_shorter_pause_never_cuts_a_longer_one(autojump_clock: trio.abc.Clock) -> None:
+    """Two 429s: retry-after 10 then 1; the endpoint stays paused for the 10 s (not 1 s)."""
+    async with fake_servers(FakeLLMConfig()) as (b,):
+        arrived: list[int] = []
+        both = trio.Event()
+
+        async def refuse(request: httpx2.Request) -> httpx2.Response:
+            arrived.append(len(arrived))
+            if len(arrived) == 2:
+                both.set()
+            await both.wait()
+            wait = "10" if len(arrived) == 2 and arrived.pop(0) == 0 else "1"
+            await trio.sleep(0.1 if wait == "1" else 0)  # the shorter one comes later
+            return httpx2.Response(429, headers={"retry-after": wait}, json={})
+
+        async with trio_llm.open_client(
+            endpoints=[
+                Endpoint("http://127.0.0.1:9/v1", name="a"),
+                Endpoint(b.base_url, name="b", priority=1),
+            ],
+            model="m",
+            transport=_RouteByHost({"127.0.0.1:9": httpx2.MockTransport(refuse)}),
+        ) as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.chat, "one")
+                nursery.start_soon(client.chat, "two")
+            stats = by_name(client)["a"]
+    assert stats.rate_limited == 2
+    assert stats.paused_for == pytest.approx(9.9)
+
+
 async def test_429_moves_the_traffic_without_waiting(autojump_clock: trio.abc.Clock) -> None:
     """A 429's retry-after pauses its endpoint; the call goes elsewhere at once."""
     async with fake_servers(failing(429), FakeLLMConfig()) as (a, b):
@@ -262,6 +316,36 @@ async def test_429_without_a_retry_after_counts_as_a_failure(
             stats = by_name(client)["a"]
     assert requests == FAILURES_TO_COOL
     assert (stats.state, stats.rate_limited, stats.paused_for) == ("cooling", 3, 0.0)
+
+
+async def test_429_with_an_exhausted_limit_pauses_until_its_reset(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Without retry-after, an exhausted rate-limit header's reset is the pause."""
+    async with fake_servers(FakeLLMConfig()) as (b,):
+        refused_at: list[float] = []
+
+        def refuse(request: httpx2.Request) -> httpx2.Response:
+            refused_at.append(trio.current_time())
+            headers = {
+                "x-ratelimit-limit-requests": "100",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "3s",
+            }
+            return httpx2.Response(429, headers=headers, json={"error": {"message": "slow"}})
+
+        async with trio_llm.open_client(
+            endpoints=[Endpoint("http://127.0.0.1:9/v1", name="a"), Endpoint(b.base_url, name="b")],
+            model="m",
+            transport=_RouteByHost({"127.0.0.1:9": httpx2.MockTransport(refuse)}),
+        ) as client:
+            start = trio.current_time()
+            for _ in range(8):
+                assert (await client.chat("hi")).endpoint == "b"
+                await trio.sleep(1)
+            stats = by_name(client)["a"]
+    assert refused_at == [start, start + 3, start + 6]  # once per reset, never waited for
+    assert (stats.state, stats.rate_limited) == ("up", 3)
 
 
 @attrs.define
@@ -567,6 +651,28 @@ async def test_statistics_of_an_endpoint_in_flight(autojump_clock: trio.abc.Cloc
     (stats,) = after.endpoints
     assert (stats.in_flight, stats.waiting, stats.succeeded) == (0, 0, 3)
     assert stats.latency == pytest.approx(1.0)
+
+
+async def test_cancelled_while_waiting_for_an_endpoint_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A call cancelled in the wait for its endpoint's slot gives back the client's slot."""
+    async with fake_servers(FakeLLMConfig(latency=1.0)) as (a,):
+        endpoints = [Endpoint(a.base_url, name="a", max_concurrency=1)]
+        async with trio_llm.open_client(endpoints=endpoints, model="m") as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.chat, "first")
+                await trio.sleep(0.1)
+                with trio.move_on_after(0.2):
+                    await client.chat("second")
+                during = client.statistics()
+            after = client.statistics()
+    assert (during.in_flight, during.endpoints[0].in_flight, during.endpoints[0].waiting) == (
+        1,
+        1,
+        0,
+    )
+    assert (after.in_flight, after.succeeded, after.failed) == (0, 1, 0)
 
 
 def test_client_repr_lists_the_endpoints() -> None:

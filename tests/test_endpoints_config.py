@@ -330,9 +330,10 @@ async def test_serve_command_in_front_of_several_replicas(tmp_path: Path) -> Non
 
 
 async def test_a_fallback_model_needs_no_key_on_loopback() -> None:
-    """Endpoints on this machine need no key, as base_url clients do."""
+    """Endpoints on this machine need no key, as base_url clients do (localhost too)."""
     async with open_fake_llm() as server:
-        endpoints = [Endpoint(server.base_url, model="fake-gpt")]
+        local = server.base_url.replace("127.0.0.1", "localhost")
+        endpoints = [Endpoint(local, model="fake-gpt")]
         async with trio_llm.open_client(endpoints=endpoints) as client:
             reply = await client.chat("hi")
     assert reply.model == "fake-gpt"

@@ -18,9 +18,10 @@ The choice, for one attempt:
    traffic it missed). The state is exact and local (no other balancer shares it), so
    the least-loaded choice needs no sampling; a slow endpoint holds its load longer and
    so gets less.
-3. If no endpoint is available, the one that will be available soonest (the least
-   priority number on a tie) takes it anyway, rather than the call waiting: a lone
-   endpoint behaves as a one-endpoint client always did.
+3. If no endpoint is available, the one that will be available soonest (one that has
+   not failed this call first; the least priority number on a tie) takes it anyway,
+   rather than the call waiting: a lone endpoint behaves as a one-endpoint client always
+   did, and an endpoint that answers so comes back at once.
 
 Health (the numbers are module constants, documented in docs/howto-endpoints.md):
 ``FAILURES_TO_COOL`` consecutive retryable failures (connection errors, timeouts, 5xx, a
@@ -81,8 +82,6 @@ COOLDOWN_MAX: Final = 60.0
 # How much of the recent latency the newest attempt makes (an exponential average over
 # about the last ten successful attempts).
 _LATENCY_WEIGHT: Final = 0.2
-# Added to the load of an endpoint whose own limits would make the attempt wait.
-_BUSY: Final = 1e12
 
 UP: Final = "up"
 COOLING: Final = "cooling"
@@ -156,6 +155,7 @@ class Route:
         "model",
         "name",
         "paused_until",
+        "per_weight",
         "priority",
         "probe",
         "provider",
@@ -186,6 +186,7 @@ class Route:
         self.name = endpoint.name
         self.priority = endpoint.priority
         self.weight = float(endpoint.weight)
+        self.per_weight = 1.0 / self.weight
         self.provider = provider
         self.model = endpoint.model
         chat = endpoint.base_url + provider.chat_path
@@ -417,7 +418,7 @@ class Router:
             if route is None and avoid:
                 route = self._available(levels, None, request, now)
             if route is None:
-                route = self._soonest(levels, now)
+                route = self._soonest(levels, avoid, now)
             self._choices += 1
             route.chosen = self._choices
         return route
@@ -429,35 +430,65 @@ class Router:
         request: Routed,
         now: float,
     ) -> Route | None:
+        """The least loaded available route of the first level that has one (or a probe)."""
         for level in levels:
-            best: Route | None = None
-            best_load = best_chosen = math.inf
-            for route in level:
-                if avoid is not None and route in avoid:
-                    continue
-                if route.state is not UP:
-                    if route.state is COOLING and now >= route.cool_until:
-                        route.state = PROBING
-                        route.probe = request
-                        return route
-                    continue
-                if route.paused_until > now:
-                    continue
-                load = (route.load + 1) / route.weight
-                if len(level) > 1 and not route.ready(request.estimate):
-                    load += _BUSY
-                if load < best_load or (load == best_load and route.chosen < best_chosen):
-                    best, best_load, best_chosen = route, load, route.chosen
+            best = self._least_loaded(level, avoid, request, now, None)
             if best is not None:
-                return best
+                if best.probe is request or len(level) == 1 or best.ready(request.estimate):
+                    return best
+                # Its own limits would make the attempt wait: the least loaded of those
+                # that would not, if any (checked only now: a limiter's check costs).
+                return self._least_loaded(level, avoid, request, now, request.estimate) or best
         return None
 
-    def _soonest(self, levels: tuple[tuple[Route, ...], ...], now: float) -> Route:
-        """The route that will be usable first: every one is unavailable now."""
+    @staticmethod
+    def _least_loaded(
+        level: tuple[Route, ...],
+        avoid: list[Route] | None,
+        request: Routed,
+        now: float,
+        ready_for: int | None,
+    ) -> Route | None:
+        """The usable route of ``level`` with the least load per weight (a due probe first).
+
+        With ``ready_for`` (a token estimate), only routes whose limits let it start now.
+        """
+        best: Route | None = None
+        best_load = math.inf
+        best_chosen = 0
+        for route in level:
+            if avoid is not None and route in avoid:
+                continue
+            if route.state is not UP:
+                if route.state is COOLING and now >= route.cool_until:
+                    route.state = PROBING
+                    route.probe = request
+                    return route
+                continue
+            if route.paused_until > now:
+                continue
+            if ready_for is not None and not route.ready(ready_for):
+                continue
+            load = (route.load + 1) * route.per_weight
+            if load < best_load or (load == best_load and route.chosen < best_chosen):
+                best, best_load, best_chosen = route, load, route.chosen
+        return best
+
+    def _soonest(
+        self, levels: tuple[tuple[Route, ...], ...], avoid: list[Route] | None, now: float
+    ) -> Route:
+        """The route that will be usable first, as every one is unavailable now.
+
+        One that has not failed this call first; then the soonest, by priority and load.
+        """
         candidates = [route for level in levels for route in level]
-        if not candidates:
+        if not candidates:  # pragma: no cover - Requester.request refuses such a call first
             return self.primary
-        return min(candidates, key=lambda r: (r.available_at(now), r.priority, r.load / r.weight))
+        tried = avoid or ()
+        return min(
+            candidates,
+            key=lambda r: (r in tried, r.available_at(now), r.priority, r.load / r.weight),
+        )
 
     def can_fail_over(self, request: Routed) -> bool:
         """Whether an endpoint that has not failed ``request`` can take it at once."""
