@@ -47,11 +47,11 @@ from ._errors import (
     error_from_response,
     error_from_transport,
 )
-from ._estimate import estimate_tokens
 from ._http import BodyTooLarge, HTTPResponse
 from ._ratelimit import Reservation
-from ._retry import call_with_retries, is_retryable
-from ._routing import STREAM, Route, Router, exhausted_reset
+from ._request import Request
+from ._retry import call_with_retries
+from ._routing import Route, Router, exhausted_reset
 from ._sending import HttpxResponse, stream_decoder
 from ._types import Usage
 from .providers._base import Provider
@@ -66,78 +66,6 @@ _NO_SCOPE: Final = nullcontext()
 _INF: Final = math.inf
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-
-
-@final
-class Request:
-    """One call's request, encoded for the endpoint it goes to, and sent by each attempt.
-
-    ``kind`` is :data:`~trio_llm._routing.CHAT`, ``STREAM`` or ``EMBEDDINGS``. The body
-    is encoded once, for the endpoint the call most likely goes to, and again only for an
-    attempt sent to an endpoint of another provider or model (from ``source``). ``avoid``
-    lists the endpoints that failed the call. ``waiting_for`` says what the call is
-    waiting for now, for the message of a deadline that passes before any response.
-    """
-
-    __slots__ = (
-        "avoid",
-        "body_key",
-        "content",
-        "deadline_at",
-        "estimate",
-        "kind",
-        "route",
-        "shown_url",
-        "source",
-        "stream",
-        "url",
-        "waiting_for",
-    )
-
-    def __init__(self, route: Route, kind: int, content: bytes, estimate: int) -> None:
-        self.route = route
-        self.kind = kind
-        self.url = route.urls[kind] or ""
-        self.shown_url = route.shown_urls[kind]  # the URL as messages show it: redacted
-        self.body_key = route.body_key
-        self.content = content
-        self.estimate = estimate
-        self.stream = kind == STREAM
-        self.waiting_for = "the response"
-        self.deadline_at = _INF  # the call's deadline, set by the retry loop
-        # (prompt or texts, model, params): set when another endpoint may need another body.
-        self.source: tuple[Any, str | None, Mapping[str, Any]] | None = None
-        self.avoid: list[Route] | None = None
-
-    @property
-    def label(self) -> str:
-        """What the request is, for messages: ``POST <url>``."""
-        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
-
-    @property
-    def endpoint(self) -> str:
-        """The name of the endpoint of the latest attempt."""
-        return self.route.name
-
-    def can_fail_over(self) -> bool:
-        """Whether another endpoint, one that has not failed this call, can take it now."""
-        return self.route.router.can_fail_over(self)
-
-    def retarget(self, route: Route) -> None:
-        """Address the request to ``route``, its body rebuilt if that endpoint needs another.
-
-        Raises:
-            ConfigurationError: the endpoint cannot take it (no model for it).
-        """
-        kind = self.kind
-        if route.body_key != self.body_key:
-            assert self.source is not None  # kept whenever the endpoints' bodies differ
-            source, model, params = self.source
-            self.content = _json.dumps(route.build(kind, source, model, params))
-            self.body_key = route.body_key
-        self.route = route
-        self.url = route.urls[kind] or ""
-        self.shown_url = route.shown_urls[kind]
 
 
 @final
@@ -411,26 +339,8 @@ class Requester:
     def request(
         self, kind: int, source: Any, model: str | None, params: Mapping[str, Any]
     ) -> Request:
-        """Build one call's request, encoded once (with its token estimate when rate-limited).
-
-        Args:
-            kind: :data:`~trio_llm._routing.CHAT`, ``STREAM`` or ``EMBEDDINGS``.
-            source: the prompt or messages (the texts, for embeddings).
-            model: the call's model (or the client's); an endpoint's own model wins.
-            params: the other body fields.
-
-        Raises:
-            ConfigurationError: no model, or no endpoint can make such a request.
-        """
-        router = self.router
-        route = router.first(kind)
-        body = route.build(kind, source, model, params)
-        request = Request(
-            route, kind, _json.dumps(body), estimate_tokens(body) if self._estimate else 0
-        )
-        if not router.uniform:
-            request.source = (source, model, params)
-        return request
+        """Build one call's request (see :meth:`Request.for_call`)."""
+        return Request.for_call(self.router, kind, source, model, params, self._estimate)
 
     def call(
         self,
@@ -468,8 +378,8 @@ class Requester:
         ``read`` gets the open :class:`Exchange` of a success status and returns the
         call's result. It owns the exchange only if it keeps it past its return (a
         stream): otherwise reading the body to its end and :meth:`Exchange.finish` leave
-        nothing open. If ``read`` raises, the exchange is closed. The outcome is the
-        endpoint's health (:mod:`trio_llm._routing`).
+        nothing open. If ``read`` raises, the exchange is closed. The outcome goes to
+        the endpoint's health.
 
         Raises:
             APIStatusError: the server answered with an error status (its body read).
@@ -482,10 +392,7 @@ class Requester:
         # A cancelled call stops here, before it takes a slot or a pooled connection (the
         # waits below do not checkpoint when nothing has to wait).
         await _checkpoint_if_cancelled()
-        route = self.router.choose(request)
-        if route is not request.route:
-            request.retarget(route)
-        route.load += 1
+        route = self.router.choose(request)  # counts the attempt in the route's load
         epoch = route.epoch
         try:
             reservation = await self._capacity(route, request)
@@ -539,7 +446,7 @@ class Requester:
                 url=request.shown_url,
             )
         except LLMError as exc:
-            self._failed(route, request, exc, epoch)
+            route.failed_attempt(request, exc, epoch)
             raise
         except BaseException:
             route.abandoned(request)
@@ -580,22 +487,6 @@ class Requester:
                 reservation.refund()  # never sent: it must not cost the others capacity
             raise
         return reservation
-
-    def _failed(self, route: Route, request: Request, error: LLMError, epoch: int) -> None:
-        """Record a failed attempt at ``route``: its health, and the call's failover."""
-        route.failed += 1
-        if not is_retryable(error):
-            route.answered(request, epoch, None)  # it answered: no other attempt would help
-            return
-        now = trio.current_time()
-        paused = isinstance(error, APIStatusError) and error.status_code == 429
-        if not (paused and route.paused_until > now):  # a 429 that said when is no fault
-            route.broke(request, epoch, now)
-        avoid = request.avoid
-        if avoid is None:
-            request.avoid = [route]
-        elif route not in avoid:
-            avoid.append(route)
 
     def _send(self, route: Route, request: Request) -> Awaitable[HTTPResponse | HttpxResponse]:
         """Send ``request`` to ``route``: a coroutine returning the response once its head arrived.

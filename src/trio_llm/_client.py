@@ -438,16 +438,14 @@ async def open_client(
         api_key: the API key. Default: ``$OPENAI_API_KEY`` (``$ANTHROPIC_API_KEY`` for
             Anthropic). Required unless the server is on a loopback address (local
             servers often need none).
-        model: the model used by calls that name none (and sent to endpoints that
-            name none of their own).
+        model: the model of calls that name none (for endpoints that name none).
         provider: the wire format; ``"openai"`` (any OpenAI-compatible server) or
             ``"anthropic"`` (the Messages API: same calls and result types, requests and
             replies translated; ``embed`` raises :class:`ConfigurationError`).
-        endpoints: several :class:`Endpoint` objects instead of one ``base_url``
-            (replicas, regions, fallback models or providers): each attempt goes to one
-            of them by priority, load per weight and health, and a failed attempt fails
-            over to another at once. Exclusive with ``base_url`` and ``api_key``;
-            ``provider`` then applies to none (each endpoint has its own).
+        endpoints: several :class:`Endpoint` instead of one ``base_url`` (replicas,
+            fallbacks): each attempt goes to one by priority, load per weight and
+            health; a failed one fails over at once. Exclusive with ``base_url`` and
+            ``api_key``; ``provider`` then applies to none (each has its own).
         max_concurrency: requests in flight at once, across all tasks and endpoints
             (and each endpoint's pool size, unless it sets its own).
         rate_limit: requests and tokens per minute for all the client's calls together
@@ -459,10 +457,9 @@ async def open_client(
             attempts within 120 s, on any endpoints); ``None`` disables retries (and
             failover). Calls may override it.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
-        transport: the HTTP transport (shared by every endpoint). Default: a
-            :class:`TrioTransport` per endpoint, with one connection per concurrency
-            slot. Any ``httpx2.AsyncBaseTransport`` works: ``httpx2.AsyncHTTPTransport``
-            (HTTP/2, proxies), ``MockTransport``.
+        transport: the HTTP transport, shared by every endpoint (default: a
+            :class:`TrioTransport` each, one connection per concurrency slot). Any
+            ``httpx2.AsyncBaseTransport`` works (``AsyncHTTPTransport``, ``MockTransport``).
         headers: extra headers sent with every request (e.g. ``OpenAI-Organization``).
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
             (at most 16 MiB) accepted; a larger one fails the call at once with

@@ -44,9 +44,10 @@ import attrs
 import httpx2
 import trio
 
-from ._errors import ConfigurationError, redact_url
+from ._errors import APIStatusError, ConfigurationError, LLMError, redact_url
 from ._http import TrioTransport
 from ._ratelimit import RateLimiter, RateLimitLevels
+from ._retry import is_retryable
 from ._types import ChatResponse, EmbeddingResponse
 from .providers._base import Provider
 
@@ -294,6 +295,27 @@ class Route:
             self._cool(now)
         # Else sent before the cooldown began, or alongside the probe: that changes nothing.
 
+    def failed_attempt(self, request: Routed, error: LLMError, epoch: int) -> None:
+        """Record an attempt of ``request`` that failed here with ``error``.
+
+        A retryable failure is the endpoint's (unless a 429 that paused it: no fault)
+        and keeps the call's next attempts away from it while others can take them; any
+        other error means the endpoint answered.
+        """
+        self.failed += 1
+        if not is_retryable(error):
+            self.answered(request, epoch, None)  # no other attempt would help
+            return
+        now = trio.current_time()
+        rate_limited = isinstance(error, APIStatusError) and error.status_code == 429
+        if not (rate_limited and self.paused_until > now):
+            self.broke(request, epoch, now)
+        avoid = request.avoid
+        if avoid is None:
+            request.avoid = [self]
+        elif self not in avoid:
+            avoid.append(self)
+
     def abandoned(self, probe: object) -> None:
         """Record an attempt cancelled before its outcome: a probe is due again at once."""
         if self.probe is probe:
@@ -362,6 +384,12 @@ class Routed(Protocol):
     estimate: int
     #: The routes that failed the call so far (``None``: none).
     avoid: list[Route] | None
+    #: The route the request is addressed to.
+    route: Route
+
+    def retarget(self, route: Route) -> None:
+        """Address the request to ``route`` (its URL, and its body if it needs another)."""
+        ...
 
 
 @final
@@ -405,9 +433,12 @@ class Router:
         return levels[0][0] if levels else self.primary
 
     def choose(self, request: Routed) -> Route:
-        """Pick the route of ``request``'s next attempt and count it as assigned there.
+        """Pick the route of ``request``'s next attempt, address it there, count it there.
 
         A cooled-down route picked becomes ``probing``, with ``request`` as its probe.
+
+        Raises:
+            ConfigurationError: the route needs a body the request cannot build (no model).
         """
         route = self._single
         if route is None:
@@ -421,6 +452,13 @@ class Router:
                 route = self._soonest(levels, avoid, now)
             self._choices += 1
             route.chosen = self._choices
+        if route is not request.route:
+            try:
+                request.retarget(route)
+            except BaseException:
+                route.abandoned(request)  # a probe it was to be is due again
+                raise
+        route.load += 1
         return route
 
     def _available(
