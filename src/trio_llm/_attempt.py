@@ -285,6 +285,7 @@ class Requester:
     """
 
     __slots__ = (
+        "_clock",
         "_estimate",
         "_limits",
         "_limits_by_phases",
@@ -312,6 +313,8 @@ class Requester:
         max_response_bytes: int | None = None,
     ) -> None:
         self.router = router
+        # The run's clock, read directly: trio.current_time() costs twice as much.
+        self._clock = trio.lowlevel.current_clock().current_time
         # Token estimates are needed only where a rate limiter counts tokens.
         self._estimate = any(route.rate is not None for route in router.routes)
         self._limits = timeouts.to_httpx()
@@ -404,7 +407,7 @@ class Requester:
         # Timeouts.stream_idle bounds a stream's wait from its request to the start of the
         # reply (after that, the wait between events); not the waits for capacity above.
         idle = self.timeouts.stream_idle if request.stream else None
-        started = trio.current_time()
+        started = self._clock()
         try:
             with _NO_SCOPE if idle is None else trio.move_on_after(idle):
                 try:
@@ -435,7 +438,7 @@ class Requester:
                     if rate is not None:
                         rate.update(route.provider.rate_limit_levels(response.headers))
                     result = await read(exchange)
-                    route.answered(request, epoch, trio.current_time() - started)
+                    route.answered(request, epoch, self._clock() - started)
                     return result
                 except BaseException:
                     await exchange.aclose()
@@ -512,7 +515,7 @@ class Requester:
         request in flight. With the defaults (read 120 s, a 120 s deadline) that is the
         read timeout, the one every request waits under.
         """
-        left = deadline_at - trio.current_time()
+        left = deadline_at - self._clock()
         connect, read, write, pool = self._phases  # (None as inf: never kept)
         key = (connect < left, read < left, write < left, pool < left)
         limits = self._limits_by_phases.get(key)

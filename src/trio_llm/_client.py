@@ -25,7 +25,14 @@ from ._endpoints import Endpoint, open_router, resolve_base_url
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._ratelimit import RateLimit, RateLimiter
-from ._routing import CHAT, EMBEDDINGS, STREAM, EndpointStatistics, stamp
+from ._routing import (
+    CHAT,
+    EMBEDDINGS,
+    STREAM,
+    EndpointStatistics,
+    set_chat_endpoint,
+    set_embeddings_endpoint,
+)
 from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
 from ._types import ChatResponse, EmbeddingResponse, Result
 from .providers._base import Messages
@@ -210,11 +217,12 @@ class Client:
     @staticmethod
     async def _read_chat(exchange: Exchange) -> ChatResponse:
         payload = await exchange.read_json()
+        route = exchange.route
         try:
-            reply = exchange.provider.parse_chat(payload, exchange.request_id)
+            reply = route.provider.parse_chat(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
-        stamp(reply, exchange.endpoint)
+        set_chat_endpoint(reply, route.name)
         exchange.finish(reply.usage)
         return reply
 
@@ -247,11 +255,12 @@ class Client:
     @staticmethod
     async def _read_embeddings(exchange: Exchange) -> EmbeddingResponse:
         payload = await exchange.read_json()
+        route = exchange.route
         try:
-            reply = exchange.provider.parse_embeddings(payload, exchange.request_id)
+            reply = route.provider.parse_embeddings(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
-        stamp(reply, exchange.endpoint)
+        set_embeddings_endpoint(reply, route.name)
         exchange.finish(reply.usage)
         return reply
 

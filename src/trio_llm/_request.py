@@ -99,7 +99,7 @@ class Request:
         Raises:
             ConfigurationError: no model, or no endpoint can make such a request.
         """
-        route = router.first(kind)
+        route = router.firsts[kind]
         body = route.build(kind, source, model, params)
         request = cls(route, kind, _json.dumps(body), estimate_tokens(body) if estimate else 0)
         if not router.uniform:

@@ -66,7 +66,8 @@ __all__ = [
     "Routed",
     "Router",
     "exhausted_reset",
-    "stamp",
+    "set_chat_endpoint",
+    "set_embeddings_endpoint",
 ]
 
 #: What a request is, as an index into a route's URLs and body builders.
@@ -125,9 +126,10 @@ class EndpointStatistics:
     paused_for: float
 
 
-def stamp(reply: ChatResponse | EmbeddingResponse, endpoint: str) -> None:
-    """Set ``reply.endpoint`` on a reply just parsed, before anyone else sees it."""
-    object.__setattr__(reply, "endpoint", endpoint)
+# Set ``reply.endpoint`` on a reply just parsed, before anyone else sees it: the slots' own
+# setters (the classes are frozen), as ``ChatChunk.from_json`` does (``set(reply, name)``).
+set_chat_endpoint: Final[Any] = ChatResponse.__dict__["endpoint"].__set__
+set_embeddings_endpoint: Final[Any] = EmbeddingResponse.__dict__["endpoint"].__set__
 
 
 @final
@@ -403,7 +405,16 @@ class Router:
         needs_model: some endpoint names no model of its own.
     """
 
-    __slots__ = ("_choices", "_levels", "_single", "needs_model", "primary", "routes", "uniform")
+    __slots__ = (
+        "_choices",
+        "_levels",
+        "_single",
+        "firsts",
+        "needs_model",
+        "primary",
+        "routes",
+        "uniform",
+    )
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
@@ -426,11 +437,9 @@ class Router:
         self.uniform = len({route.body_key for route in routes}) == 1
         self.needs_model = any(route.model is None for route in routes)
         self._choices = 0
-
-    def first(self, kind: int) -> Route:
-        """The route a ``kind`` request is most likely sent to first (its body is built for it)."""
-        levels = self._levels[kind]
-        return levels[0][0] if levels else self.primary
+        #: Per kind, the route a request is most likely sent to first (its body is built
+        #: for it): the first of the lowest level that can make it.
+        self.firsts = tuple(levels[0][0] if levels else self.primary for levels in self._levels)
 
     def choose(self, request: Routed) -> Route:
         """Pick the route of ``request``'s next attempt, address it there, count it there.

@@ -21,7 +21,7 @@ from ._aggregate import Aggregate
 from ._attempt import Exchange, Request, Requester
 from ._config import RetryPolicy
 from ._errors import LLMError, StreamError
-from ._routing import stamp
+from ._routing import set_chat_endpoint
 from ._sse import DEFAULT_MAX_EVENT_SIZE as MAX_EVENT_SIZE
 from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder
 from ._types import ChatChunk, ChatResponse
@@ -166,7 +166,7 @@ class StreamReader:
             exchange.fail()
             raise
         self.response = response = self._aggregate.to_response(exchange.request_id)
-        stamp(response, exchange.endpoint)
+        set_chat_endpoint(response, exchange.route.name)
         exchange.finish(response.usage)
 
     async def _pump(self, channel: trio.MemorySendChannel[Any], index: int | None) -> None:
