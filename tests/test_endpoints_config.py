@@ -337,3 +337,38 @@ async def test_a_fallback_model_needs_no_key_on_loopback() -> None:
         async with trio_llm.open_client(endpoints=endpoints) as client:
             reply = await client.chat("hi")
     assert reply.model == "fake-gpt"
+
+
+async def test_cli_client_of_an_endpoints_file(tmp_path: Path) -> None:
+    """open_cli_client reads --endpoints; --model goes to endpoints naming none."""
+    from trio_llm._cli import build_parser
+    from trio_llm._cli_options import open_cli_client
+
+    async with fake_servers(FakeLLMConfig(), FakeLLMConfig()) as (a, b):
+        path = write(
+            tmp_path,
+            f'[[endpoint]]\nbase_url = "{a.base_url}"\nname = "a"\nmodel = "model-a"\n'
+            f'[[endpoint]]\nbase_url = "{b.base_url}"\nname = "b"\n',
+        )
+        args = build_parser().parse_args(["chat", "--endpoints", path, "--model", "m", "hi"])
+        async with open_cli_client(args) as client:
+            replies = [await client.chat("hi") for _ in range(2)]
+    assert sorted((r.endpoint, r.model) for r in replies) == [("a", "model-a"), ("b", "m")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--base-url", "http://127.0.0.1:1/v1"], "give --endpoints or --base-url, not both"),
+        (["--simulate"], "--simulate answers from the built-in fake server: drop --endpoints"),
+    ],
+)
+def test_cli_endpoints_conflicts_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    """The same usage errors, through the command's own entry point."""
+    from trio_llm._cli import main
+
+    path = endpoints_file(tmp_path, "http://127.0.0.1:1/v1")
+    assert main(["chat", "--endpoints", path, *extra, "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"trio-llm chat: error: {message}"

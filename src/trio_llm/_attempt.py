@@ -14,14 +14,12 @@ One attempt, in order (:meth:`Requester.open_exchange`, then the caller reads)::
     settle (finish / fail / close)           reconcile with usage, keep, or refund
     statistics                               counted here and nowhere else
 
-The retry policy repeats whole attempts, inside one cancel scope that is the call's
-deadline (:func:`trio_llm._retry.call_with_retries`). Each attempt first picks its
-endpoint (:mod:`trio_llm._routing`: its URL, body, connection pool and rate limiter),
-before the reservation; the attempt's outcome is the endpoint's health; failing over to
-another endpoint is a retry decision. Where later features hook in: a cache lookup runs
-in :meth:`Requester.call` before the retry loop (a hit is no attempt); cost is computed
-where :meth:`Exchange.finish` has the usage; a tracing span wraps one
-:meth:`Requester.attempt` to :meth:`Exchange.aclose`.
+The retry policy repeats whole attempts in one cancel scope, the call's deadline
+(:func:`trio_llm._retry.call_with_retries`); failing over to another endpoint is a retry
+decision, and each attempt's outcome is its endpoint's health (:mod:`trio_llm._routing`).
+Where later features hook in: a cache lookup in :meth:`Requester.call` before the retry
+loop (a hit is no attempt); cost where :meth:`Exchange.finish` has the usage; a tracing
+span from :meth:`Requester.attempt` to :meth:`Exchange.aclose`.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ from ._http import BodyTooLarge, HTTPResponse
 from ._ratelimit import Reservation
 from ._request import Request
 from ._retry import call_with_retries
-from ._routing import Route, Router, exhausted_reset
+from ._routing import UP, Route, Router, exhausted_reset
 from ._sending import HttpxResponse, stream_decoder
 from ._types import Usage
 from .providers._base import Provider
@@ -64,6 +62,9 @@ logger = logging.getLogger("trio_llm")
 
 _NO_SCOPE: Final = nullcontext()
 _INF: Final = math.inf
+# One attempt in this many (per endpoint) is timed for the endpoint's recent latency:
+# reading the clock twice per request costs more than the statistic is worth.
+_LATENCY_SAMPLE: Final = 4
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
@@ -407,12 +408,13 @@ class Requester:
         # Timeouts.stream_idle bounds a stream's wait from its request to the start of the
         # reply (after that, the wait between events); not the waits for capacity above.
         idle = self.timeouts.stream_idle if request.stream else None
-        started = self._clock()
+        # The endpoint's latency is sampled: one attempt in _LATENCY_SAMPLE is timed.
+        route.sent = sent = route.sent + 1
+        started = self._clock() if sent % _LATENCY_SAMPLE == 1 else None
         try:
             with _NO_SCOPE if idle is None else trio.move_on_after(idle):
                 try:
                     self.sent += 1
-                    route.sent += 1
                     response = await self._send(route, request)
                 except BaseException as exc:
                     # No response: the server most likely never counted it.
@@ -438,16 +440,15 @@ class Requester:
                     if rate is not None:
                         rate.update(route.provider.rate_limit_levels(response.headers))
                     result = await read(exchange)
-                    route.answered(request, epoch, self._clock() - started)
+                    if started is not None:
+                        route.answered(request, epoch, self._clock() - started)
+                    elif route.failures or route.state is not UP:
+                        route.answered(request, epoch, None)
                     return result
                 except BaseException:
                     await exchange.aclose()
                     raise
-            raise APITimeoutError(
-                f"no event from {request.label} within stream_idle={idle}s",
-                method="POST",
-                url=request.shown_url,
-            )
+            raise _no_first_event(request, idle)
         except LLMError as exc:
             route.failed_attempt(request, exc, epoch)
             raise
@@ -574,6 +575,15 @@ class Requester:
             if wait:
                 route.pause(wait)
         return error
+
+
+def _no_first_event(request: Request, idle: float | None) -> APITimeoutError:
+    """The error of a stream whose first event did not come within ``stream_idle``."""
+    return APITimeoutError(
+        f"no event from {request.label} within stream_idle={idle}s",
+        method="POST",
+        url=request.shown_url,
+    )
 
 
 async def _wait_for_slot(limiter: trio.CapacityLimiter, route: Route, request: Request) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "EMBEDDINGS",
     "FAILURES_TO_COOL",
     "STREAM",
+    "UP",
     "EndpointStatistics",
     "Route",
     "Routed",
@@ -108,9 +109,9 @@ class EndpointStatistics:
         failed: attempts that failed there (an error status, no response, a stream
             cut off), whether or not the call then succeeded elsewhere.
         rate_limited: 429 responses it sent.
-        latency: recent latency in seconds, an exponential average over about the last
-            ten successful attempts (the whole reply; a stream's first event); ``None``
-            before the first.
+        latency: recent latency in seconds (the whole reply; a stream's first event):
+            an exponential average over about the last ten timed successes, one attempt
+            in four being timed; ``None`` before the first.
         paused_for: seconds left of a pause its 429 asked for (0 when none).
     """
 
