@@ -517,6 +517,32 @@ async def test_fallback_to_another_provider_and_model(autojump_clock: trio.abc.C
     assert local.stats.injected_errors == 2
 
 
+async def test_a_body_another_provider_refuses_fails_the_call_and_no_probe_is_lost(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A fallback that cannot build the body (its provider refuses an argument) fails the
+    call with that error; the probe it was to be is due again."""
+    async with fake_servers(failing(), failing()) as (local, hosted):
+        endpoints = [
+            Endpoint(local.base_url, name="local", model="m"),
+            Endpoint(hosted.root_url, name="claude", provider="anthropic", model="c", priority=1),
+        ]
+        retry = RetryPolicy(attempts=2, wait_initial=0.1, wait_jitter=0)
+        async with trio_llm.open_client(endpoints=endpoints, retry=retry) as client:
+            for _ in range(FAILURES_TO_COOL):
+                with pytest.raises(trio_llm.ServerError):
+                    await client.chat("hi")
+            hosted.config = FakeLLMConfig()
+            await trio.sleep(COOLDOWN_FIRST)
+            with pytest.raises(TypeError, match="unknown tool_choice"):
+                await client.chat("hi", tool_choice="bogus")  # fine for OpenAI only
+            assert by_name(client)["claude"].state == "cooling"
+            reply = await client.chat("hi")
+            stats = by_name(client)
+    assert (reply.endpoint, stats["claude"].state) == ("claude", "up")
+    assert all((s.in_flight, s.waiting) == (0, 0) for s in stats.values())
+
+
 async def test_embeddings_skip_endpoints_without_them(autojump_clock: trio.abc.Clock) -> None:
     """An Anthropic endpoint never takes an embeddings request."""
     async with fake_servers(FakeLLMConfig(), FakeLLMConfig()) as (a, b):

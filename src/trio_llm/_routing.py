@@ -44,7 +44,7 @@ import attrs
 import httpx2
 import trio
 
-from ._errors import APIStatusError, ConfigurationError, LLMError, redact_url
+from ._errors import APIStatusError, LLMError, redact_url
 from ._http import TrioTransport
 from ._ratelimit import RateLimiter, RateLimitLevels
 from ._retry import is_retryable
@@ -244,12 +244,11 @@ class Route:
         """Return the body of a ``kind`` request for this endpoint (its own model first).
 
         Raises:
-            ConfigurationError: no model (from the endpoint, the call or the client), or
-                the provider cannot make such a request (Anthropic has no embeddings).
+            ConfigurationError: the provider cannot make such a request (Anthropic has
+                no embeddings). (``Client`` has made sure there is a model.)
         """
         chosen = self.model or model
-        if not chosen:
-            raise ConfigurationError("no model given: pass model= to this call or to open_client()")
+        assert chosen, "Client._resolve_model gives a model to endpoints that name none"
         return self.builders[kind](source, chosen, params)
 
     def ready(self, tokens: int) -> bool:
@@ -448,7 +447,8 @@ class Router:
         A cooled-down route picked becomes ``probing``, with ``request`` as its probe.
 
         Raises:
-            ConfigurationError: the route needs a body the request cannot build (no model).
+            Exception: what the endpoint's provider raises building its body (an
+                argument it refuses); the route is left as it was.
         """
         route = self._single
         if route is None:
