@@ -30,12 +30,16 @@ client in this process on the other CPUs. In one run:
    request (the budget is 10 us).
 3. **The routing decision alone**: ``Router.choose`` for a request, timed in a loop,
    with one endpoint and with three.
+4. **Failing endpoints**: a healthy server (50 ms), an always-503 one and a closed port,
+   equal weights, C=32, for ``--seconds``: the attempts each took, and the calls that
+   failed (none should).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import sys
 import time
@@ -241,6 +245,31 @@ def part_choice(args: argparse.Namespace) -> None:
     print_table(["endpoints", "us per choice (median)"], rows)
 
 
+async def part_failing(args: argparse.Namespace) -> None:
+    print("\n## 4. A dead endpoint and an always-503 one beside a healthy one\n", flush=True)
+    configs = ({"latency": 0.05}, {"error_rate": 1.0, "error_status": 503})
+    async with servers(*configs) as (good, broken):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        endpoints = [
+            Endpoint(good.base_url, name="healthy"),
+            Endpoint(broken.base_url, name="503"),
+            Endpoint(dead, name="closed port"),
+        ]
+        async with trio_llm.open_client(endpoints=endpoints, model=MODEL) as client:
+            with trio.move_on_after(args.seconds):
+                await client.chat_many(endless(), limit=32)
+            stats = client.statistics()
+    sent = sum(endpoint.sent for endpoint in stats.endpoints)
+    rows = [
+        [e.name, str(e.sent), f"{e.sent / sent:.1%}", str(e.succeeded), e.state]
+        for e in stats.endpoints
+    ]
+    print_table(["endpoint", "attempts", "share", "answered", "state"], rows)
+    print(f"\n{stats.succeeded} calls answered, {stats.failed} failed", flush=True)
+
+
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     """Print a Markdown table."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
@@ -258,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=5000, help="part 2: requests per run")
     parser.add_argument("--loops", type=int, default=200_000, help="part 3: choices timed")
     parser.add_argument("--quick", action="store_true", help="a smoke run (1 trial, short)")
-    parser.add_argument("--parts", default="1,2,3", help="which parts to run")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run")
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.seconds, args.requests, args.loops = 1, 2.0, 500, 10_000
@@ -276,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         trio.run(part_cpu, args)
     if "3" in parts:
         part_choice(args)
+    if "4" in parts:
+        trio.run(part_failing, args)
 
 
 if __name__ == "__main__":
