@@ -225,13 +225,18 @@ def cli_endpoints(args: argparse.Namespace, *, url_flag: str) -> list[Endpoint] 
 
     Raises:
         ConfigurationError: the file is not a valid endpoints file, or ``url_flag`` (the
-            command's flag for one URL) or ``--simulate`` was given too.
+            command's flag for one URL), ``--api-key-env`` or ``--simulate`` was given too.
     """
     path = getattr(args, "endpoints", None)
     if not path:
         return None
     if getattr(args, url_flag.strip("-").replace("-", "_"), None):
         raise ConfigurationError(f"give --endpoints or {url_flag}, not both")
+    if getattr(args, "api_key_env", None):
+        raise ConfigurationError(
+            "--api-key-env is for one URL: with --endpoints, give each [[endpoint]] its "
+            "api_key_env in the file"
+        )
     if getattr(args, "simulate", False):
         raise ConfigurationError(
             "--simulate answers from the built-in fake server: drop --endpoints"
