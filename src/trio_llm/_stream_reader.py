@@ -18,12 +18,13 @@ import trio
 
 from . import _json
 from ._aggregate import Aggregate
-from ._attempt import Exchange, Requester
+from ._attempt import Exchange, Request, Requester
 from ._config import RetryPolicy
 from ._errors import LLMError, StreamError
+from ._routing import set_chat_endpoint
 from ._sse import DEFAULT_MAX_EVENT_SIZE as MAX_EVENT_SIZE
 from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder
-from ._types import ChatChunk, ChatResponse, JSONObject
+from ._types import ChatChunk, ChatResponse
 from .providers._base import Provider, StreamTranslator
 
 __all__ = ["BUFFER", "StreamReader", "open_reader", "start_stream"]
@@ -164,8 +165,9 @@ class StreamReader:
         except StreamError:
             exchange.fail()
             raise
-        self.response = self._aggregate.to_response(exchange.request_id)
-        exchange.finish(self.response.usage)
+        self.response = response = self._aggregate.to_response(exchange.request_id)
+        set_chat_endpoint(response, exchange.route.name)
+        exchange.finish(response.usage)
 
     async def _pump(self, channel: trio.MemorySendChannel[Any], index: int | None) -> None:
         idle = self._idle
@@ -334,13 +336,15 @@ def _starts_reply(event: ServerSentEvent, provider: Provider, exchange: Exchange
 
 
 async def start_stream(
-    requester: Requester, url: str, body: JSONObject, retry: RetryPolicy | None
+    requester: Requester, request: Request, retry: RetryPolicy | None
 ) -> StreamReader:
-    """Start one stream under ``retry``: attempts up to the first event."""
-    request = requester.request(url, body, stream=True)
+    """Start one stream under ``retry``: attempts up to the first event.
+
+    ``request`` is a :data:`~trio_llm._routing.STREAM` request of ``requester``.
+    """
     idle = requester.timeouts.stream_idle
 
     async def first_event(exchange: Exchange) -> StreamReader:
-        return await open_reader(exchange, requester.provider, idle)
+        return await open_reader(exchange, exchange.provider, idle)
 
     return await requester.call(request, first_event, retry)

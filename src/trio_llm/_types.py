@@ -92,6 +92,8 @@ class ChatResponse:
         choices: every choice, for ``n`` > 1.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        endpoint: the name of the endpoint that answered (:attr:`Endpoint.name`; for a
+            client opened with ``base_url=``, its host and port). Not compared by ``==``.
     """
 
     id: str
@@ -103,6 +105,7 @@ class ChatResponse:
     choices: tuple[Choice, ...]
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    endpoint: str | None = attrs.field(default=None, eq=False)
 
     @property
     def tool_calls(self) -> list[JSONObject]:
@@ -220,6 +223,7 @@ class EmbeddingResponse:
         usage: token counts.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        endpoint: the name of the endpoint that answered, as for :class:`ChatResponse`.
     """
 
     vectors: list[list[float]] = attrs.field(repr=lambda v: f"<{len(v)} vectors>")
@@ -227,6 +231,7 @@ class EmbeddingResponse:
     usage: Usage
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    endpoint: str | None = attrs.field(default=None, eq=False)
 
     @classmethod
     def from_json(cls, payload: JSONObject, *, request_id: str | None = None) -> EmbeddingResponse:

@@ -183,6 +183,7 @@ def _resume_command(args: argparse.Namespace) -> str:
     defaults = {
         "provider": "openai",
         "base_url": None,
+        "endpoints": None,
         "api_key_env": None,
         "model": None,
         "concurrency": 64,
