@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 import trio_llm
+from trio_llm._routing import CHAT
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
 
@@ -440,11 +441,7 @@ async def test_a_failing_cache_object(
     ) == 1
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="m", cache=broken) as client:
         broken.refused = (
-            client._requester.request(  # the key of chat("a")
-                client.base_url + "/chat/completions",
-                {"model": "m", "messages": [{"role": "user", "content": "a"}]},
-                cache="chat",
-            ).cache_key
+            client._requester.request(CHAT, "a", "m", {}, cache=True).cache_key  # chat("a")
             or ""
         )
         with pytest.raises(trio_llm.CacheError, match="unreachable"):
@@ -582,16 +579,18 @@ def test_entry_round_trip() -> None:
 
 async def test_stores_beyond_the_write_behind_buffer_are_dropped() -> None:
     """A cache slower than the server: replies beyond the buffer are not stored (no wait)."""
-    from trio_llm._attempt import Request
     from trio_llm._cache import CacheHook
 
     send, receive = trio.open_memory_channel[tuple[str, bytes]](1)
-    hook = CacheHook(MemoryCache(), "openai", send)
-    requests = []
-    for n in range(3):
-        request = Request("http://x/v1/chat/completions", b"{}", 0, stream=False, shown_url="x")
-        request.cache_key = f"{n:064x}"
-        requests.append(request)
+    hook = CacheHook(MemoryCache(), send)
+    async with trio_llm.open_client(base_url="http://127.0.0.1:9/v1", model="m") as client:
+        requester = client._requester
+        requests = []
+        for n in range(3):
+            request = requester.request(CHAT, str(n), "m", {})
+            hook.address(request, {"n": n})
+            requests.append(request)
+        unkeyed = requester.request(CHAT, "x", "m", {})
     usage = trio_llm.Usage()
     for request in requests[:2]:
         hook.store(request, "req", {"id": "r"}, usage)
@@ -600,7 +599,6 @@ async def test_stores_beyond_the_write_behind_buffer_are_dropped() -> None:
         receive.receive_nowait()  # the second was dropped: the buffer was full
     await receive.aclose()
     hook.store(requests[2], "req", {"id": "r"}, usage)  # closed: dropped quietly
-    unkeyed = Request("http://x", b"{}", 0, stream=False, shown_url="x")
     hook.store(unkeyed, None, {}, usage)  # a call that does not use the cache
 
 

@@ -33,6 +33,8 @@ PUBLIC_API = {
     "ConfigurationError",
     "ConflictError",
     "EmbeddingResponse",
+    "Endpoint",
+    "EndpointStatistics",
     "LLMError",
     "NotFoundError",
     "PermissionDeniedError",

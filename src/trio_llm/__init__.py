@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ._client import open_client as open_client
     from ._config import RetryPolicy as RetryPolicy
     from ._config import Timeouts as Timeouts
+    from ._endpoints import Endpoint as Endpoint
     from ._errors import APIConnectionError as APIConnectionError
     from ._errors import APIResponseError as APIResponseError
     from ._errors import APIStatusError as APIStatusError
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from ._mapreduce import map_reduce as map_reduce
     from ._prompt import Prompt as Prompt
     from ._ratelimit import RateLimit as RateLimit
+    from ._routing import EndpointStatistics as EndpointStatistics
     from ._streaming import ChatStream as ChatStream
     from ._streaming import MultiChatStream as MultiChatStream
     from ._streaming import StreamItem as StreamItem
@@ -75,6 +77,7 @@ _EXPORTS = {
     "open_client": "._client",
     "RetryPolicy": "._config",
     "Timeouts": "._config",
+    "Endpoint": "._endpoints",
     "APIConnectionError": "._errors",
     "APIResponseError": "._errors",
     "APIStatusError": "._errors",
@@ -102,6 +105,7 @@ _EXPORTS = {
     "map_reduce": "._mapreduce",
     "Prompt": "._prompt",
     "RateLimit": "._ratelimit",
+    "EndpointStatistics": "._routing",
     "ChatStream": "._streaming",
     "MultiChatStream": "._streaming",
     "StreamItem": "._streaming",
@@ -152,6 +156,8 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "EmbeddingResponse",
+    "Endpoint",
+    "EndpointStatistics",
     "LLMError",
     "MapReduceResult",
     "MultiChatStream",

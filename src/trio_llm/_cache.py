@@ -10,11 +10,20 @@ A cache answers a call with a reply stored earlier instead of asking the server:
   ``stream_options``. Never the API key, the base URL or a header.
 - :class:`CachedReply`: what is stored: the whole payload, its request id, usage and time,
   as versioned JSON.
-- :class:`CacheHook`: the lifecycle's side (:mod:`trio_llm._attempt`): the lookup that
-  ``Requester.call`` makes before the retry loop (a hit is no attempt: no reservation, no
-  slot, not ``sent``), single-flight for identical calls made at once, and the store
+- :class:`CacheHook`: the lifecycle's side (:mod:`trio_llm._attempt`): the key given to
+  a request as it is built (``Requester.request``), the lookup that ``Requester.call``
+  makes before the retry loop (a hit is no attempt: no endpoint chosen, no reservation,
+  no slot, not ``sent``), single-flight for identical calls made at once, and the store
   where ``Exchange.finish`` runs, written behind by one task of the client (or handed at
   once to a cache whose stores never block: ``set_nowait``).
+
+With several endpoints (:mod:`trio_llm._routing`), a call's key is that of the body built
+for the endpoint the call most likely goes to (``Router.firsts``: the first of the lowest
+priority that can make it), with that endpoint's provider; the endpoint's name and URL
+are never part of it. A reply is stored only if the endpoint that answered takes that
+same body (same provider and model): a fallback of another model or provider answers
+the call, but its reply is not what the key asks for, and a later hit must never give
+one model's reply to a request for another.
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ import trio
 from . import _json
 from ._errors import ConfigurationError
 from ._fanout import open_owning_nursery
+from ._routing import CHAT, EMBEDDINGS, STREAM
 from ._types import ChatResponse, EmbeddingResponse, JSONObject, Usage
 
 if TYPE_CHECKING:
-    from ._attempt import Request, Requester
+    from ._attempt import Requester
+    from ._request import Request
     from .providers._base import Provider
 
 __all__ = [
@@ -55,6 +66,9 @@ logger = logging.getLogger("trio_llm")
 #: The version of the key's material and of the stored entries. A change of either makes
 #: every old entry a miss (never a wrong hit).
 FORMAT: Final = 1
+
+# The kind of call in a key, per kind of request: a stream shares the key of a chat call.
+_KIND_NAMES: Final = {CHAT: "chat", STREAM: "chat", EMBEDDINGS: "embeddings"}
 
 # Body fields that choose how a reply is delivered, not what it says.
 _DELIVERY_FIELDS: Final = frozenset({"stream", "stream_options"})
@@ -129,6 +143,7 @@ class CachedReply:
         request_id: the server's id of the request that got the reply.
         usage: the reply's token counts.
         stored_at: when it was stored (seconds since the epoch).
+        endpoint: the name of the endpoint that answered (a replay's ``reply.endpoint``).
     """
 
     payload: JSONObject
@@ -136,6 +151,7 @@ class CachedReply:
     request_id: str | None
     usage: Usage
     stored_at: float
+    endpoint: str | None = None
 
     def to_bytes(self) -> bytes:
         """Encode as the value a cache stores (JSON)."""
@@ -146,6 +162,7 @@ class CachedReply:
                 "native": self.native,
                 "request_id": self.request_id,
                 "stored_at": self.stored_at,
+                "endpoint": self.endpoint,
                 "usage": {
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,
@@ -168,6 +185,7 @@ class CachedReply:
         payload = entry.get("payload")
         request_id = entry.get("request_id")
         stored_at = entry.get("stored_at")
+        endpoint = entry.get("endpoint")
         if not isinstance(payload, dict) or not isinstance(stored_at, (int, float)):
             return None
         return cls(
@@ -176,20 +194,21 @@ class CachedReply:
             request_id=request_id if isinstance(request_id, str) else None,
             usage=Usage.from_json(entry.get("usage")),
             stored_at=float(stored_at),
+            endpoint=endpoint if isinstance(endpoint, str) else None,
         )
 
     def chat_response(self, provider: Provider) -> ChatResponse:
-        """Return the stored chat reply, marked ``cached``."""
+        """Return the stored chat reply, marked ``cached``, with the endpoint that answered."""
         if self.native:
             reply = provider.parse_chat(self.payload, self.request_id)
         else:
             reply = ChatResponse.from_json(self.payload, request_id=self.request_id)
-        return attrs.evolve(reply, cached=True)
+        return attrs.evolve(reply, cached=True, endpoint=self.endpoint)
 
     def embedding_response(self, provider: Provider) -> EmbeddingResponse:
-        """Return the stored embeddings, marked ``cached``."""
+        """Return the stored embeddings, marked ``cached``, as :meth:`chat_response`."""
         reply = provider.parse_embeddings(self.payload, self.request_id)
-        return attrs.evolve(reply, cached=True)
+        return attrs.evolve(reply, cached=True, endpoint=self.endpoint)
 
 
 @final
@@ -214,7 +233,6 @@ class CacheHook:
         "_cache",
         "_flights",
         "_pending",
-        "_provider",
         "_send",
         "_set_nowait",
         "_warned",
@@ -223,11 +241,9 @@ class CacheHook:
     def __init__(
         self,
         cache: ResponseCache,
-        provider: str,
         send: trio.MemorySendChannel[tuple[str, bytes]],
     ) -> None:
         self._cache = cache
-        self._provider = provider
         self._send = send
         # Replies stored but not yet handed to the cache: read before it.
         self._pending: dict[str, bytes] = {}
@@ -239,16 +255,24 @@ class CacheHook:
             set_nowait if callable(set_nowait) else None
         )
 
-    def key(self, kind: str, body: Mapping[str, Any]) -> str | None:
-        """Return the cache key of a request of ``kind`` (:func:`cache_key`)."""
-        return cache_key(self._provider, kind, body)
+    @staticmethod
+    def address(request: Request, body: Mapping[str, Any]) -> None:
+        """Give ``request``, just built with ``body``, its cache key (:func:`cache_key`).
+
+        ``body`` is built for ``request.route``, the endpoint the call most likely goes
+        to (see the module's docstring); ``request.cache_for`` remembers which body that
+        is, so that only a reply to that same body is stored.
+        """
+        route = request.route
+        request.cache_key = cache_key(route.provider.name, _KIND_NAMES[request.kind], body)
+        request.cache_for = route.body_key
 
     async def call(
         self,
         requester: Requester,
         request: Request,
         send: Callable[[], Awaitable[T]],
-        replay: Callable[[CachedReply], T],
+        replay: Callable[[CachedReply, Provider], T],
     ) -> T:
         """Answer ``request`` from the cache, or ``send`` it.
 
@@ -256,7 +280,8 @@ class CacheHook:
         lifecycle runs. Identical calls (same key) made while one is being sent wait for
         its reply and replay it (single-flight) instead of sending it again; streamed
         calls wait for such a call but are not waited for themselves. If the call they
-        wait for fails, they go on as if it had not been made.
+        wait for fails (or its reply is not stored), they go on as if it had not been made.
+        ``replay`` gets the entry and the provider of the key's endpoint.
 
         Cancellation: as for ``send``; a cancelled wait leaves nothing behind.
         """
@@ -266,7 +291,7 @@ class CacheHook:
         while (waited := flights.get(key)) is not None:
             await waited.done.wait()
             if waited.value is not None:
-                reply = self._replay(requester, waited.value, replay)
+                reply = self._replay(requester, request, waited.value, replay)
                 if reply is not None:
                     return reply
         flight = None if request.stream else _Flight()
@@ -279,7 +304,7 @@ class CacheHook:
             else:
                 await trio.lowlevel.checkpoint()
             if value is not None:
-                reply = self._replay(requester, value, replay)
+                reply = self._replay(requester, request, value, replay)
                 if reply is not None:
                     if flight is not None:
                         flight.value = value
@@ -291,13 +316,19 @@ class CacheHook:
                 flight.done.set()
 
     @staticmethod
-    def _replay(requester: Requester, value: bytes, replay: Callable[[CachedReply], T]) -> T | None:
+    def _replay(
+        requester: Requester,
+        request: Request,
+        value: bytes,
+        replay: Callable[[CachedReply, Provider], T],
+    ) -> T | None:
         """Return the reply ``value`` holds, counted as a hit; ``None`` if unreadable."""
         entry = CachedReply.from_bytes(value)
         if entry is None:
             return None
         try:
-            reply = replay(entry)
+            # Not routed yet: the request is still addressed to the key's endpoint.
+            reply = replay(entry, request.route.provider)
         except (TypeError, ValueError, KeyError, AttributeError):
             return None  # a payload edited by hand, or of another kind: a miss
         requester.count_cache_hit()
@@ -308,11 +339,13 @@ class CacheHook:
     ) -> None:
         """Store the reply to ``request`` the server sent, if the request uses the cache.
 
-        ``payload`` is the reply, or for a stream its aggregation. Never blocks: the reply
-        is written behind; this client reads it at once, others once the cache has it.
+        ``payload`` is the reply, or for a stream its aggregation. A reply from an
+        endpoint that was sent another body than the key's (a fallback of another
+        provider or model) is not stored. Never blocks: the reply is written behind;
+        this client reads it at once, others once the cache has it.
         """
         key = request.cache_key
-        if key is None:
+        if key is None or request.body_key != request.cache_for:
             return
         value = CachedReply(
             payload=payload,
@@ -320,6 +353,7 @@ class CacheHook:
             request_id=request_id,
             usage=usage,
             stored_at=time.time(),
+            endpoint=request.route.name,
         ).to_bytes()
         flight = self._flights.get(key)
         if flight is not None:
@@ -359,9 +393,7 @@ def _is_cache(value: object) -> bool:
 
 
 @asynccontextmanager
-async def open_cache_hook(
-    cache: CacheSetting | None, provider: str
-) -> AsyncIterator[CacheHook | None]:
+async def open_cache_hook(cache: CacheSetting | None) -> AsyncIterator[CacheHook | None]:
     """Open a client's side of ``cache`` (``None``: no cache); a path opens an SQLite cache.
 
     The replies stored are written behind by a task of the block; leaving it writes those
@@ -385,7 +417,7 @@ async def open_cache_hook(
                 f"get(key) and set(key, value), not {type(cache).__name__}"
             )
         send, receive = trio.open_memory_channel[tuple[str, bytes]](_WRITE_BEHIND)
-        hook = CacheHook(cache, provider, send)
+        hook = CacheHook(cache, send)
         async with open_owning_nursery() as nursery:
             # Shielded so that a cancelled client still writes what it has (bounded below).
             writer = trio.CancelScope(shield=True)

@@ -105,6 +105,12 @@ def _add_chat_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="print the reply as it is generated (with --json: the aggregated response)",
     )
     add_cache_option(chat)
+    chat.add_argument(
+        "--schema",
+        metavar="FILE",
+        help="a JSON Schema file: ask for a reply matching it, repair a bad one (twice at "
+        "most), and print the validated JSON value",
+    )
     add_connection_options(chat)
 
 
@@ -163,6 +169,33 @@ def _add_fake_server_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _read_schema(path: str) -> Any:
+    """Return the JSON Schema in the file ``path`` (a usage error if it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            schema = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--schema {path}: {exc}", status=EXIT_USAGE) from None
+    if not isinstance(schema, dict):
+        raise CommandError(f"--schema {path}: a JSON Schema is an object", status=EXIT_USAGE)
+    return schema
+
+
+async def _structured(args: argparse.Namespace, messages: Any, params: dict[str, Any]) -> int:
+    from ._structured import chat_structured  # jsonschema and cattrs load only when needed
+
+    if args.stream:
+        raise CommandError("--schema and --stream cannot be combined", status=EXIT_USAGE)
+    schema = _read_schema(args.schema)
+    async with open_cli_client(args) as client:
+        try:
+            value = await chat_structured(client, messages, schema, **params)
+        except ValueError as exc:  # raised before anything is sent
+            raise CommandError(f"--schema {args.schema}: {exc}", status=EXIT_USAGE) from None
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
 async def _chat(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages: list[dict[str, str]] = []
@@ -174,6 +207,8 @@ async def _chat(args: argparse.Namespace) -> int:
         params["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         params["temperature"] = args.temperature
+    if args.schema is not None:
+        return await _structured(args, messages, params)
     pace: dict[str, Any] = {}
     if args.stream:
         pace = {

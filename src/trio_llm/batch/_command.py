@@ -186,6 +186,7 @@ def _resume_command(args: argparse.Namespace) -> str:
         "provider": "openai",
         "base_url": None,
         "cache": None,
+        "endpoints": None,
         "api_key_env": None,
         "model": None,
         "concurrency": 64,
