@@ -55,9 +55,15 @@ PUBLIC_API = {
     "chat_structured",
     "json_schema_for",
     "StructuredOutputError",
+    "CacheError",
+    "ResponseCache",
+    "SQLiteCache",
+    "open_sqlite_cache",
 }
 
 TESTING_API = {
+    "CacheMissError",
+    "open_replay_client",
     "FakeLLMConfig",
     "FakeLLMServer",
     "FakeLLMStats",

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from ._cache import ResponseCache as ResponseCache
+    from ._cache_sqlite import SQLiteCache as SQLiteCache
+    from ._cache_sqlite import open_sqlite_cache as open_sqlite_cache
     from ._client import ChatItem as ChatItem
     from ._client import Client as Client
     from ._client import ClientStatistics as ClientStatistics
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from ._errors import AuthenticationError as AuthenticationError
     from ._errors import BadRequestError as BadRequestError
     from ._errors import BatchInputError as BatchInputError
+    from ._errors import CacheError as CacheError
     from ._errors import ConfigurationError as ConfigurationError
     from ._errors import ConflictError as ConflictError
     from ._errors import LLMError as LLMError
@@ -64,6 +68,9 @@ if TYPE_CHECKING:
 
 # Each public name, and the private module that defines it.
 _EXPORTS = {
+    "ResponseCache": "._cache",
+    "SQLiteCache": "._cache_sqlite",
+    "open_sqlite_cache": "._cache_sqlite",
     "ChatItem": "._client",
     "Client": "._client",
     "ClientStatistics": "._client",
@@ -78,6 +85,7 @@ _EXPORTS = {
     "AuthenticationError": "._errors",
     "BadRequestError": "._errors",
     "BatchInputError": "._errors",
+    "CacheError": "._errors",
     "ConfigurationError": "._errors",
     "ConflictError": "._errors",
     "LLMError": "._errors",
@@ -137,6 +145,7 @@ __all__ = [
     "BadRequestError",
     "BatchInputError",
     "BatchSummary",
+    "CacheError",
     "ChatChunk",
     "ChatItem",
     "ChatResponse",
@@ -157,9 +166,11 @@ __all__ = [
     "Prompt",
     "RateLimit",
     "RateLimitError",
+    "ResponseCache",
     "Result",
     "RetryDeadlineExceeded",
     "RetryPolicy",
+    "SQLiteCache",
     "ServerError",
     "StreamError",
     "StreamItem",
@@ -177,5 +188,6 @@ __all__ = [
     "map_concurrently",
     "map_reduce",
     "open_client",
+    "open_sqlite_cache",
     "run_batch",
 ]

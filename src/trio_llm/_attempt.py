@@ -17,9 +17,11 @@ One attempt, in order (:meth:`Requester.open_exchange`, then the caller reads)::
 The retry policy repeats whole attempts in one cancel scope, the call's deadline
 (:func:`trio_llm._retry.call_with_retries`); failing over to another endpoint is a retry
 decision, and each attempt's outcome is its endpoint's health (:mod:`trio_llm._routing`).
-Where later features hook in: a cache lookup in :meth:`Requester.call` before the retry
-loop (a hit is no attempt); cost where :meth:`Exchange.finish` has the usage; a tracing
-span from :meth:`Requester.attempt` to :meth:`Exchange.aclose`.
+The response cache hooks in twice (:mod:`trio_llm._cache`): its lookup in
+:meth:`Requester.call`, before the retry loop and the router (a hit is no attempt, at no
+endpoint), and its store in :meth:`Exchange.finish`, which has the reply. Where later
+features hook in: cost where :meth:`Exchange.finish` has the usage; a tracing span from
+:meth:`Requester.attempt` to :meth:`Exchange.aclose`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import httpx2
 import trio
@@ -50,9 +52,12 @@ from ._ratelimit import Reservation
 from ._request import Request
 from ._retry import call_with_retries
 from ._routing import UP, Route, Router, exhausted_reset
-from ._sending import HttpxResponse, stream_decoder
-from ._types import Usage
+from ._sending import HttpxResponse, PhaseLimits, stream_decoder
+from ._types import JSONObject, Usage
 from .providers._base import Provider
+
+if TYPE_CHECKING:
+    from ._cache import CachedReply, CacheHook
 
 __all__ = ["Exchange", "Request", "Requester"]
 
@@ -221,12 +226,15 @@ class Exchange:
         body = _json.dumps({"error": error})
         return self._requester.status_error(self, status, body, "error event in the stream")
 
-    def finish(self, usage: Usage) -> None:
+    def finish(self, usage: Usage, payload: JSONObject | None = None) -> None:
         """Count the call as succeeded with ``usage``; settle the reservation with it.
 
-        A reply that reports no tokens settles at the estimate.
+        A reply that reports no tokens settles at the estimate. ``payload``, the reply
+        (a streamed one aggregated), is stored in the client's cache if the call uses it.
         """
         requester = self._requester
+        if payload is not None and requester.cache is not None:
+            requester.cache.store(self.request, self.request_id, payload, usage)
         requester.succeeded += 1
         self.route.succeeded += 1
         requester.prompt_tokens += usage.prompt_tokens
@@ -289,8 +297,8 @@ class Requester:
         "_clock",
         "_estimate",
         "_limits",
-        "_limits_by_phases",
-        "_phases",
+        "cache",
+        "cache_hits",
         "completion_tokens",
         "failed",
         "last_retry_error",
@@ -318,15 +326,7 @@ class Requester:
         self._clock = trio.lowlevel.current_clock().current_time
         # Token estimates are needed only where a rate limiter counts tokens.
         self._estimate = any(route.rate is not None for route in router.routes)
-        self._limits = timeouts.to_httpx()
-        self._limits_by_phases: dict[tuple[bool, ...], httpx2.Timeout] = {}
-        # The phase limits as numbers, read per attempt by _limits_before (None: inf).
-        self._phases: tuple[float, float, float, float] = (
-            _INF if timeouts.connect is None else timeouts.connect,
-            _INF if timeouts.read is None else timeouts.read,
-            _INF if timeouts.write is None else timeouts.write,
-            _INF if timeouts.pool is None else timeouts.pool,
-        )
+        self._limits = PhaseLimits(timeouts, self._clock)
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self.timeouts = timeouts
         self.max_response_bytes = max_response_bytes
@@ -339,23 +339,39 @@ class Requester:
         self.rate_limited = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cache: CacheHook | None = None  # the client's response cache, if it has one
+        self.cache_hits = 0
 
     def request(
-        self, kind: int, source: Any, model: str | None, params: Mapping[str, Any]
+        self,
+        kind: int,
+        source: Any,
+        model: str | None,
+        params: Mapping[str, Any],
+        *,
+        cache: bool = False,
     ) -> Request:
-        """Build one call's request (see :meth:`Request.for_call`)."""
-        return Request.for_call(self.router, kind, source, model, params, self._estimate)
+        """Build one call's request (see :meth:`Request.for_call`).
+
+        With ``cache`` (and a client cache), the request gets its cache key, so that
+        :meth:`call` looks it up and :meth:`Exchange.finish` stores its reply.
+        """
+        hook = self.cache if cache else None
+        return Request.for_call(self.router, kind, source, model, params, self._estimate, hook)
 
     def call(
         self,
         request: Request,
         read: Callable[[Exchange], Awaitable[T]],
         policy: RetryPolicy | None,
+        replay: Callable[[CachedReply, Provider], T] | None = None,
     ) -> Awaitable[T]:
         """Run attempts under ``policy``: each opens an exchange and ``read`` s it.
 
         Returns the call's coroutine (a plain function: one frame fewer held by every
-        request in flight). See :meth:`attempt` for ``read``.
+        request in flight). See :meth:`attempt` for ``read``. A request with a cache key
+        is first looked up in the client's cache, and a hit is returned by ``replay``
+        without any attempt (:meth:`trio_llm._cache.CacheHook.call`).
 
         Raises:
             LLMError: the last attempt's error (counted as a failed call), or
@@ -365,7 +381,10 @@ class Requester:
         released, reservation refunded if nothing was sent); nothing is retried.
         """
         attempt = partial(self.attempt, request, read)
-        return call_with_retries(attempt, policy, call=request, stats=self)
+        if request.cache_key is None or replay is None or self.cache is None:
+            return call_with_retries(attempt, policy, call=request, stats=self)
+        send = partial(call_with_retries, attempt, policy, call=request, stats=self)
+        return self.cache.call(self, request, send, replay)
 
     def count_retry(self, error: LLMError) -> None:
         """Count a retry decided after ``error``, and keep ``error`` as the latest."""
@@ -375,6 +394,10 @@ class Requester:
     def count_failure(self, _error: LLMError) -> None:
         """Count a call that failed with ``_error``."""
         self.failed += 1
+
+    def count_cache_hit(self) -> None:
+        """Count a call answered from the client's cache (no attempt, no tokens)."""
+        self.cache_hits += 1
 
     async def attempt(self, request: Request, read: Callable[[Exchange], Awaitable[T]]) -> T:
         """Make one attempt: pick the endpoint, reserve, take slots, send, then ``read``.
@@ -503,33 +526,9 @@ class Requester:
             return self._send_through_httpx(route.http, request)
         headers = route.stream_headers if request.stream else route.headers
         limits = self._limits
-        if request.deadline_at != _INF:
-            limits = self._limits_before(request.deadline_at)
-        return direct.open_response("POST", request.url, headers, request.content, limits)
-
-    def _limits_before(self, deadline_at: float) -> httpx2.Timeout:
-        """The phase timeouts that can still fire before the call's deadline.
-
-        A phase limit that would end at or after the trio time ``deadline_at`` (the
-        call's own deadline scope, which is never moved later) is left out: the
-        transport then makes no cancel scope for it, which saves CPU and memory on every
-        request in flight. With the defaults (read 120 s, a 120 s deadline) that is the
-        read timeout, the one every request waits under.
-        """
-        left = deadline_at - self._clock()
-        connect, read, write, pool = self._phases  # (None as inf: never kept)
-        key = (connect < left, read < left, write < left, pool < left)
-        limits = self._limits_by_phases.get(key)
-        if limits is None:
-            phases = self.timeouts
-            limits = httpx2.Timeout(
-                connect=phases.connect if key[0] else None,
-                read=phases.read if key[1] else None,
-                write=phases.write if key[2] else None,
-                pool=phases.pool if key[3] else None,
-            )
-            self._limits_by_phases[key] = limits
-        return limits
+        deadline_at = request.deadline_at
+        timeouts = limits.default if deadline_at == _INF else limits.before(deadline_at)
+        return direct.open_response("POST", request.url, headers, request.content, timeouts)
 
     @staticmethod
     async def _send_through_httpx(http: httpx2.AsyncClient, request: Request) -> HttpxResponse:

@@ -5,9 +5,9 @@ subcommands, argparse gives usage errors and ``--help`` for free, and it adds no
 dependency to a library whose users mostly import it.
 
 This module assembles the command and holds ``chat`` and ``fake-server``; ``batch`` and
-``serve`` live in their packages' ``_command.py``, and what the commands share (exit
-codes, argument types, connection flags, the client) in ``_cli_options.py``. Commands
-import ``_cli_options``, never this module.
+``serve`` live in their packages' ``_command.py``, ``cache`` in ``_cli_cache.py``, and
+what the commands share (exit codes, argument types, connection flags, the client) in
+``_cli_options.py``. Commands import ``_cli_options``, never this module.
 
 Every expected failure ends here as one line on stderr and a documented exit status
 (``docs/batch.md``, ``docs/serving.md``); a traceback is printed only with ``--debug``,
@@ -29,6 +29,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._cli_cache import add_cache_option, add_cache_parser, run_cache_command
 from ._cli_options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(commands)
     add_serve_parser(commands)
     _add_fake_server_parser(commands)
+    add_cache_parser(commands)
     for command in commands.choices.values():
         # Also after the command's name; SUPPRESS keeps the top-level value when absent.
         if "--debug" not in command._option_string_actions:
@@ -102,6 +104,7 @@ def _add_chat_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="print the reply as it is generated (with --json: the aggregated response)",
     )
+    add_cache_option(chat)
     chat.add_argument(
         "--schema",
         metavar="FILE",
@@ -280,6 +283,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return run_batch_command(args)
     if args.command == "serve":
         return run_serve_command(args)
+    if args.command == "cache":
+        return run_cache_command(args)
     return trio.run(_chat, args)
 
 

@@ -321,9 +321,12 @@ async def open_cli_client(
     a demo looks like a model.
     Leaving the block, cancelled or not, closes the client and stops that server.
 
+    A ``--cache PATH`` the command has (``add_cache_option``) opens that response cache.
+
     Raises:
         ConfigurationError: no usable API key (see :func:`api_key_from_env`), a bad
             ``--endpoints`` file, or a setting ``open_client`` refuses.
+        CacheError: the ``--cache`` file cannot be used.
     """
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider]
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
@@ -335,6 +338,7 @@ async def open_cli_client(
             max_concurrency=args.concurrency,
             retry=retry,
             rate_limit=rate_limit,
+            cache=getattr(args, "cache", None),
         ) as client:
             yield client
         return
@@ -367,6 +371,7 @@ async def open_cli_client(
                 max_concurrency=args.concurrency,
                 retry=retry,
                 rate_limit=rate_limit,
+                cache=getattr(args, "cache", None),
             ) as client:
                 yield client
         return
@@ -379,5 +384,6 @@ async def open_cli_client(
         max_concurrency=args.concurrency,
         retry=retry,
         rate_limit=rate_limit,
+        cache=getattr(args, "cache", None),
     ) as client:
         yield client

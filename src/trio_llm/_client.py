@@ -20,6 +20,7 @@ import httpx2
 import trio
 
 from ._attempt import Exchange, Requester
+from ._cache import CachedReply, CacheSetting, open_cache_hook
 from ._config import RetryPolicy, Timeouts
 from ._endpoints import Endpoint, open_router, resolve_base_url
 from ._errors import ConfigurationError, redact_url
@@ -71,12 +72,14 @@ class ClientStatistics:
         waiting: requests waiting for a concurrency slot or for rate-limit capacity now.
         max_concurrency: the concurrency limit.
         sent: HTTP attempts started.
-        succeeded: calls that returned a result.
+        succeeded: calls the server answered (replies from the cache are ``cache_hits``).
         failed: calls that raised an error (cancelled calls count in neither).
         retried: retry attempts made (attempts after the first of a call).
         rate_limited: 429 responses received.
         prompt_tokens: prompt tokens reported by the server's ``usage``.
         completion_tokens: completion tokens reported by the server's ``usage``.
+        cache_hits: calls answered from the client's response cache: no request sent,
+            no capacity taken, no tokens counted.
         endpoints: one :class:`EndpointStatistics` per endpoint, in the order given
             (one for a client opened with ``base_url=``).
     """
@@ -91,6 +94,7 @@ class ClientStatistics:
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
+    cache_hits: int = 0
     endpoints: tuple[EndpointStatistics, ...] = ()
 
 
@@ -165,6 +169,7 @@ class Client:
             rate_limited=requester.rate_limited,
             prompt_tokens=requester.prompt_tokens,
             completion_tokens=requester.completion_tokens,
+            cache_hits=requester.cache_hits,
             endpoints=self._router.statistics(),
         )
 
@@ -184,6 +189,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> ChatResponse:
         """Send one chat request and return the reply.
@@ -194,6 +200,8 @@ class Client:
             model: the model; defaults to the client's.
             retry: this call's :class:`RetryPolicy` (default: the client's); ``None``
                 makes one attempt with no deadline.
+            cache: ``False``: this call neither reads nor fills the client's response
+                cache (``open_client(cache=...)``).
             **params: any other field of the request body (``temperature``,
                 ``max_tokens``, ``tools``, ``response_format``, ...), passed unchanged.
 
@@ -211,8 +219,12 @@ class Client:
         requester = self._requester
         # Encoded at once: a request in flight holds only bytes (and, when its endpoints
         # differ in provider or model, what to build another endpoint's body from).
-        request = requester.request(CHAT, prompt_or_messages, self._resolve_model(model), params)
-        return await requester.call(request, self._read_chat, self._policy(retry))
+        request = requester.request(
+            CHAT, prompt_or_messages, self._resolve_model(model), params, cache=cache
+        )
+        return await requester.call(
+            request, self._read_chat, self._policy(retry), CachedReply.chat_response
+        )
 
     @staticmethod
     async def _read_chat(exchange: Exchange) -> ChatResponse:
@@ -223,7 +235,7 @@ class Client:
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
         set_chat_endpoint(reply, route.name)
-        exchange.finish(reply.usage)
+        exchange.finish(reply.usage, payload)
         return reply
 
     async def embed(
@@ -232,6 +244,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> EmbeddingResponse:
         """Embed one text or a list of texts; vectors come back in input order.
@@ -240,6 +253,7 @@ class Client:
             texts: a string or a sequence of strings.
             model: the model; defaults to the client's.
             retry: this call's :class:`RetryPolicy`, as for :meth:`chat`.
+            cache: ``False``: skip the client's response cache, as for :meth:`chat`.
             **params: other request fields (``dimensions``, ``encoding_format``, ...).
                 ``encoding_format="base64"`` is decoded transparently.
 
@@ -249,8 +263,12 @@ class Client:
         Cancellation: as for :meth:`chat`.
         """
         requester = self._requester
-        request = requester.request(EMBEDDINGS, texts, self._resolve_model(model), params)
-        return await requester.call(request, self._read_embeddings, self._policy(retry))
+        request = requester.request(
+            EMBEDDINGS, texts, self._resolve_model(model), params, cache=cache
+        )
+        return await requester.call(
+            request, self._read_embeddings, self._policy(retry), CachedReply.embedding_response
+        )
 
     @staticmethod
     async def _read_embeddings(exchange: Exchange) -> EmbeddingResponse:
@@ -261,7 +279,7 @@ class Client:
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
         set_embeddings_endpoint(reply, route.name)
-        exchange.finish(reply.usage)
+        exchange.finish(reply.usage, payload)
         return reply
 
     def _chat_item(
@@ -348,6 +366,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> AbstractAsyncContextManager[ChatStream]:
         """Stream one chat reply: ``async with client.stream(prompt) as stream:``.
@@ -357,13 +376,15 @@ class Client:
         first event are retried under ``retry`` (default: the client's) and raised from
         ``async with``; later ones raise :class:`StreamError` from the loop. Other
         arguments as for :meth:`chat`; ``stream_options.include_usage`` is set unless
-        given.
+        given. With the client's cache, a reply stored before (streamed or not) is
+        replayed as a stream, and a reply streamed to its end is stored.
 
         Cancellation: leaving the block early (break, an exception, a cancel scope)
         closes the response and its connection at once and releases the slot.
         """
         requester = self._requester
-        request = requester.request(STREAM, prompt_or_messages, self._resolve_model(model), params)
+        resolved = self._resolve_model(model)
+        request = requester.request(STREAM, prompt_or_messages, resolved, params, cache=cache)
         return open_chat_stream(requester, request, self._policy(retry))
 
     def stream_many(
@@ -372,6 +393,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> AbstractAsyncContextManager[MultiChatStream]:
         """Stream several replies at once: ``async for index, item in streams``.
@@ -386,7 +408,9 @@ class Client:
             raise TypeError("prompts must be a list of prompts, not one string")
         resolved = self._resolve_model(model)
         requester = self._requester
-        requests = [requester.request(STREAM, prompt, resolved, params) for prompt in prompts]
+        requests = [
+            requester.request(STREAM, prompt, resolved, params, cache=cache) for prompt in prompts
+        ]
         return open_stream_many(requester, requests, self._policy(retry))
 
 
@@ -437,6 +461,7 @@ async def open_client(
     transport: httpx2.AsyncBaseTransport | None = None,
     headers: Mapping[str, str] | None = None,
     max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+    cache: CacheSetting | None = None,
 ) -> AsyncIterator[Client]:
     """Open a client: connection pools and the limits every task using it shares.
 
@@ -473,17 +498,19 @@ async def open_client(
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
             (at most 16 MiB) accepted; a larger one fails the call at once with
             :class:`APIResponseError`. ``None``: no limit.
+        cache: a response cache: an SQLite file's path (created if missing; a corrupt
+            or newer one raises :class:`CacheError`) or any :class:`ResponseCache`.
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
 
-    Leaving the block closes every connection: open the client outside the nursery
-    whose tasks use it, so that their calls have finished by then.
+    Leaving the block closes every connection: open it outside the nursery of its tasks.
     """
     _check_size("max_concurrency", max_concurrency)
     _check_size("max_response_bytes", max_response_bytes, optional=True)
     chosen = _endpoints_of(endpoints, base_url, api_key, provider)
     timeouts = timeouts or Timeouts()
+    policy = RetryPolicy() if retry is CLIENT_DEFAULT else retry
     async with open_router(
         chosen,
         max_concurrency=max_concurrency,
@@ -498,8 +525,5 @@ async def open_client(
             timeouts=timeouts,
             max_response_bytes=max_response_bytes,
         )
-        yield Client(
-            requester=requester,
-            model=model,
-            retry=RetryPolicy() if retry is CLIENT_DEFAULT else retry,
-        )
+        async with open_cache_hook(cache) as requester.cache:
+            yield Client(requester=requester, model=model, retry=policy)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 from . import _json
 from ._estimate import estimate_tokens
 from ._routing import STREAM, Route, Router
+
+if TYPE_CHECKING:
+    from ._cache import CacheHook
 
 __all__ = ["Request"]
 
@@ -30,11 +33,15 @@ class Request:
     attempt sent to an endpoint of another provider or model (from ``source``). ``avoid``
     lists the endpoints that failed the call. ``waiting_for`` says what the call is
     waiting for now, for the message of a deadline that passes before any response.
+    ``cache_key`` is set when the client's cache is to be consulted and filled, for the
+    body of the endpoint ``cache_for`` names (:meth:`trio_llm._cache.CacheHook.address`).
     """
 
     __slots__ = (
         "avoid",
         "body_key",
+        "cache_for",
+        "cache_key",
         "content",
         "deadline_at",
         "estimate",
@@ -61,6 +68,8 @@ class Request:
         # (prompt or texts, model, params): set when another endpoint may need another body.
         self.source: tuple[Any, str | None, Mapping[str, Any]] | None = None
         self.avoid: list[Route] | None = None
+        self.cache_key: str | None = None
+        self.cache_for: tuple[str, str | None] | None = None
 
     @property
     def label(self) -> str:
@@ -85,8 +94,11 @@ class Request:
         model: str | None,
         params: Mapping[str, Any],
         estimate: bool,
+        cache: CacheHook | None = None,
     ) -> Request:
         """Build one call's request, encoded once (with its token estimate if ``estimate``).
+
+        With ``cache``, the request gets its cache key from the body built here.
 
         Args:
             router: the client's endpoints.
@@ -95,6 +107,7 @@ class Request:
             model: the call's model (or the client's); an endpoint's own model wins.
             params: the other body fields.
             estimate: whether a rate limiter needs the request's token estimate.
+            cache: the client's response cache, if this call uses it.
 
         Raises:
             ConfigurationError: no model, or no endpoint can make such a request.
@@ -104,6 +117,8 @@ class Request:
         request = cls(route, kind, _json.dumps(body), estimate_tokens(body) if estimate else 0)
         if not router.uniform:
             request.source = (source, model, params)
+        if cache is not None:
+            cache.address(request, body)
         return request
 
     def retarget(self, route: Route) -> None:

@@ -27,12 +27,15 @@ import attrs
 import trio
 
 from ._attempt import Request, Requester
+from ._cache import CachedReply
+from ._cache_replay import ReplayReader
 from ._config import RetryPolicy
 from ._errors import LLMError
 from ._fanout import Worker, Workers, open_task_channel
 from ._stream_reader import BUFFER as _BUFFER
 from ._stream_reader import StreamReader, start_stream
 from ._types import ChatChunk, ChatResponse, Result
+from .providers._base import Provider
 
 __all__ = [
     "ChatStream",
@@ -74,7 +77,9 @@ class ChatStream:
     __slots__ = ("_delivered", "_exchange", "_receive")
 
     def __init__(
-        self, receive: trio.MemoryReceiveChannel[ChatChunk], exchange: StreamReader
+        self,
+        receive: trio.MemoryReceiveChannel[ChatChunk],
+        exchange: StreamReader | ReplayReader,
     ) -> None:
         self._receive = receive
         self._exchange = exchange
@@ -138,6 +143,11 @@ class ChatStream:
         )
 
 
+def _replay(entry: CachedReply, provider: Provider) -> ReplayReader:
+    """Replay a reply from the client's response cache as a stream (a request with a key)."""
+    return ReplayReader(entry.chat_response(provider))
+
+
 @asynccontextmanager
 async def open_chat_stream(
     requester: Requester, request: Request, retry: RetryPolicy | None
@@ -170,7 +180,7 @@ async def open_chat_stream(
     never returned to the pool half-read, and the concurrency slot released. A cancelled
     stream counts as neither succeeded nor failed.
     """
-    reader = await start_stream(requester, request, retry)
+    reader = await start_stream(requester, request, retry, _replay)
     del request
 
     def fill(nursery: trio.Nursery, send: trio.MemorySendChannel[ChatChunk]) -> None:
@@ -253,7 +263,7 @@ async def _stream_one(
     retry: RetryPolicy | None,
 ) -> Result[ChatResponse]:
     try:
-        reader = await start_stream(requester, request, retry)
+        reader = await start_stream(requester, request, retry, _replay)
         try:
             await reader.pump(channel, index)
             await reader.drain()

@@ -92,8 +92,11 @@ class ChatResponse:
         choices: every choice, for ``n`` > 1.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        cached: ``True`` for a reply from the client's response cache, ``False`` for one
+            from the server. Not compared: a cached reply equals the one it replays.
         endpoint: the name of the endpoint that answered (:attr:`Endpoint.name`; for a
-            client opened with ``base_url=``, its host and port). Not compared by ``==``.
+            client opened with ``base_url=``, its host and port; for a cached reply, the
+            one that answered the stored reply). Not compared by ``==``.
     """
 
     id: str
@@ -105,6 +108,7 @@ class ChatResponse:
     choices: tuple[Choice, ...]
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    cached: bool = attrs.field(default=False, eq=False)
     endpoint: str | None = attrs.field(default=None, eq=False)
 
     @property
@@ -223,6 +227,7 @@ class EmbeddingResponse:
         usage: token counts.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        cached: ``True`` for a reply from the client's response cache (not compared).
         endpoint: the name of the endpoint that answered, as for :class:`ChatResponse`.
     """
 
@@ -231,6 +236,7 @@ class EmbeddingResponse:
     usage: Usage
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    cached: bool = attrs.field(default=False, eq=False)
     endpoint: str | None = attrs.field(default=None, eq=False)
 
     @classmethod

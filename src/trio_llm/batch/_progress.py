@@ -287,6 +287,8 @@ def print_summary(summary: BatchSummary) -> None:
         detail = f" ({summary.skipped_failed:,} with an error)" if summary.skipped_failed else ""
         table.add_row("answered before this run", f"{summary.skipped:,}{detail}")
     table.add_row("answered OK", f"{summary.succeeded:,}")
+    if summary.cache_hits:
+        table.add_row("  of which from the cache", f"{summary.cache_hits:,}")
     table.add_row("failed", f"{summary.failed:,}")
     if summary.invalid:
         table.add_row("invalid lines recorded", f"{summary.invalid:,}")

@@ -107,6 +107,8 @@ class BatchSummary:
             it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
             https://api.openai.com/v1 (Incorrect API key provided)"``.
         stop_error: the error that stopped the run (``None`` with ``stopped``).
+        cache_hits: lines of ``succeeded`` answered from the client's response cache
+            (nothing sent; their tokens are not in ``tokens``).
     """
 
     input_path: str
@@ -127,6 +129,7 @@ class BatchSummary:
     interrupted: bool
     stopped: str | None = None
     stop_error: LLMError | None = None
+    cache_hits: int = 0
 
     @property
     def complete(self) -> bool:
@@ -232,7 +235,7 @@ class _Run:
             counters.completion_tokens += usage.completion_tokens
 
     async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
-        """Send one request; return its reply's body, request id and usage."""
+        """Send one request; return its reply's body, request id and the tokens it spent."""
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -240,9 +243,9 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, chat.usage
+                return chat.raw, chat.request_id, Usage() if chat.cached else chat.usage
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, vectors.usage
+            return vectors.raw, vectors.request_id, Usage() if vectors.cached else vectors.usage
         finally:
             self._sending -= 1
 
@@ -362,6 +365,7 @@ class _Run:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            cache_hits=after.cache_hits - before.cache_hits,
         )
 
     def stop(self, grace: float) -> None:
