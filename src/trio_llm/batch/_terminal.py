@@ -19,11 +19,28 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
-from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Column
 from rich.text import Text
 
-from ._progress import Reporter, Snapshot, Watched, format_duration
+from ._progress import (
+    SCAN_SHOWN_AFTER,
+    Reporter,
+    ScanProgress,
+    Snapshot,
+    Watched,
+    format_duration,
+    format_size,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,6 +52,7 @@ __all__ = [
     "ECHO_ROOM",
     "Layout",
     "TerminalReporter",
+    "TerminalScanProgress",
     "bar_cells",
     "fit",
 ]
@@ -229,3 +247,71 @@ class TerminalReporter(Reporter):
     def close(self) -> None:
         self._redraw(final=True)
         self._progress.stop()
+
+
+# Cells of the scan bar's line besides the text and the bar: spinner, percent, bytes
+# ("1.23/3.71 GB"), elapsed and remaining time, and the spaces between the columns.
+_SCAN_FIXED: Final = 1 + 4 + 12 + 7 + 7 + 6
+_SCAN_BAR_MAX: Final = 20
+_SCAN_TEXT_MIN: Final = 12
+
+
+class TerminalScanProgress(ScanProgress):
+    """A bar of the bytes read before sending, redrawn at most 10 times a second.
+
+    It appears once the passes have taken ``SCAN_SHOWN_AFTER`` seconds, and gives way
+    to one line saying how long they took.
+    """
+
+    def __init__(self, total: int, *, console: Console) -> None:
+        super().__init__(total)
+        self._console = console
+        self._bar = BarColumn(bar_width=_SCAN_BAR_MAX)
+        self._progress = Progress(
+            SpinnerColumn(),
+            _Cell("text"),
+            self._bar,
+            _Cell("percent"),
+            _Cell("bytes"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            auto_refresh=False,  # no refresh thread: advance() redraws
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._task: TaskID | None = None
+        self._next = self._started + SCAN_SHOWN_AFTER
+
+    def advance(self, size: int) -> None:
+        self.done += size
+        now = trio.current_time()
+        if now < self._next:
+            return
+        self._next = now + _REFRESH
+        if self._task is None:
+            self._task = self._progress.add_task("scan", total=self.total, cells={})
+            self._progress.start()
+        room = self._console.width - ECHO_ROOM - _SCAN_FIXED
+        text = Text(self.what, no_wrap=True)
+        text.truncate(max(_SCAN_TEXT_MIN, room - _SCAN_BAR_MAX - 1), overflow="ellipsis")
+        self._bar.bar_width = max(1, min(_SCAN_BAR_MAX, room - text.cell_len - 1))
+        done = format_size(self.done, like=self.total)[:-3]  # without its unit
+        cells = {
+            "text": text,
+            "percent": Text(f"{self._percent():3.0f}%"),
+            "bytes": Text(f"{done}/{format_size(self.total)}"),
+        }
+        self._progress.update(self._task, completed=self.done, total=self.total, cells=cells)
+        self._progress.refresh()
+
+    def _stop(self, *, done: bool) -> None:
+        if self._task is None:
+            return
+        self._progress.stop()  # transient: the bar goes
+        self._task = None
+        if done:
+            self._console.print(
+                f"trio-llm batch: {self._done_text()}", highlight=False, soft_wrap=True
+            )
