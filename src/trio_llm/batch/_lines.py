@@ -11,14 +11,20 @@ from 1, blank ones included in the count.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import IO, Final, final
+from collections.abc import Callable, Iterator
+from typing import IO, Any, Final, final
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - PyPy: no orjson (see _json)
+    orjson = None  # type: ignore[assignment]
 
 __all__ = [
     "BLOCK_SIZE",
     "Bits",
     "chunks",
     "estimate_lines",
+    "fast_loads",
     "file_identity",
     "marked_lines",
     "read_lines",
@@ -27,6 +33,16 @@ __all__ = [
 #: Bytes read at a time: large enough that a read costs nothing per line, small enough
 #: that a block's lines, split, hold a few megabytes.
 BLOCK_SIZE: Final = 1 << 20
+
+
+def _no_orjson(data: bytes) -> Any:  # pragma: no cover - PyPy
+    raise ValueError("no orjson")
+
+
+#: orjson's ``loads`` (without orjson, a function that refuses every line). Where it
+#: refuses a line, or could read it differently, the callers ask the standard library.
+fast_loads: Callable[[bytes], Any] = orjson.loads if orjson is not None else _no_orjson
+
 # Where a large file's lines are counted to estimate them all (see estimate_lines).
 _SAMPLES: Final = 32
 _SAMPLE_SIZE: Final = 1 << 16

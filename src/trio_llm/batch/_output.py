@@ -58,7 +58,7 @@ from .._errors import (
     StreamError,
 )
 from ._keys import FAILED, OK, AnsweredKeys
-from ._lines import chunks, estimate_lines
+from ._lines import chunks, estimate_lines, fast_loads
 from ._locked import lock, open_locked, remove_if_empty, sync_directory
 from ._progress import ScanProgress
 
@@ -323,10 +323,7 @@ class OutputFile:
                 scan.end += len(chunk)
                 lines = chunk.split(b"\n")
                 last = lines.pop()  # b"" but after the file's last byte, if not a newline
-                for raw in lines:
-                    number += 1
-                    if raw and not raw.isspace():
-                        self._count(scan, raw, number)
+                number = self._count_lines(scan, lines, number)
                 if last:
                     scan.end -= len(last)
                     scan.tail = len(last)
@@ -335,6 +332,43 @@ class OutputFile:
                         self._count(scan, last, number + 1)
         self._scan = scan
         return scan
+
+    def _count_lines(self, scan: OutputScan, lines: list[bytes], number: int) -> int:
+        """Count the complete ``lines`` after line ``number`` into ``scan``; return the last's.
+
+        The lines a run writes are read with orjson and looked at here; any other (blank,
+        keyless, refused by orjson, not a batch output line) is left to :meth:`_count`.
+
+        Raises:
+            BatchInputError: one is not a batch output line.
+        """
+        mark, loads = scan.answered.keys.mark, fast_loads
+        counted = failed = repeated = 0
+        for raw in lines:
+            number += 1
+            try:
+                record = loads(raw)
+            except ValueError:
+                record = None
+            if type(record) is dict:
+                custom_id, error = record.get("custom_id"), record.get("error")
+                if type(custom_id) is str:
+                    if error is None and type(record.get("response")) is dict:
+                        counted += 1
+                        repeated += bool(mark(custom_id, OK) & (OK | FAILED))
+                        continue
+                    if type(error) is dict:
+                        counted += 1
+                        failed += 1
+                        repeated += bool(mark(custom_id, FAILED) & (OK | FAILED))
+                        continue
+            elif not raw or raw.isspace():
+                continue
+            self._count(scan, raw, number)
+        scan.lines += counted
+        scan.failed += failed
+        scan.repeated += repeated
+        return number
 
     def _count(self, scan: OutputScan, raw: bytes, number: int) -> None:
         """Count the output line ``raw`` (line ``number``) into ``scan``.

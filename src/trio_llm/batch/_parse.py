@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final, final
 
@@ -28,6 +28,7 @@ import attrs
 
 from ..providers._base import Provider
 from ..providers._registry import PROVIDER_NAMES, provider_named
+from ._lines import fast_loads
 
 __all__ = [
     "CHAT_URL",
@@ -52,19 +53,6 @@ _URLS: Final = (CHAT_URL, EMBEDDINGS_URL, MESSAGES_URL)
 # Keyword arguments of Client.chat/embed other than body fields: a body field of that
 # name could not be passed through unchanged, so such a line is refused up front.
 _RESERVED_FIELDS: Final = frozenset({"retry", "prompt_or_messages", "texts"})
-
-
-try:
-    import orjson
-except ImportError:  # pragma: no cover - PyPy: no orjson (see _json)
-    orjson = None  # type: ignore[assignment]
-
-
-def _no_orjson(data: bytes) -> Any:  # pragma: no cover - PyPy
-    raise ValueError("no orjson: parse_line reads every line")
-
-
-_orjson_loads: Callable[[bytes], Any] = orjson.loads if orjson is not None else _no_orjson
 
 
 @final
@@ -312,7 +300,7 @@ def fast_custom_id(raw: bytes) -> tuple[str | None, Any]:
     ``NaN`` and infinities, which orjson refuses.
     """
     try:
-        payload = _orjson_loads(raw)
+        payload = fast_loads(raw)
     except ValueError:
         return None, None
     if type(payload) is dict:
