@@ -426,3 +426,18 @@ async def test_a_second_check_with_the_same_keys_finds_no_duplicates(tmp_path: P
                 file, "in", answered, default_model="m", skip_invalid=False, retry_failed=False
             )
             assert (plan.to_send, plan.duplicates) == (2, {})
+
+
+async def test_the_check_sizes_the_table_for_the_input_up_front(tmp_path: Path) -> None:
+    """A first run (no answers yet): the table is made for the input's ids, not doubled."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(
+        b"".join(b'{"custom_id": "r%d", "prompt": "hi"}\n' % i for i in range(50_000))
+    )
+    answered = AnsweredKeys()
+    with source.open("rb") as file:
+        plan = await check_input(
+            file, "in", answered, default_model="m", skip_invalid=False, retry_failed=False
+        )
+    assert (plan.to_send, len(answered.keys)) == (50_000, 50_000)
+    assert answered.keys.nbytes() < 14 * 50_000

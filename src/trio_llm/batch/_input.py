@@ -113,10 +113,13 @@ async def _locate_duplicates(
     first_line: dict[str, int] = {}
     duplicates: dict[int, tuple[str, int]] = {}
     collided: list[Request | Invalid] = []
+    read = 0
     for number, raw in read_lines(file):
+        read += len(raw)
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
-            progress.advance(0)
+            progress.advance(read)
+            read = 0
         custom_id = fast_custom_id(raw)[0]
         if custom_id is None:  # the line may still have one orjson cannot read
             custom_id = parse_line(
@@ -132,6 +135,7 @@ async def _locate_duplicates(
                 collided.append(
                     parse_line(raw, number, default_model=default_model, unsendable=unsendable)
                 )
+    progress.advance(read)
     return duplicates, collided
 
 

@@ -411,7 +411,8 @@ def print_summary(summary: BatchSummary) -> None:
         f"{summary.completion_tokens:,} completion)",
     )
     handled = summary.succeeded + summary.failed + summary.invalid
-    rate = handled / summary.elapsed if summary.elapsed > 0 else 0.0
+    sending = summary.elapsed - summary.scan_elapsed
+    rate = handled / sending if sending > 0 else 0.0
     table.add_row("elapsed", f"{summary.elapsed:,.1f} s ({rate:,.1f} lines/s)")
     table.add_row("of which scanning the files", f"{summary.scan_elapsed:,.1f} s")
     _stderr_console().print(table)
