@@ -441,3 +441,67 @@ async def test_the_check_sizes_the_table_for_the_input_up_front(tmp_path: Path) 
         )
     assert (plan.to_send, len(answered.keys)) == (50_000, 50_000)
     assert answered.keys.nbytes() < 14 * 50_000
+
+
+def test_keys_that_hash_to_the_last_slots_wrap_around(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probing past the table's last slot goes on at its first, through growth too."""
+    from trio_llm.batch import _keys
+
+    top = (1 << 64) - 1
+    hashes = {f"k{i}": top - i for i in range(2000)}  # all want the very last slots
+    monkeypatch.setattr(_keys, "key_hash", hashes.__getitem__)
+    keys = _keys.KeyTable()
+    for name in hashes:
+        assert keys.mark(name, OK) == 0
+    assert all(keys.flags(name) == OK for name in hashes)
+    assert keys.flags("k0") == OK
+    monkeypatch.setitem(hashes, "absent", top - 5000)
+    assert keys.flags("absent") == 0
+
+
+async def test_colliding_ids_are_planned_as_answered_when_the_output_has_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids of one hash: each is confirmed no duplicate, and counted answered, by the hash."""
+    from trio_llm.batch import _input, _keys
+
+    monkeypatch.setattr(_keys, "key_hash", lambda key: 7)
+    monkeypatch.setattr(_input, "key_hash", lambda key: 7)
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(b'{"custom_id": "r%d", "prompt": "hi"}\n' % i for i in range(3)))
+    for flag, counted in ((OK, (3, 0)), (FAILED, (0, 3))):
+        answered = AnsweredKeys()
+        answered.keys.mark("r0", flag)  # r1 and r2 look answered too: one hash
+        with source.open("rb") as file:
+            plan = await check_input(
+                file, "in", answered, default_model="m", skip_invalid=False, retry_failed=False
+            )
+        assert (plan.answered_ok, plan.answered_failed) == counted
+        assert plan.duplicates == {}
+
+
+async def test_a_duplicate_far_down_a_long_file_is_found(tmp_path: Path) -> None:
+    """The exact second pass reads the whole file, checkpointing as it goes."""
+    source = tmp_path / "in.jsonl"
+    line = b'{"custom_id": "r%d", "prompt": "hi"}\n'
+    source.write_bytes(b"".join(line % i for i in range(5000)) + line % 17)
+    with source.open("rb") as file, pytest.raises(trio_llm.BatchInputError) as caught:
+        await check_input(
+            file, "in", AnsweredKeys(), default_model="m", skip_invalid=False, retry_failed=False
+        )
+    assert (caught.value.line, caught.value.reason) == (
+        5001,
+        "duplicate custom_id 'r17' (first on line 18)",
+    )
+
+
+def test_sizes_are_written_in_the_unit_of_the_total() -> None:
+    """GB, MB or kB, by the size or by the total it is shown beside."""
+    from trio_llm.batch._progress import format_size
+
+    assert [format_size(n) for n in (3_710_000_000, 12_500_000, 900_000)] == [
+        "3.71 GB",
+        "12.5 MB",
+        "900 kB",
+    ]
+    assert format_size(520_000_000, like=3_710_000_000) == "0.52 GB"
