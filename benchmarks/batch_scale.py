@@ -26,7 +26,9 @@ one, and the ratios this/baseline are printed too::
 
     python benchmarks/batch_scale.py --lines 1000000,3000000 --baseline /work/main
 
-``--src TREE`` runs another checkout instead of this one. The files are deleted at the end.
+``--src TREE`` runs another checkout instead of this one. ``--fresh`` measures the start
+of a new job instead: an empty output, every input line checked in full, and the run
+stopped (Ctrl-C) once it is ready to send. The files are deleted at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,8 +101,11 @@ class Measure:
     rss: int
 
 
-def resume(src: Path, source: Path, target: Path, size: int) -> Measure:
-    """Cut ``target`` back to ``size`` bytes and run the resume with ``src`` first."""
+def resume(src: Path, source: Path, target: Path, size: int, *, stop: bool = False) -> Measure:
+    """Cut ``target`` back to ``size`` bytes and run the resume with ``src`` first.
+
+    With ``stop``, stop it (Ctrl-C) as soon as it is ready to send.
+    """
     os.truncate(target, size)
     env = dict(os.environ, PYTHONPATH=str(src), TTY_INTERACTIVE="0")
     command = [sys.executable, "-m", "trio_llm", "batch", str(source), "-o", str(target)]
@@ -113,11 +119,14 @@ def resume(src: Path, source: Path, target: Path, size: int) -> Measure:
         lines.append(line)
         if ready is None and _READY.search(line):
             ready = time.perf_counter() - started
+            if stop:
+                process.send_signal(signal.SIGINT)
     _pid, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     text = "".join(lines)
-    if process.returncode != 0 or ready is None or "done: all" not in text:
+    ended = (130, "interrupted") if stop else (0, "done: all")
+    if process.returncode != ended[0] or ready is None or ended[1] not in text:
         raise SystemExit(f"the resume failed (exit {process.returncode}):\n{text}")
     cpu = usage.ru_utime + usage.ru_stime
     return Measure(ready=ready, wall=wall, cpu=cpu, rss=usage.ru_maxrss * 1024)
@@ -140,6 +149,11 @@ def main() -> None:
     parser.add_argument("--src", type=tree_src, default=HERE.parent / "src", help="tree to run")
     parser.add_argument("--baseline", type=tree_src, help="a tree to compare with, in turns")
     parser.add_argument("--dir", help="where to write the files (default: a temporary dir)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="measure the start of a new job instead (an empty output; stopped once ready)",
+    )
     args = parser.parse_args()
     sizes = [int(text.replace("_", "")) for text in args.lines.split(",")]
     trees = {"this": args.src} | ({"baseline": args.baseline} if args.baseline else {})
@@ -149,27 +163,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="batch_scale-") as scratch:
         directory = Path(scratch)
         small: dict[str, int] = {}
-        source, target = write_files(directory, _SMALL, args.unanswered // 2)
+        unanswered = _SMALL if args.fresh else args.unanswered // 2
+        source, target = write_files(directory, _SMALL, unanswered)
         size = target.stat().st_size
         for name, src in trees.items():
             small[name] = int(statistics.median(
-                resume(src, source, target, size).rss for _ in range(args.runs)
+                resume(src, source, target, size, stop=args.fresh).rss for _ in range(args.runs)
             ))  # fmt: skip
-            print(f"{name}: the resume of {_SMALL:,} lines peaks at {small[name] / 2**20:.1f} MiB")
+            what = "start" if args.fresh else "resume"
+            print(f"{name}: the {what} of {_SMALL:,} lines peaks at {small[name] / 2**20:.1f} MiB")
         header = f"{'lines':>11} {'tree':>8} {'ready s':>8} {'wall s':>7} {'CPU s':>6}"
         print(f"{header} {'peak MiB':>9} {'B/line':>7} {'us/line':>8}   (medians of {args.runs})")
         for count in sizes:
             began = time.perf_counter()
-            source, target = write_files(directory, count, args.unanswered)
+            source, target = write_files(directory, count, count if args.fresh else args.unanswered)
             size = target.stat().st_size
             print(
                 f"{count:>11,} lines written in {time.perf_counter() - began:.0f} s "
-                f"(output {size / 2**30:.2f} GiB, {size / (count - args.unanswered):.0f} B a line)"
+                f"(input {source.stat().st_size / 2**30:.2f} GiB, output {size / 2**30:.2f} GiB)"
             )
             runs: dict[str, list[Measure]] = {name: [] for name in trees}
             for _ in range(args.runs):
                 for name, src in trees.items():  # in turns: drift falls on both alike
-                    runs[name].append(resume(src, source, target, size))
+                    runs[name].append(resume(src, source, target, size, stop=args.fresh))
             medians = {}
             for name, measures in runs.items():
                 ready = statistics.median(m.ready for m in measures)
