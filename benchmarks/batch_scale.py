@@ -28,7 +28,7 @@ one, and the ratios this/baseline are printed too::
 
 ``--src TREE`` runs another checkout instead of this one. ``--fresh`` measures the start
 of a new job instead: an empty output, every input line checked in full, and the run
-stopped (Ctrl-C) once it is ready to send. The files are deleted at the end.
+killed once it is ready to send. The files are deleted at the end.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Measure:
 def resume(src: Path, source: Path, target: Path, size: int, *, stop: bool = False) -> Measure:
     """Cut ``target`` back to ``size`` bytes and run the resume with ``src`` first.
 
-    With ``stop``, stop it (Ctrl-C) as soon as it is ready to send.
+    With ``stop``, kill it as soon as it is ready to send (its measures are kept).
     """
     os.truncate(target, size)
     env = dict(os.environ, PYTHONPATH=str(src), TTY_INTERACTIVE="0")
@@ -120,12 +120,12 @@ def resume(src: Path, source: Path, target: Path, size: int, *, stop: bool = Fal
         if ready is None and _READY.search(line):
             ready = time.perf_counter() - started
             if stop:
-                process.send_signal(signal.SIGINT)
+                process.kill()
     _pid, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     text = "".join(lines)
-    ended = (130, "interrupted") if stop else (0, "done: all")
+    ended = (-signal.SIGKILL, "") if stop else (0, "done: all")
     if process.returncode != ended[0] or ready is None or ended[1] not in text:
         raise SystemExit(f"the resume failed (exit {process.returncode}):\n{text}")
     cpu = usage.ru_utime + usage.ru_stime
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="measure the start of a new job instead (an empty output; stopped once ready)",
+        help="measure the start of a new job instead (an empty output; killed once ready)",
     )
     args = parser.parse_args()
     sizes = [int(text.replace("_", "")) for text in args.lines.split(",")]

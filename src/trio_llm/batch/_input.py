@@ -253,6 +253,9 @@ async def check_input(
             ``skip_invalid`` is false.
 
     Memory: a 64-bit hash and a byte per ``custom_id`` (see ``_keys``), a bit per line.
+
+    Cancellation: nothing is planned; ``answered`` keeps some of the input's ids flagged
+    ``SEEN``, which the next check clears.
     """
     progress = progress or ScanProgress()
     progress.phase(f"checking {path}")

@@ -311,6 +311,8 @@ class OutputFile:
 
         Raises:
             BatchInputError: a complete line is not a batch output line (the wrong file?).
+
+        Cancellation: the file is only read; :meth:`prepare` then needs a new scan.
         """
         progress = progress or ScanProgress()
         progress.phase(f"scanning {self.path}")
