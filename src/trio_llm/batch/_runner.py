@@ -51,13 +51,14 @@ from ._input import (
     duplicate_line,
     file_identity,
     parse_line,
-    read_lines,
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
+from ._keys import AnsweredKeys
+from ._lines import marked_lines
 from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
-from ._progress import Counters, Reporter, Watched, open_reporter
+from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
 
@@ -101,6 +102,8 @@ class BatchSummary:
         completion_tokens: completion tokens of the answers.
         tokens: ``prompt_tokens + completion_tokens``.
         elapsed: seconds the run took, by the trio clock.
+        scan_elapsed: of ``elapsed``, the seconds spent before sending: scanning the
+            output file and checking the input.
         interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
         stopped: why the run stopped sending before the end, in one line, when an error
             showed that no request could succeed (see :func:`run_batch`); ``None`` if
@@ -130,6 +133,7 @@ class BatchSummary:
     stopped: str | None = None
     stop_error: LLMError | None = None
     cache_hits: int = 0
+    scan_elapsed: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -193,11 +197,9 @@ class _Run:
         handle = plan.handle
         unsendable = plan.unsendable
         with _naming(plan.path):
-            for number, raw in read_lines(self._input):
+            for number, raw in marked_lines(self._input, handle):
                 if self._stopping:
                     return
-                if not handle[number]:
-                    continue
                 duplicate = plan.duplicates.get(number)
                 if duplicate is not None:
                     yield duplicate_line(number, *duplicate)
@@ -366,6 +368,7 @@ class _Run:
             stopped=self.stopped,
             stop_error=self.stop_error,
             cache_hits=after.cache_hits - before.cache_hits,
+            scan_elapsed=plan.scan_elapsed,
         )
 
     def stop(self, grace: float) -> None:
@@ -509,17 +512,22 @@ async def _open_run(
         if names(output_path, input_file):
             raise ConfigurationError(f"the output file {output_path} is the input file")
         with _naming(output_path), OutputFile.open(output_path) as output:
-            scan = await output.scan()
-            with _naming(input_path):
-                plan = await check_input(
-                    input_file,
-                    input_path,
-                    scan.answered,
-                    default_model=client.model,
-                    skip_invalid=skip_invalid,
-                    retry_failed=retry_failed,
-                    unsendable=unsendable_urls(client._provider),
-                )
+            size = os.fstat(input_file.fileno()).st_size + output.size()
+            with open_scan_progress(size, enabled=progress, interval=progress_interval) as scanning:
+                scan = await output.scan(progress=scanning)
+                with _naming(input_path):
+                    plan = await check_input(
+                        input_file,
+                        input_path,
+                        scan.answered,
+                        default_model=client.model,
+                        skip_invalid=skip_invalid,
+                        retry_failed=retry_failed,
+                        unsendable=unsendable_urls(client._provider),
+                        progress=scanning,
+                    )
+            plan.scan_elapsed = scanning.elapsed
+            scan.answered = AnsweredKeys()  # its table is not needed from here on
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
             watched = Watched(
