@@ -243,3 +243,24 @@ def test_the_command_in_process_runs_and_resumes_offline(
     assert "30 answered already" in capsys.readouterr().err
     assert main(["batch", str(source), "-o", str(target), "--cancel"]) == 2
     each_once(target)
+
+
+@pytest.mark.parametrize(
+    ("flag", "why"),
+    [
+        ("--endpoints", "--via provider sends the job's batches to one server (--base-url)"),
+        ("--cache", "--via provider neither reads nor fills a response cache"),
+    ],
+)
+def test_online_only_flags_are_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, why: str
+) -> None:
+    """--endpoints and --cache with --via provider: exit 2, one line, nothing written."""
+    source, target = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    given = tmp_path / "given"
+    given.write_text("")
+    argv = ["batch", str(source), "-o", str(target), "--via", "provider", flag, str(given)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"trio-llm batch: error: {why}: drop {flag}\n"
+    assert not target.exists()

@@ -445,6 +445,8 @@ def test_exit_messages_of_provider_runs(capsys: pytest.CaptureFixture[str]) -> N
         output="out.jsonl",
         provider="openai",
         base_url=None,
+        cache=None,
+        endpoints=None,
         api_key_env=None,
         model=None,
         concurrency=64,
@@ -492,3 +494,68 @@ async def test_downloads_are_read_line_by_line_within_a_limit(fake_llm: FakeLLMS
         assert lines == [b'{"a": 1}', b'{"b": 2}']
         with pytest.raises(trio_llm.APIResponseError, match="a line longer than 5 bytes"):
             await stream_lines(client, url, lines.append, max_line=5)
+
+
+class _TouchedCache:
+    """A response cache that records every lookup and store."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls.append(f"get {key}")
+        return None
+
+    async def set(self, key: str, value: bytes) -> None:
+        self.calls.append(f"set {key}")
+
+
+async def test_batch_api_calls_never_touch_the_response_cache(
+    tmp_path: Path, fake_llm: FakeLLMServer
+) -> None:
+    """Uploads, creates, polls and downloads have no cache key: no lookup, no store."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    target = tmp_path / "out.jsonl"
+    cache = _TouchedCache()
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m", cache=cache) as client:
+        summary = await trio_llm.run_batch(
+            source, target, client=client, via=ViaProvider(poll_interval=0.05)
+        )
+        assert client.statistics().cache_hits == 0
+    assert (summary.succeeded, summary.via) == (3, "provider")
+    assert cache.calls == []
+
+
+async def test_a_client_of_several_endpoints_is_refused(
+    tmp_path: Path, fake_llm: FakeLLMServer
+) -> None:
+    """A batch and its files live at one server: several endpoints are refused up front."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    target = tmp_path / "out.jsonl"
+    endpoints = [
+        trio_llm.Endpoint(fake_llm.base_url, name="a"),
+        trio_llm.Endpoint(fake_llm.base_url, name="b"),
+    ]
+    async with trio_llm.open_client(endpoints=endpoints, model="m") as client:
+        with pytest.raises(trio_llm.ConfigurationError, match="needs a client of one endpoint"):
+            await trio_llm.run_batch(source, target, client=client, via="provider")
+        with pytest.raises(trio_llm.ConfigurationError, match="not 2: a batch and its files"):
+            await batch_api_for(client).retrieve("batch_x")
+    assert not target.exists()
+    assert creates(fake_llm) == 0
+    assert fake_llm.stats.total_requests == 0
+
+
+async def test_one_endpoint_given_as_a_list_runs_the_job(
+    tmp_path: Path, fake_llm: FakeLLMServer
+) -> None:
+    """open_client(endpoints=[one]) is one server: the job runs there."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    target = tmp_path / "out.jsonl"
+    endpoints = [trio_llm.Endpoint(fake_llm.base_url, name="only")]
+    async with trio_llm.open_client(endpoints=endpoints, model="m") as client:
+        summary = await trio_llm.run_batch(
+            source, target, client=client, via=ViaProvider(poll_interval=0.05)
+        )
+    assert summary.all_succeeded
+    assert creates(fake_llm) == 1

@@ -19,14 +19,18 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 from urllib.parse import urlsplit
 
-from ._client import Client, _is_loopback, _resolve_base_url, open_client
+from ._client import Client, open_client
 from ._config import RetryPolicy
+from ._endpoints import Endpoint, is_loopback, resolve_base_url
 from ._errors import ConfigurationError
 from ._ratelimit import RateLimit
 from .providers._registry import provider_named
+
+if TYPE_CHECKING:
+    from .testing import FakeLLMConfig
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -38,8 +42,10 @@ __all__ = [
     "CommandError",
     "Parser",
     "add_connection_options",
+    "add_endpoints_option",
     "api_key_from_env",
     "cannot_listen",
+    "cli_endpoints",
     "non_negative_float",
     "open_cli_client",
     "port_number",
@@ -197,13 +203,50 @@ def api_key_from_env(variable: str | None, *, provider: str, base_url: str | Non
         return value
     state = "is not set" if value is None else "is empty"
     # Only the host is shown: a URL may carry credentials of its own.
-    host = urlsplit(_resolve_base_url(base_url, adapter)).hostname or ""
-    if _is_loopback(host):
+    host = urlsplit(resolve_base_url(base_url, adapter)).hostname or ""
+    if is_loopback(host):
         return None
     raise ConfigurationError(
         f"no API key for {host}: ${name} {state}; set it, or pass --api-key-env NAME "
         "to read the key from another variable"
     )
+
+
+def add_endpoints_option(group: argparse._ActionsContainer) -> None:
+    """Add ``--endpoints FILE.toml`` (read by :func:`cli_endpoints`)."""
+    group.add_argument(
+        "--endpoints",
+        metavar="FILE.toml",
+        help="several endpoints instead of one URL, from a TOML file with one [[endpoint]] "
+        "table each (base_url, model, priority, weight, api_key_env, ...): balanced by load, "
+        "with failover and fallbacks (docs: Several endpoints)",
+    )
+
+
+def cli_endpoints(args: argparse.Namespace, *, url_flag: str) -> list[Endpoint] | None:
+    """Return the endpoints of ``--endpoints`` (``None`` without it).
+
+    Raises:
+        ConfigurationError: the file is not a valid endpoints file, or ``url_flag`` (the
+            command's flag for one URL), ``--api-key-env`` or ``--simulate`` was given too.
+    """
+    path = getattr(args, "endpoints", None)
+    if not path:
+        return None
+    if getattr(args, url_flag.strip("-").replace("-", "_"), None):
+        raise ConfigurationError(f"give --endpoints or {url_flag}, not both")
+    if getattr(args, "api_key_env", None):
+        raise ConfigurationError(
+            "--api-key-env is for one URL: with --endpoints, give each [[endpoint]] its "
+            "api_key_env in the file"
+        )
+    if getattr(args, "simulate", False):
+        raise ConfigurationError(
+            "--simulate answers from the built-in fake server: drop --endpoints"
+        )
+    from ._endpoints_config import load_endpoints  # (tomllib, only when asked for)
+
+    return load_endpoints(path)
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +266,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         "https://api.openai.com/v1; for anthropic, the root without /v1: "
         "$ANTHROPIC_BASE_URL or https://api.anthropic.com)",
     )
+    add_endpoints_option(group)
     group.add_argument(
         "--api-key-env",
         metavar="NAME",
@@ -265,6 +309,16 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _simulated_pace(config: FakeLLMConfig) -> str:
+    """How the ``--simulate`` server is paced, for the line that announces it."""
+    pace = ""
+    if config.tokens_per_second:
+        pace = f", paced like a model: {config.latency:g} s + {config.tokens_per_second:g} tokens/s"
+    if config.batch_delay:
+        pace += f"; its Batch API batches take {config.batch_delay:g} s"
+    return pace
+
+
 @asynccontextmanager
 async def open_cli_client(
     args: argparse.Namespace,
@@ -276,16 +330,33 @@ async def open_cli_client(
 ) -> AsyncIterator[Client]:
     """Open the client the connection flags describe (or the in-process fake server's).
 
-    ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model
-    (``simulate_batch_delay``: how long its Batch API batches take).
+    With ``--endpoints``, the file's endpoints; ``--model`` (or its default) goes to
+    those that name no model. ``simulate_*`` pace the fake server of ``--simulate``, so
+    a demo looks like a model (``simulate_batch_delay``: how long its Batch API batches
+    take).
     Leaving the block, cancelled or not, closes the client and stops that server.
 
+    A ``--cache PATH`` the command has (``add_cache_option``) opens that response cache.
+
     Raises:
-        ConfigurationError: no usable API key (see :func:`api_key_from_env`), or a
-            setting ``open_client`` refuses.
+        ConfigurationError: no usable API key (see :func:`api_key_from_env`), a bad
+            ``--endpoints`` file, or a setting ``open_client`` refuses.
+        CacheError: the ``--cache`` file cannot be used.
     """
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider]
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
+    endpoints = cli_endpoints(args, url_flag="--base-url")
+    if endpoints is not None:
+        async with open_client(
+            endpoints=endpoints,
+            model=model,
+            max_concurrency=args.concurrency,
+            retry=retry,
+            rate_limit=rate_limit,
+            cache=getattr(args, "cache", None),
+        ) as client:
+            yield client
+        return
     if args.simulate:
         from .testing import FakeLLMConfig, open_fake_llm
 
@@ -294,14 +365,7 @@ async def open_cli_client(
             tokens_per_second=simulate_tokens_per_second,
             batch_delay=simulate_batch_delay,
         )
-        pace = (
-            f", paced like a model: {simulate_latency:g} s + "
-            f"{simulate_tokens_per_second:g} tokens/s"
-            if simulate_tokens_per_second
-            else ""
-        )
-        if simulate_batch_delay:
-            pace += f"; its Batch API batches take {simulate_batch_delay:g} s"
+        pace = _simulated_pace(config)
         async with open_fake_llm(config) as server:
             # The fake server speaks both APIs; Anthropic's paths start above /v1.
             base_url = server.root_url if args.provider == "anthropic" else server.base_url
@@ -319,6 +383,7 @@ async def open_cli_client(
                 max_concurrency=args.concurrency,
                 retry=retry,
                 rate_limit=rate_limit,
+                cache=getattr(args, "cache", None),
             ) as client:
                 yield client
         return
@@ -331,5 +396,6 @@ async def open_cli_client(
         max_concurrency=args.concurrency,
         retry=retry,
         rate_limit=rate_limit,
+        cache=getattr(args, "cache", None),
     ) as client:
         yield client

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import trio
 
+from .._cli_cache import add_cache_option
 from .._cli_options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -53,6 +54,12 @@ _SIMULATED_TOKENS_PER_SECOND: Final = 400.0
 _POLL_INTERVAL: Final = 30.0
 _SIMULATED_POLL_INTERVAL: Final = 0.5
 _SIMULATED_BATCH_DELAY: Final = 2.0
+
+# Why --via provider refuses a flag of online runs.
+_NOT_WITH: Final = {
+    "--endpoints": "sends the job's batches to one server (--base-url)",
+    "--cache": "neither reads nor fills a response cache",
+}
 
 _DESCRIPTION = """\
 Send every request of INPUT.jsonl and write one answer line per input line to
@@ -109,6 +116,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="the answers (created, or appended to when resuming)",
     )
     add_connection_options(batch)
+    add_cache_option(batch)
     limits = batch.add_argument_group("rate limits (default: adopt the server's headers)")
     limits.add_argument(
         "--rpm", metavar="N", type=positive_float, help="requests per minute, at most"
@@ -262,6 +270,8 @@ def _resume_command(args: argparse.Namespace) -> str:
     defaults = {
         "provider": "openai",
         "base_url": None,
+        "cache": None,
+        "endpoints": None,
         "api_key_env": None,
         "model": None,
         "concurrency": 64,
@@ -462,6 +472,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
     finished: list[BatchSummary] = []
     if args.cancel and args.via != "provider":
         _say("error: --cancel cancels a job's batches at the provider: add --via provider")
+        return EXIT_USAGE
+    if args.via == "provider" and (args.endpoints or args.cache):
+        flag = "--endpoints" if args.endpoints else "--cache"
+        _say(f"error: --via provider {_NOT_WITH[flag]}: drop {flag}")
         return EXIT_USAGE
     try:
         if not _has_requests(args.input):

@@ -36,7 +36,7 @@ from ._job import (
     save_job,
     state_path,
 )
-from ._keys import HashSet
+from ._keys import OK, KeyTable
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters
 from ._provider_plan import LineEncoder, each_id, plan_parts, read_part
@@ -54,7 +54,7 @@ _NOT_ANSWERED: Final = {
 
 
 def _ignore(_value: object) -> None:
-    """Drop a value (``HashSet.add`` says whether the key was new)."""
+    """Drop a value (``KeyTable.mark`` says what the key had)."""
 
 
 class _Stop(Exception):
@@ -105,7 +105,7 @@ class JobRun:
         self._job = job
         self._state = state_path(output.path)
         self._answered_before = answered
-        self._written = HashSet()
+        self._written = KeyTable()  # the ids written by this run
         self._reporter = reporter
         self._via = via
         self._poll_interval = via.poll_interval
@@ -125,12 +125,12 @@ class JobRun:
             save_job(self._state, self._job)
 
     def _answered(self, custom_id: str) -> bool:
-        return custom_id in self._written or self._answered_before(custom_id)
+        return bool(self._written.flags(custom_id)) or self._answered_before(custom_id)
 
     def _write(self, line: bytes, custom_id: str | None) -> None:
         self._output.write(line)
         if custom_id is not None:
-            self._written.add(custom_id)
+            self._written.mark(custom_id, OK)
 
     async def plan(self, *, default_model: str | None, max_lines: int) -> int:
         """Cut the lines no batch of the job holds into new parts; record them. Step 3.
@@ -248,11 +248,11 @@ class JobRun:
     async def _merge(self, part: Part) -> None:
         """Write an output line for each of ``part``'s lines not answered yet. Step 5."""
         assert part.batch_id is not None
-        members = HashSet()
+        members = KeyTable()
         answered = [0]  # of its lines, those already in OUTPUT (a merge cut short)
 
         def member(custom_id: str) -> None:
-            members.add(custom_id)
+            members.mark(custom_id, OK)
             if self._answered(custom_id):
                 answered[0] += 1
 
@@ -260,7 +260,7 @@ class JobRun:
         counters = self.counters
 
         def take(result: ResultLine) -> None:
-            if result.custom_id not in members or self._answered(result.custom_id):
+            if not members.flags(result.custom_id) or self._answered(result.custom_id):
                 return  # another batch's line, or one merged already
             line, ok = result_record(result)
             self._write(line, result.custom_id)
@@ -473,6 +473,7 @@ class JobRun:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            scan_elapsed=plan.scan_elapsed,
             via="provider",
             batches=tuple(
                 ProviderBatch(

@@ -94,7 +94,7 @@ def _fingerprint() -> hashlib.blake2b:
 def _lines_at(file: IO[bytes], offset: int, first: int) -> Iterator[tuple[int, int, bytes]]:
     """Yield ``(line number, offset, bytes)`` of each line from ``offset`` (line ``first``).
 
-    Unlike ``_input.read_lines`` it starts anywhere and says where each line begins: a
+    Unlike ``_lines.read_lines`` it starts anywhere and says where each line begins: a
     part's lines are read back from the offsets recorded when it was planned.
     """
     file.seek(offset)

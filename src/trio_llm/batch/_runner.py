@@ -50,14 +50,15 @@ from ._input import (
     duplicate_line,
     file_identity,
     parse_line,
-    read_lines,
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
 from ._job import refuse_if_batches_run
+from ._keys import AnsweredKeys
+from ._lines import marked_lines
 from ._locked import names
 from ._output import OutputFile, answer_record, failure_record
-from ._progress import Counters, Reporter, Watched, open_reporter
+from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
 from ._summary import BatchSummary as BatchSummary
 from ._summary import ProviderBatch as ProviderBatch
 from ._summary import ViaProvider as ViaProvider
@@ -133,11 +134,9 @@ class _Run:
         handle = plan.handle
         unsendable = plan.unsendable
         with naming(plan.path):
-            for number, raw in read_lines(self._input):
+            for number, raw in marked_lines(self._input, handle):
                 if self._stopping:
                     return
-                if not handle[number]:
-                    continue
                 duplicate = plan.duplicates.get(number)
                 if duplicate is not None:
                     yield duplicate_line(number, *duplicate)
@@ -169,7 +168,7 @@ class _Run:
             counters.completion_tokens += usage.completion_tokens
 
     async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
-        """Send one request; return its reply's body, request id and usage."""
+        """Send one request; return its reply's body, request id and the tokens it spent."""
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -177,9 +176,9 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, chat.usage
+                return chat.raw, chat.request_id, Usage() if chat.cached else chat.usage
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, vectors.usage
+            return vectors.raw, vectors.request_id, Usage() if vectors.cached else vectors.usage
         finally:
             self._sending -= 1
 
@@ -299,6 +298,8 @@ class _Run:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            cache_hits=after.cache_hits - before.cache_hits,
+            scan_elapsed=plan.scan_elapsed,
         )
 
     def stop(self, grace: float) -> None:
@@ -443,10 +444,6 @@ async def _open_run(
     if via != "online":
         from ._via_provider import open_provider_run
 
-        if not isinstance(via, ViaProvider):
-            if via != "provider":
-                raise ValueError(f"via must be 'online' or 'provider', not {via!r}")
-            via = ViaProvider()
         async with open_provider_run(
             client,
             input_path,
@@ -465,17 +462,22 @@ async def _open_run(
             raise ConfigurationError(f"the output file {output_path} is the input file")
         with naming(output_path), OutputFile.open(output_path) as output:
             refuse_if_batches_run(output.path)
-            scan = await output.scan()
-            with naming(input_path):
-                plan = await check_input(
-                    input_file,
-                    input_path,
-                    scan.answered,
-                    default_model=client.model,
-                    skip_invalid=skip_invalid,
-                    retry_failed=retry_failed,
-                    unsendable=unsendable_urls(client._provider),
-                )
+            size = os.fstat(input_file.fileno()).st_size + output.size()
+            with open_scan_progress(size, enabled=progress, interval=progress_interval) as scanning:
+                scan = await output.scan(progress=scanning)
+                with naming(input_path):
+                    plan = await check_input(
+                        input_file,
+                        input_path,
+                        scan.answered,
+                        default_model=client.model,
+                        skip_invalid=skip_invalid,
+                        retry_failed=retry_failed,
+                        unsendable=unsendable_urls(client._provider),
+                        progress=scanning,
+                    )
+            plan.scan_elapsed = scanning.elapsed
+            scan.answered = AnsweredKeys()  # its table is not needed from here on
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
             watched = Watched(

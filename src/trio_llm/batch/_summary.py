@@ -111,12 +111,16 @@ class BatchSummary:
         completion_tokens: completion tokens of the answers.
         tokens: ``prompt_tokens + completion_tokens``.
         elapsed: seconds the run took, by the trio clock.
+        scan_elapsed: of ``elapsed``, the seconds spent before sending: scanning the
+            output file and checking the input.
         interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
         stopped: why the run stopped sending before the end, in one line, when an error
             showed that no request could succeed (see :func:`run_batch`); ``None`` if
             it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
             https://api.openai.com/v1 (Incorrect API key provided)"``.
         stop_error: the error that stopped the run (``None`` with ``stopped``).
+        cache_hits: lines of ``succeeded`` answered from the client's response cache
+            (nothing sent; their tokens are not in ``tokens``).
         via: ``"online"`` (each line sent as a request) or ``"provider"`` (the
             provider's Batch API).
         batches: with ``via="provider"``, the job's batches at the provider, as this run
@@ -141,6 +145,8 @@ class BatchSummary:
     interrupted: bool
     stopped: str | None = None
     stop_error: LLMError | None = None
+    cache_hits: int = 0
+    scan_elapsed: float = 0.0
     via: str = "online"
     batches: tuple[ProviderBatch, ...] = ()
 

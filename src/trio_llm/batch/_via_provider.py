@@ -23,6 +23,7 @@ same command resumes polling.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -33,7 +34,8 @@ from .._errors import (
     ConfigurationError,
     redact_url,
 )
-from ..providers._batch_api import batch_api_for
+from .._request import sole_route
+from ..providers._batch_api import BatchAPI, batch_api_for
 from ._input import check_input, unsendable_urls
 from ._job import (
     PLANNED,
@@ -43,8 +45,10 @@ from ._job import (
     state_path,
 )
 from ._job_run import JobRun
+from ._keys import FAILED, OK
 from ._locked import names
 from ._output import OutputFile
+from ._progress import open_scan_progress
 from ._provider_plan import LineEncoder
 from ._provider_progress import open_provider_reporter
 from ._summary import BatchSummary, ViaProvider, naming
@@ -139,7 +143,7 @@ async def open_provider_run(
     client: Client,
     input_path: str,
     output_path: str,
-    via: ViaProvider,
+    via: str | ViaProvider,
     *,
     retry_failed: bool,
     skip_invalid: bool,
@@ -149,16 +153,20 @@ async def open_provider_run(
 ) -> AsyncIterator[JobRun]:
     """Open the files and the job, check INPUT and plan (steps 1 to 3); yield the run.
 
+    ``via``: its settings (``"provider"``: the defaults).
+
     The block runs it (:meth:`JobRun.execute`: steps 4 and 5); leaving closes the files.
 
     Raises:
         BatchInputError, ConfigurationError, OSError: before anything is sent, as for
             ``run_batch``; ``ConfigurationError`` also when the job's batches are at
-            another provider or base URL.
+            another provider or base URL, or the client has several endpoints.
 
     Cancellation: the requests in flight are abandoned; the state and OUTPUT stay whole,
     the batches created keep running at the provider, and the same call resumes them.
     """
+    via = _settings(via)
+    sole_route(client._router)  # every call of the job goes to that one server
     api = batch_api_for(client)
     encoder = LineEncoder(
         api, client._provider, max_bytes=_limit(via.max_batch_bytes, api.max_bytes)
@@ -170,21 +178,26 @@ async def open_provider_run(
         with naming(output_path), OutputFile.open(output_path) as output:
             notes: list[str] = []
             job = _job_for(state_path(output.path), client, simulated=simulated, notes=notes)
-            scan = await output.scan()
-            answered = scan.answered
-            with naming(input_path):
-                plan = await check_input(
-                    input_file,
-                    input_path,
-                    answered,
-                    default_model=client.model,
-                    skip_invalid=skip_invalid or via.cancel,  # cancelling needs no valid input
-                    retry_failed=retry_failed,
-                    unsendable=unsendable_urls(client._provider),
-                    line_check=encoder.check(client.model),
-                )
+            size = os.fstat(input_file.fileno()).st_size + output.size()
+            with open_scan_progress(size, enabled=progress, interval=progress_interval) as scanning:
+                scan = await output.scan(progress=scanning)
+                answered = scan.answered
+                with naming(input_path):
+                    plan = await check_input(
+                        input_file,
+                        input_path,
+                        answered,
+                        default_model=client.model,
+                        skip_invalid=skip_invalid or via.cancel,  # --cancel: none needed
+                        retry_failed=retry_failed,
+                        unsendable=unsendable_urls(client._provider),
+                        line_check=encoder.check(client.model),
+                        progress=scanning,
+                    )
+            plan.scan_elapsed = scanning.elapsed
             notes += await output.prepare(retry_failed=retry_failed)
-            failed_count = not retry_failed
+            # As check_input counts them: with retry_failed, error lines are not answers.
+            flags = OK if retry_failed else OK | FAILED
             run = JobRun(
                 client=client,
                 api=api,
@@ -193,22 +206,36 @@ async def open_provider_run(
                 plan=plan,
                 output=output,
                 job=job,
-                answered=lambda key: (
-                    key in answered.ok or (failed_count and key in answered.failed)
-                ),
+                answered=lambda key: bool(answered.keys.flags(key) & flags),
                 reporter=open_provider_reporter(enabled=progress, interval=progress_interval),
                 via=via,
             )
-            before_plan = len(job.parts)
-            if not via.cancel:
-                max_lines = _limit(via.max_batch_lines, api.max_lines)
-                new_lines = await run.plan(default_model=client.model, max_lines=max_lines)
-                run.text = _plan_text(run, job, before_plan, new_lines, api.name)
-            else:
-                run.text = _plan_text(run, job, before_plan, 0, api.name, cancel=True)
+            await _plan(run, job, via, api, client.model)
             for note in notes:
                 run.note(note)
             yield run
+
+
+def _settings(via: str | ViaProvider) -> ViaProvider:
+    """The settings ``via`` names (``"provider"``: the defaults)."""
+    if isinstance(via, ViaProvider):
+        return via
+    if via != "provider":
+        raise ValueError(f"via must be 'online' or 'provider', not {via!r}")
+    return ViaProvider()
+
+
+async def _plan(
+    run: JobRun, job: Job, via: ViaProvider, api: BatchAPI, default_model: str | None
+) -> None:
+    """Plan the lines of no batch yet into new parts (none with ``cancel``); say so."""
+    before_plan = len(job.parts)
+    if via.cancel:
+        run.text = _plan_text(run, job, before_plan, 0, api.name, cancel=True)
+        return
+    max_lines = _limit(via.max_batch_lines, api.max_lines)
+    new_lines = await run.plan(default_model=default_model, max_lines=max_lines)
+    run.text = _plan_text(run, job, before_plan, new_lines, api.name)
 
 
 def _plan_text(

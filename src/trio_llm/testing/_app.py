@@ -149,13 +149,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _prepare(endpoint: str, body: bytes, seed: int) -> _Prepared:
+def _prepare(endpoint: str, body: bytes, seed: int, invalid_replies: int = 0) -> _Prepared:
     """Parse and answer a POST body (pure: depends only on its arguments).
+
+    ``invalid_replies`` is the config's ``invalid_structured_replies``.
 
     Raises:
         BadRequest: The body is not a JSON object, or a field is missing or invalid.
     """
-    return prepare_payload(endpoint, parse_json_object(body), seed)
+    return prepare_payload(endpoint, parse_json_object(body), seed, invalid_replies)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -175,8 +177,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def prepare_payload(endpoint: str, payload: dict[str, Any], seed: int) -> _Prepared:
-    """Answer a parsed POST body (pure, like ``_prepare``).
+def prepare_payload(
+    endpoint: str, payload: dict[str, Any], seed: int, invalid_replies: int = 0
+) -> _Prepared:
+    """Answer a parsed POST body (pure, like ``_prepare``, whose arguments it takes).
 
     Raises:
         BadRequest: A field is missing or invalid.
@@ -185,10 +189,10 @@ def prepare_payload(endpoint: str, payload: dict[str, Any], seed: int) -> _Prepa
         rest, tokens = _openai.parse_embeddings(payload, seed)
         return _Prepared(payload["model"], None, rest, tokens, 0)
     if endpoint == MESSAGES:
-        generation = _anthropic.parse_messages(payload, seed)
+        generation = _anthropic.parse_messages(payload, seed, invalid_replies)
         rest = b"" if generation.stream else _anthropic.message_body_rest(generation)
     else:
-        generation = _openai.parse_chat(payload, seed)
+        generation = _openai.parse_chat(payload, seed, invalid_replies)
         rest = b"" if generation.stream else _openai.chat_body_rest(generation, _fingerprint(seed))
     return _Prepared(
         generation.model, generation, rest, generation.prompt_tokens, generation.completion_tokens
@@ -326,7 +330,7 @@ class App:
             return self.ok(config, json.dumps(_openai.model_object(name)).encode())
         prepare = _prepare_cached if len(body) <= _CACHED_BODY_SIZE else _prepare
         try:
-            prepared = prepare(endpoint, body, config.seed)
+            prepared = prepare(endpoint, body, config.seed, config.invalid_structured_replies)
         except BadRequest as exc:
             return self.error(config, exc.status, exc.message, anthropic=anthropic, param=exc.param)
         return self._answer(config, endpoint, prepared)
@@ -414,16 +418,19 @@ class App:
         completion_id = "chatcmpl-" + os.urandom(12).hex()
         return _openai.with_identity(prepared.rest, completion_id, int(time.time()))
 
-    def answer_line(self, endpoint: str, payload: dict[str, Any], seed: int) -> tuple[int, bytes]:
+    def answer_line(
+        self, endpoint: str, payload: dict[str, Any], seed: int, invalid_replies: int = 0
+    ) -> tuple[int, bytes]:
         """Answer one Batch API line's body as a POST to ``endpoint`` would be answered.
 
         The same parsing and replies as the online endpoints, without rate limits, faults
-        or waits. Returns the HTTP status and the JSON body (an error object when not 200,
-        in the endpoint's wire format).
+        or waits (``invalid_replies``: the config's ``invalid_structured_replies``).
+        Returns the HTTP status and the JSON body (an error object when not 200, in the
+        endpoint's wire format).
         """
         anthropic = endpoint == MESSAGES
         try:
-            prepared = prepare_payload(endpoint, payload, seed)
+            prepared = prepare_payload(endpoint, payload, seed, invalid_replies)
             if prepared.generation is not None and prepared.generation.stream:
                 raise BadRequest("Streaming is not supported in batches.", "stream")
         except BadRequest as exc:

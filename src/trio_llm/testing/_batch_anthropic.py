@@ -273,7 +273,9 @@ class AnthropicBatches:
                     message = "Injected error: the model refused this request."
                     status, body = 400, self._app.error_body(400, message, None, True)
                 else:
-                    status, body = self._app.answer_line(MESSAGES, item["params"], config.seed)
+                    status, body = self._app.answer_line(
+                        MESSAGES, item["params"], config.seed, config.invalid_structured_replies
+                    )
                 if status == 200:
                     results.append(_result(batch, custom_id, "succeeded", b'"message":' + body))
                 else:

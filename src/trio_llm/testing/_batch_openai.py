@@ -449,7 +449,10 @@ class OpenAIBatches:
                     status, body = 400, self._app.error_body(400, message, None, False)
                 else:
                     status, body = self._app.answer_line(
-                        batch.endpoint, record["body"], config.seed
+                        batch.endpoint,
+                        record["body"],
+                        config.seed,
+                        config.invalid_structured_replies,
                     )
                 if status == 200:
                     batch.completed += 1

@@ -75,6 +75,11 @@ class FakeLLMConfig:
     ``batch_error_rate`` and ``batch_line_expire_rate`` per line, from the same
     ``random.Random(seed)`` as the faults above. Batch lines are never rate-limited and never
     see ``error_rate``, ``stall_rate``, ``latency`` or ``disconnect_rate``.
+
+    Repairs: with ``invalid_structured_replies=N``, a structured reply (``response_format``
+    ``json_schema``, or the arguments of a forced tool call, through either API) breaks its
+    schema while its conversation has fewer than N assistant turns; so a client that sends
+    each bad reply back for repair gets N invalid values, then a valid one. Deterministic.
     """
 
     latency: float = attrs.field(
@@ -127,6 +132,14 @@ class FakeLLMConfig:
         validator=_api_key,
         repr=False,
         metadata={"help": "Require 'Authorization: Bearer KEY' on every request."},
+    )
+    invalid_structured_replies: int = attrs.field(
+        default=0,
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
+        metadata={
+            "help": "Invalid structured replies (json_schema or a forced tool) per "
+            "conversation before valid ones, counted by its assistant turns."
+        },
     )
     models: tuple[str, ...] = attrs.field(
         default=("fake-gpt",),
