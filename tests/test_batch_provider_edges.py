@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import trio
 
@@ -559,3 +560,23 @@ async def test_one_endpoint_given_as_a_list_runs_the_job(
         )
     assert summary.all_succeeded
     assert creates(fake_llm) == 1
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_job_through_httpx2s_own_transport(
+    tmp_path: Path, fake_llm: FakeLLMServer, provider: str
+) -> None:
+    """Not trio-llm's transport: uploads (multipart), GETs and downloads through httpx2."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    target = tmp_path / "out.jsonl"
+    base = fake_llm.root_url if provider == "anthropic" else fake_llm.base_url
+    async with trio_llm.open_client(
+        base_url=base, model="m", provider=provider, transport=httpx2.AsyncHTTPTransport()
+    ) as client:
+        summary = await trio_llm.run_batch(
+            source, target, client=client, via=ViaProvider(poll_interval=0.05)
+        )
+    assert summary.all_succeeded
+    assert sorted(record["custom_id"] for record in read_output(target)) == [
+        f"r{i}" for i in range(4)
+    ]
