@@ -217,6 +217,7 @@ async def test_an_output_that_is_not_batch_output_is_refused(
         (chat_line("x", "hi", model=3), "body.model must be a non-empty string"),
         (chat_line("x", "hi", stream=True), "streamed replies are not supported"),
         (chat_line("x", "hi", retry=1), "'retry' cannot be passed through"),
+        (chat_line("x", "hi", cache=False), "'cache' cannot be passed through"),
         (
             {"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {"input": 5}},
             "body.input must be a non-empty string or array",

@@ -9,6 +9,7 @@ stored; streams replay and are stored; identical calls made at once send one req
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -120,6 +121,20 @@ async def test_key_ignores_order_base_url_and_api_key(tmp_path: Path) -> None:
         assert (chat_requests(one), chat_requests(two)) == (1, 0)
     assert again == first
     assert again.cached
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+async def test_a_non_finite_number_is_not_a_null(
+    fake_llm: FakeLLMServer, tmp_path: Path, number: float
+) -> None:
+    """A body with NaN (sent as NaN, refused) never hits the entry of the same body with null."""
+    async with trio_llm.open_client(
+        base_url=fake_llm.base_url, model="m", cache=cache_file(tmp_path)
+    ) as client:
+        assert not (await client.chat("Hi.", temperature=None)).cached
+        with pytest.raises(trio_llm.BadRequestError):
+            await client.chat("Hi.", temperature=number, retry=None)
+    assert chat_requests(fake_llm) == 2
 
 
 async def test_errors_are_not_cached(fake_llm: FakeLLMServer, tmp_path: Path) -> None:

@@ -400,3 +400,19 @@ async def test_opened_in_a_cancelled_scope(tmp_path: Path) -> None:
     assert not await trio.Path(f"{path}-wal").exists()  # the last connection closed
     async with trio_llm.open_sqlite_cache(path) as cache:
         assert await cache.get(KEY) is None
+
+
+async def test_a_row_of_the_wrong_type_is_a_miss(tmp_path: Path) -> None:
+    """A value some other tool wrote as TEXT (SQLite keeps any type in a column) is a miss,
+    and the cache goes on working: the worker thread does not die on it."""
+    path = tmp_path / "c.sqlite"
+    async with trio_llm.open_sqlite_cache(path) as cache:
+        await cache.set(key(1), b"one")
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE entries SET value = 'text, not bytes' WHERE key = ?", (key(1),))
+    db.close()
+    async with trio_llm.open_sqlite_cache(path) as cache:
+        assert await cache.get(key(1)) is None
+        await cache.set(key(2), b"two")
+        assert await cache.get(key(2)) == b"two"

@@ -231,7 +231,9 @@ class Worker:
                 return None
             if row is None:
                 return None
-            value, created_at = bytes(row[0]), row[1]
+            value, created_at = row
+            if not isinstance(value, bytes) or not isinstance(created_at, (int, float)):
+                return None  # a row another tool wrote (SQLite keeps any type): a miss
         if self._ttl is not None and created_at <= job.now - self._ttl:
             return None  # expired; removed by the next purge
         self._used[key] = job.now

@@ -52,6 +52,12 @@ def _has_non_finite_float(value: Any) -> bool:
     return False
 
 
+def _std_canonical(value: Any) -> bytes:
+    """``canonical`` by the standard library (NaN and infinities written as json does)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
+
+
 if orjson is not None:
     _orjson_loads = orjson.loads
     _orjson_dumps = orjson.dumps
@@ -102,7 +108,11 @@ if orjson is not None:
         Raises:
             TypeError: ``value`` holds something JSON cannot represent.
         """
-        return _orjson_dumps(value, option=_SORTED)
+        encoded = _orjson_dumps(value, option=_SORTED)
+        if b"null" in encoded and _has_non_finite_float(value):
+            # orjson writes NaN and infinities as null: a NaN must not encode as a None.
+            return _std_canonical(value)
+        return encoded
 
 else:  # pragma: no cover - exercised only where orjson is missing
 
@@ -125,5 +135,4 @@ else:  # pragma: no cover - exercised only where orjson is missing
             TypeError: ``value`` holds something JSON cannot represent, or keys of types
                 that do not sort together.
         """
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return text.encode("utf-8", "surrogatepass")
+        return _std_canonical(value)

@@ -52,7 +52,7 @@ _URLS: Final = (CHAT_URL, EMBEDDINGS_URL, MESSAGES_URL)
 
 # Keyword arguments of Client.chat/embed other than body fields: a body field of that
 # name could not be passed through unchanged, so such a line is refused up front.
-_RESERVED_FIELDS: Final = frozenset({"retry", "prompt_or_messages", "texts"})
+_RESERVED_FIELDS: Final = frozenset({"retry", "cache", "prompt_or_messages", "texts"})
 
 
 @final
