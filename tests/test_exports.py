@@ -40,6 +40,7 @@ PUBLIC_API = {
     "RetryDeadlineExceeded",
     "RetryPolicy",
     "ServerError",
+    "SharedLimitError",
     "Timeouts",
     "TrioTransport",
     "UnprocessableEntityError",

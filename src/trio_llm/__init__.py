@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._errors import RateLimitError as RateLimitError
     from ._errors import RetryDeadlineExceeded as RetryDeadlineExceeded
     from ._errors import ServerError as ServerError
+    from ._errors import SharedLimitError as SharedLimitError
     from ._errors import StreamError as StreamError
     from ._errors import StructuredOutputError as StructuredOutputError
     from ._errors import UnprocessableEntityError as UnprocessableEntityError
@@ -83,6 +84,7 @@ _EXPORTS = {
     "RateLimitError": "._errors",
     "RetryDeadlineExceeded": "._errors",
     "ServerError": "._errors",
+    "SharedLimitError": "._errors",
     "StreamError": "._errors",
     "StructuredOutputError": "._errors",
     "UnprocessableEntityError": "._errors",
@@ -155,6 +157,7 @@ __all__ = [
     "RetryDeadlineExceeded",
     "RetryPolicy",
     "ServerError",
+    "SharedLimitError",
     "StreamError",
     "StreamItem",
     "StreamStatistics",

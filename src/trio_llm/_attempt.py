@@ -329,7 +329,7 @@ class Requester:
         http: httpx2.AsyncClient,
         direct: TrioTransport | None,
         provider: Provider,
-        rate: RateLimiter | None,
+        rate: RateLimiter | None = None,
         max_concurrency: int,
         timeouts: Timeouts,
         max_response_bytes: int | None = None,

@@ -28,6 +28,7 @@ from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._http import TrioTransport
 from ._ratelimit import RateLimit, RateLimiter
+from ._ratelimit_redis import open_rate_limiter
 from ._sending import direct_transport_for, environment_proxy_for
 from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
 from ._types import ChatResponse, EmbeddingResponse, Result
@@ -414,6 +415,11 @@ def _check_size(name: str, value: object, *, optional: bool = False) -> None:
         raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
 
 
+def _api_key(adapter: Provider, api_key: str | None) -> str | None:
+    """The API key: ``api_key``, else the provider's environment variable's."""
+    return api_key if api_key is not None else os.environ.get(adapter.api_key_env)
+
+
 def _default_headers(
     adapter: Provider, url: str, api_key: str | None, extra: Mapping[str, str] | None
 ) -> dict[str, str]:
@@ -422,7 +428,7 @@ def _default_headers(
     Raises:
         ConfigurationError: no API key for a server that is not on a loopback address.
     """
-    key = api_key if api_key is not None else os.environ.get(adapter.api_key_env)
+    key = _api_key(adapter, api_key)
     if not key and not _is_loopback(urlsplit(url).hostname or ""):
         raise ConfigurationError(
             f"no API key for {redact_url(url)}: pass api_key= or set ${adapter.api_key_env}"
@@ -468,9 +474,8 @@ async def open_client(
             replies translated; ``embed`` raises :class:`ConfigurationError`).
         max_concurrency: requests in flight at once, across all tasks (and pool size).
         rate_limit: requests and tokens per minute for all the client's calls together
-            (:class:`RateLimit`). The default, ``RateLimit()``, sets no limit of its own
-            but adopts the server's from its ``x-ratelimit-*`` headers; ``None`` turns
-            rate limiting off entirely. A 429 with ``retry-after`` pauses every task.
+            (:class:`RateLimit`; ``shared=URL`` shares them through Redis). ``None``: no
+            limits; default: the server's, from its headers. A 429 pauses every task.
         retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
             attempts within 120 s); ``None`` disables retries. Calls may override it.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
@@ -484,6 +489,7 @@ async def open_client(
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
+        SharedLimitError: the Redis of a shared rate limit does not answer.
 
     Leaving the block closes every connection: open the client outside the nursery
     whose tasks use it, so that their calls have finished by then.
@@ -492,6 +498,7 @@ async def open_client(
     _check_size("max_concurrency", max_concurrency)
     _check_size("max_response_bytes", max_response_bytes, optional=True)
     url = _resolve_base_url(base_url, adapter)
+    api_key = _api_key(adapter, api_key)
     timeouts = timeouts or Timeouts()
     limits = httpx2.Limits(
         max_connections=max_concurrency, max_keepalive_connections=max_concurrency
@@ -507,12 +514,11 @@ async def open_client(
         http=http,
         direct=direct_transport_for(transport, url),
         provider=adapter,
-        rate=RateLimiter(rate_limit) if rate_limit is not None else None,
         max_concurrency=max_concurrency,
         timeouts=timeouts,
         max_response_bytes=max_response_bytes,
     )
-    async with http:
+    async with open_rate_limiter(rate_limit, base_url=url, api_key=api_key) as requester.rate, http:
         yield Client(
             requester=requester,
             base_url=url,

@@ -11,6 +11,7 @@ The tree::
     ├── StreamError                 a streamed reply failed after its first event
     ├── BatchInputError             a batch file has an invalid line (path, line, reason)
     ├── StructuredOutputError       a reply still did not match its schema after repairs
+    ├── SharedLimitError            the store of a shared rate limit (Redis) is unreachable
     └── APIStatusError              the server answered with a 4xx or 5xx status
         ├── BadRequestError         400
         ├── AuthenticationError     401
@@ -54,6 +55,7 @@ __all__ = [
     "RateLimitError",
     "RetryDeadlineExceeded",
     "ServerError",
+    "SharedLimitError",
     "StreamError",
     "StructuredOutputError",
     "UnprocessableEntityError",
@@ -195,6 +197,23 @@ class StructuredOutputError(LLMError):
         super().__init__(message)
         self.raw_text = raw_text
         self.errors = errors
+
+
+@final
+class SharedLimitError(LLMError):
+    """The store of a shared rate limit (Redis) cannot be reached, or refuses its commands.
+
+    Raised when a client opens (the store is checked at once), and by a call that waited
+    for the store to come back until its retry deadline was about to pass: a call never
+    runs without its limit. The message says what the Redis client reported.
+
+    Attributes:
+        url: the store's URL, credentials hidden.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class APIStatusError(LLMError):

@@ -39,6 +39,7 @@ __all__ = [
     "capture_errors",
     "map_concurrently",
     "open_task_channel",
+    "raise_body_error",
 ]
 
 T = TypeVar("T")
@@ -327,18 +328,27 @@ async def open_task_channel(
                     raise
                 nursery.cancel_scope.cancel()
     except BaseException as exc:
-        # With strict exception groups the nursery wraps the body's own exception: give it
-        # back as raised when it is the group's only one (the tasks' Cancelled are
-        # absorbed). Duck-typed: ``BaseExceptionGroup`` is a builtin only from 3.11.
-        inner = getattr(exc, "exceptions", None)
-        if (
-            body_error is not None
-            and isinstance(inner, tuple)
-            and len(inner) == 1
-            and inner[0] is body_error
-        ):
-            _raise_saving_context(body_error)
+        raise_body_error(exc, body_error)
         raise
+
+
+def raise_body_error(exc: BaseException, body_error: BaseException | None) -> None:
+    """Raise ``body_error`` as raised if ``exc`` is only nurseries' groups around it.
+
+    For context managers that own nurseries (their own, or a library's): with strict
+    exception groups each nursery wraps the exception of the block (``body_error``,
+    caught at the ``yield``); when ``exc`` holds only it, through groups of one (the
+    tasks' ``Cancelled`` are absorbed), it is given back as the block raised it. Anything
+    else (a task failed too) returns, for the caller to re-raise as is: never unwrapped.
+    """
+    if body_error is None or exc is body_error:
+        return
+    inner = exc
+    # Duck-typed: ``BaseExceptionGroup`` is a builtin only from 3.11.
+    while isinstance(group := getattr(inner, "exceptions", None), tuple) and len(group) == 1:
+        inner = group[0]
+    if inner is body_error:
+        _raise_saving_context(body_error)
 
 
 def _raise_saving_context(exc: BaseException) -> NoReturn:

@@ -1,0 +1,135 @@
+"""The connection to Redis (or Valkey) that shared state goes through: one client, scripts.
+
+The client is `coredis <https://coredis.readthedocs.io>`_ (the ``redis`` extra), which
+runs on Trio through anyio since its 6.0. It is imported only when a Redis URL is used,
+so that ``import trio_llm`` stays fast. trio-llm runs its own retries (a shared limit
+waits for Redis within each call's deadline, see ``_ratelimit_redis``), so coredis's
+are turned off: a script retried after a connection error that hid its success would
+run twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, final
+
+import trio
+
+from ._errors import ConfigurationError, redact_url
+
+__all__ = ["COMMAND_TIMEOUT", "RedisConnection", "RedisUnavailable", "open_redis"]
+
+#: Seconds a command may take before Redis counts as unreachable (a healthy one answers
+#: in well under a millisecond; a failover or a network partition never answers).
+COMMAND_TIMEOUT: Final = 2.0
+#: Seconds a new connection may take.
+_CONNECT_TIMEOUT: Final = 2.0
+
+
+class RedisUnavailable(Exception):
+    """A command got no answer from Redis: not reachable, too slow, or it refused it.
+
+    Internal: its callers decide what that means (wait and try again, or a public error).
+    """
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` in a few words, with its cause's (coredis hides why a connect failed)."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    return text
+
+
+@final
+class RedisConnection:
+    """A connected Redis client, as :func:`open_redis` yields it.
+
+    Attributes:
+        url: the server's URL, credentials hidden (for messages).
+    """
+
+    __slots__ = ("_client", "_errors", "url")
+
+    def __init__(self, client: Any, errors: tuple[type[BaseException], ...], url: str) -> None:
+        self._client = client
+        self._errors = errors
+        self.url = url
+
+    def script(self, source: str) -> Any:
+        """Register the Lua ``source``; call the result with :meth:`run`."""
+        return self._client.register_script(source)
+
+    async def run(self, script: Any, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """Run a registered script (by its SHA; loaded again after a Redis restart).
+
+        Raises:
+            RedisUnavailable: no answer within :data:`COMMAND_TIMEOUT`, the connection
+                failed, or Redis refused the command (the message says which).
+
+        Cancellation: the command may or may not have run; the connection stays usable.
+        """
+        failure = f"no answer within {COMMAND_TIMEOUT:g} s"
+        with trio.move_on_after(COMMAND_TIMEOUT):
+            try:
+                return await script(keys=list(keys), args=list(args))
+            except self._errors as exc:
+                failure = _describe(exc)
+        # Raised out here, with no context: the client's traceback holds its connections.
+        raise RedisUnavailable(failure)
+
+
+def _coredis() -> Any:
+    try:
+        return importlib.import_module("coredis")
+    except ImportError:
+        raise ConfigurationError(
+            "a Redis URL needs the redis extra (the coredis client): pip install 'trio-llm[redis]'"
+        ) from None
+
+
+@asynccontextmanager
+async def open_redis(url: str) -> AsyncIterator[RedisConnection]:
+    """Connect to the Redis at ``url`` and check that it answers.
+
+    Raises:
+        ConfigurationError: the ``redis`` extra is not installed, or ``url`` is not a
+            URL coredis accepts.
+        RedisUnavailable: Redis did not answer a ``PING`` (raised outside the client's
+            task group: a plain exception, not a group).
+
+    Leaving the block closes the connections. Cancellation: the same.
+    """
+    coredis = _coredis()
+    exceptions = importlib.import_module("coredis.exceptions")
+    retry = importlib.import_module("coredis.retry")
+    errors = (exceptions.RedisError, OSError, TimeoutError)
+    shown = redact_url(url)
+    try:
+        client = coredis.Redis.from_url(
+            url,
+            retry_policy=retry.NoRetryPolicy(),
+            connect_timeout=_CONNECT_TIMEOUT,
+            stream_timeout=COMMAND_TIMEOUT,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{shown} is not a usable Redis URL: {exc}") from None
+    connection = RedisConnection(client, errors, shown)
+    failure: str | None = None
+    async with client:
+        with trio.move_on_after(_CONNECT_TIMEOUT + COMMAND_TIMEOUT) as scope:
+            try:
+                await client.ping()
+            except errors as exc:
+                failure = _describe(exc)
+        if scope.cancelled_caught:
+            failure = f"no answer within {_CONNECT_TIMEOUT + COMMAND_TIMEOUT:g} s"
+        if failure is None:
+            yield connection
+            return
+    # The error's traceback keeps this frame: not the client and what its pool holds.
+    del client, connection
+    raise RedisUnavailable(failure)
