@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import subprocess
 import sys
 import warnings
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from conftest import UNCLOSED_STREAM
 from trio_llm import RateLimit, SharedLimitError
 from trio_llm._ratelimit import RateLimiter, RateLimitLevel, RateLimitLevels
 from trio_llm._ratelimit_redis import KEY_PREFIX, limit_key, open_rate_limiter
+from trio_llm._redis import open_redis
 from trio_llm.testing import FakeLLMConfig, open_fake_llm
 from trio_llm.testing._redis_server import RedisServer, free_port
 
@@ -333,3 +335,48 @@ async def test_a_call_fails_clearly_when_redis_stays_away(redis_server: RedisSer
         with pytest.raises(SharedLimitError, match=r"has not answered for \d"):
             await client.chat("q")
         assert server.stats.total_requests == 0
+
+
+_HOLDER = """
+import sys, trio
+from trio_llm import RateLimit
+from trio_llm._ratelimit_redis import open_rate_limiter
+
+async def main():
+    limit = RateLimit(tokens_per_minute=600, shared=sys.argv[1], name="held")
+    async with open_rate_limiter(limit, base_url="http://h/v1", api_key=None) as rate:
+        reservations = [await rate.acquire(300) for _ in range(2)]  # never settled
+        print("taken", flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_a_killed_process_leaks_nothing_past_the_window(redis_server: RedisServer) -> None:
+    """A process killed with reservations held: what it took refills at the limit's
+    rate like any use (all of it within the window), and its key expires after it."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _HOLDER, redis_server.url], stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(30):
+            assert (await process.stdout.receive_some()).startswith(b"taken")
+        taken = trio.current_time()
+    finally:
+        process.kill()
+        await process.wait()
+    limit = shared(redis_server, name="held", tokens_per_minute=600)  # 10 a second
+    async with limiter(limit) as rate:
+        started = trio.current_time()
+        await rate.acquire(10)  # the bucket was empty: a second of refill since then
+        waited = trio.current_time() - started
+        assert 0.9 - (started - taken) <= waited < 1.5
+        tokens = rate.statistics().tokens_available
+        assert tokens is not None
+        # Back to full at 10 a second: the 600 taken are back within the window.
+        assert (600 - tokens) / 10 <= 60
+    async with open_redis(redis_server.url) as redis:
+        ttl = await redis._client.pttl(KEY_PREFIX + "held")
+    assert 0 < ttl <= 61_000

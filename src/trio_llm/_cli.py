@@ -37,6 +37,7 @@ from ._cli_options import (
     CommandError,
     Parser,
     add_connection_options,
+    add_shared_limit_options,
     cannot_listen,
     non_negative_float,
     open_cli_client,
@@ -103,6 +104,7 @@ def _add_chat_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="print the reply as it is generated (with --json: the aggregated response)",
     )
     add_connection_options(chat)
+    add_shared_limit_options(chat)
 
 
 def _add_fake_server_parser(subparsers: argparse._SubParsersAction[Any]) -> None:

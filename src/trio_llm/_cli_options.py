@@ -22,10 +22,12 @@ from contextlib import asynccontextmanager
 from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
+import attrs
+
 from ._client import Client, _is_loopback, _resolve_base_url, open_client
 from ._config import RetryPolicy
-from ._errors import ConfigurationError
-from ._ratelimit import RateLimit
+from ._errors import ConfigurationError, redact_url
+from ._ratelimit import SHARED_SCHEMES, RateLimit
 from .providers._registry import provider_named
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "CommandError",
     "Parser",
     "add_connection_options",
+    "add_shared_limit_options",
     "api_key_from_env",
     "cannot_listen",
     "non_negative_float",
@@ -45,7 +48,9 @@ __all__ = [
     "port_number",
     "positive_float",
     "positive_int",
+    "redis_url",
     "required_env",
+    "shared_rate_limit",
     "variable_name",
     "whole_number",
 ]
@@ -145,6 +150,49 @@ def variable_name(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("expected the name of an environment variable")
     return text
+
+
+def redis_url(text: str) -> str:
+    """Parse the URL of a Redis (or Valkey) server (an argparse ``type=``)."""
+    if text.partition("://")[0] not in SHARED_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"expected a redis://, rediss:// or unix:// URL, got {redact_url(text)!r}"
+        )
+    return text
+
+
+def add_shared_limit_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--redis`` and ``--limit-name`` (read by :func:`shared_rate_limit`)."""
+    group = parser.add_argument_group("shared limits (several processes or machines)")
+    group.add_argument(
+        "--redis",
+        metavar="URL",
+        type=redis_url,
+        help="share the rate limits (and the pause after a 429) through this Redis, e.g. "
+        "redis://host:6379/0: --rpm and --tpm are then the totals of every process using "
+        "the same key, not each one's (needs the redis extra)",
+    )
+    group.add_argument(
+        "--limit-name",
+        metavar="NAME",
+        help="the name the shared limits go by (default: derived from the base URL and a "
+        "hash of the API key, so every process of the same key shares them)",
+    )
+
+
+def shared_rate_limit(args: argparse.Namespace, limit: RateLimit | None) -> RateLimit | None:
+    """Return ``limit``, shared through ``--redis`` under ``--limit-name`` if given.
+
+    Raises:
+        ConfigurationError: ``--limit-name`` without ``--redis``.
+    """
+    redis = getattr(args, "redis", None)
+    name = getattr(args, "limit_name", None)
+    if redis is None:
+        if name is not None:
+            raise ConfigurationError("--limit-name names a shared limit: it needs --redis URL")
+        return limit
+    return attrs.evolve(limit or RateLimit(), shared=redis, name=name)
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> CommandError:
@@ -276,14 +324,17 @@ async def open_cli_client(
     """Open the client the connection flags describe (or the in-process fake server's).
 
     ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model.
+    With ``--redis`` (:func:`add_shared_limit_options`), ``rate_limit`` is shared.
     Leaving the block, cancelled or not, closes the client and stops that server.
 
     Raises:
         ConfigurationError: no usable API key (see :func:`api_key_from_env`), or a
             setting ``open_client`` refuses.
+        SharedLimitError: the ``--redis`` server does not answer.
     """
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider]
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
+    rate_limit = shared_rate_limit(args, rate_limit)
     if args.simulate:
         from .testing import FakeLLMConfig, open_fake_llm
 

@@ -32,6 +32,7 @@ from .._errors import BatchInputError
 from ..providers._base import Provider
 from ..providers._registry import PROVIDER_NAMES, provider_named
 from ._keys import AnsweredKeys, HashSet, key_hash
+from ._shard import Shard
 
 __all__ = [
     "CHAT_URL",
@@ -390,6 +391,9 @@ class InputPlan:
             line repeating an earlier ``custom_id``.
         identity: the input file's (device, inode, size, mtime), to notice a change.
         unsendable: url -> why the client cannot send it (such lines are invalid).
+        shard: the shard the run handles (``None``: the whole file); ``total`` and the
+            rest count its lines only.
+        other_shards: non-blank lines of the other shards (not checked, not handled).
     """
 
     path: str
@@ -402,6 +406,8 @@ class InputPlan:
     duplicates: dict[int, tuple[str, int]] = attrs.Factory(dict)
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)
     unsendable: Mapping[str, str] = _NO_URL_REFUSED
+    shard: Shard | None = None
+    other_shards: int = 0
 
 
 def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
@@ -534,6 +540,7 @@ async def check_input(
     skip_invalid: bool,
     retry_failed: bool,
     unsendable: Mapping[str, str] = _NO_URL_REFUSED,
+    shard: Shard | None = None,
 ) -> InputPlan:
     """Run the first pass over the input: check every line, plan the run.
 
@@ -545,6 +552,7 @@ async def check_input(
         skip_invalid: plan to record invalid lines as error lines instead of failing.
         retry_failed: plan to handle again the lines OUTPUT answers with an error.
         unsendable: url -> why the client cannot send it (see :func:`parse_line`).
+        shard: plan only this shard's lines (see ``_shard``); the others are skipped.
 
     Raises:
         BatchInputError: some lines are invalid (and not recorded in OUTPUT already), and
@@ -552,7 +560,7 @@ async def check_input(
 
     Memory: a 64-bit hash per ``custom_id`` (see ``_keys``) and a bit per line.
     """
-    plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable)
+    plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable, shard=shard)
     planner = _Planner(plan, answered, retry_failed=retry_failed)
     plan_line = planner.add
     seen = HashSet()
@@ -560,8 +568,11 @@ async def check_input(
     for number, raw in read_lines(file):
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
-        plan.total += 1
         item = parse_line(raw, number, default_model=default_model, unsendable=unsendable)
+        if shard is not None and not shard.owns(item.custom_id, number):
+            plan.other_shards += 1
+            continue
+        plan.total += 1
         if item.custom_id is not None and not seen.add(item.custom_id):
             # Maybe a duplicate: decided exactly once the whole file has been read.
             suspects[number] = key_hash(item.custom_id)

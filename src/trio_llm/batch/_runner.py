@@ -37,6 +37,7 @@ from .._errors import (
     RateLimitError,
     RetryDeadlineExceeded,
     ServerError,
+    SharedLimitError,
     redact_url,
 )
 from .._fanout import as_completed
@@ -58,6 +59,7 @@ from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old ho
 from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter
+from ._shard import Shard
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
 
@@ -70,7 +72,7 @@ _STOPPING_STATUSES: Final = frozenset({401, 403, 404, 405, 407})
 # Statuses retried as "try again later" (like 5xx and 429): failing after the retries,
 # they say more about the endpoint than about the line.
 _OUTAGE_STATUSES: Final = frozenset({408, 409})
-_OUTAGE_ERRORS: Final = (APIConnectionError, RetryDeadlineExceeded, APIResponseError)
+_OUTAGE_ERRORS = (APIConnectionError, RetryDeadlineExceeded, APIResponseError, SharedLimitError)
 
 
 @final
@@ -413,6 +415,7 @@ async def run_batch(
     handle_signals: bool = False,
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    shard: tuple[int, int] | None = None,
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -445,6 +448,8 @@ async def run_batch(
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
+        shard: ``(K, N)``: handle only shard K of N (by a stable hash of ``custom_id``,
+            see ``docs/several-machines.md``); the summary counts its lines only.
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -459,12 +464,7 @@ async def run_batch(
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    for name, value in (
-        ("concurrency", concurrency),
-        ("max_consecutive_failures", max_consecutive_failures),
-    ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    part = _checked(concurrency, max_consecutive_failures, shard)
     started = trio.current_time()
     before = client.statistics()
     async with _open_run(
@@ -476,10 +476,21 @@ async def run_batch(
         progress=progress,
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
+        shard=part,
     ) as run:
         limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
+
+
+def _checked(
+    concurrency: int | None, max_failures: int | None, shard: tuple[int, int] | None
+) -> Shard | None:
+    """Check :func:`run_batch`'s numbers (``ValueError``); return its shard."""
+    for name, value in (("concurrency", concurrency), ("max_consecutive_failures", max_failures)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    return None if shard is None else Shard(*shard)
 
 
 @contextlib.asynccontextmanager
@@ -493,6 +504,7 @@ async def _open_run(
     progress: bool,
     progress_interval: float,
     max_failures: int | None,
+    shard: Shard | None = None,
 ) -> AsyncIterator[_Run]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
 
@@ -515,6 +527,7 @@ async def _open_run(
                     skip_invalid=skip_invalid,
                     retry_failed=retry_failed,
                     unsendable=unsendable_urls(client._provider),
+                    shard=shard,
                 )
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
@@ -574,7 +587,8 @@ def _naming(path: str) -> Iterator[None]:
 
 
 def _plan_text(plan: InputPlan, output: str, answered_before: int) -> str:
-    parts = [f"{plan.total:,} lines in {plan.path}"]
+    in_shard = f", {plan.total:,} in shard {plan.shard}" if plan.shard else ""
+    parts = [f"{plan.total + plan.other_shards:,} lines in {plan.path}{in_shard}"]
     if answered_before:
         parts.append(f"{answered_before:,} answered already in {output}")
     parts.append(f"sending {plan.to_send:,}")

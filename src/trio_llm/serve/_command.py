@@ -14,6 +14,7 @@ import trio
 from .._cli_options import (
     DEFAULT_MODEL,
     EXIT_OK,
+    add_shared_limit_options,
     api_key_from_env,
     cannot_listen,
     non_negative_float,
@@ -21,6 +22,7 @@ from .._cli_options import (
     positive_float,
     positive_int,
     required_env,
+    shared_rate_limit,
     variable_name,
 )
 from .._client import open_client
@@ -84,6 +86,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=3,
         help="attempts per upstream call, the first included (default: %(default)s)",
     )
+    add_shared_limit_options(parser)
     _add_server_options(parser.add_argument_group("server"))
 
 
@@ -146,7 +149,9 @@ async def _serve(args: argparse.Namespace) -> int:
         model=model,
         max_concurrency=args.concurrency,
         retry=RetryPolicy(attempts=args.max_attempts),
-        rate_limit=RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
+        rate_limit=shared_rate_limit(
+            args, RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+        ),
     ) as client:
         app = create_app(client, require_key=require_key, max_body_bytes=args.max_body_bytes)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
