@@ -6,6 +6,11 @@ so that ``import trio_llm`` stays fast. trio-llm runs its own retries (a shared 
 waits for Redis within each call's deadline, see ``_ratelimit_redis``), so coredis's
 are turned off: a script retried after a connection error that hid its success would
 run twice.
+
+While Redis is known to be down (at start, and after a command failed), each try first
+opens a plain socket to it, and coredis is asked only once that succeeds: a cheap check
+that also keeps coredis (6.9) from leaving six anyio memory streams unclosed for each
+connection attempt that fails.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import importlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
+from urllib.parse import unquote, urlsplit
 
 import trio
 
@@ -44,6 +50,25 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+async def _reachable(url: str) -> str | None:
+    """Open and close a plain socket to the server at ``url``; return why not, or None."""
+    parts = urlsplit(url)
+    try:
+        with trio.fail_after(_CONNECT_TIMEOUT):
+            if parts.scheme == "unix":
+                stream: trio.abc.Stream = await trio.open_unix_socket(unquote(parts.path))
+            else:
+                stream = await trio.open_tcp_stream(
+                    parts.hostname or "localhost", parts.port or 6379
+                )
+    except trio.TooSlowError:
+        return f"no connection within {_CONNECT_TIMEOUT:g} s"
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    await stream.aclose()
+    return None
+
+
 @final
 class RedisConnection:
     """A connected Redis client, as :func:`open_redis` yields it.
@@ -52,11 +77,15 @@ class RedisConnection:
         url: the server's URL, credentials hidden (for messages).
     """
 
-    __slots__ = ("_client", "_errors", "url")
+    __slots__ = ("_address", "_client", "_down", "_errors", "url")
 
-    def __init__(self, client: Any, errors: tuple[type[BaseException], ...], url: str) -> None:
+    def __init__(
+        self, client: Any, errors: tuple[type[BaseException], ...], url: str, address: str
+    ) -> None:
         self._client = client
         self._errors = errors
+        self._address = address
+        self._down = False
         self.url = url
 
     def script(self, source: str) -> Any:
@@ -74,10 +103,18 @@ class RedisConnection:
         """
         failure = f"no answer within {COMMAND_TIMEOUT:g} s"
         with trio.move_on_after(COMMAND_TIMEOUT):
+            if self._down:
+                unreachable = await _reachable(self._address)
+                if unreachable is not None:
+                    raise RedisUnavailable(unreachable)
             try:
-                return await script(keys=list(keys), args=list(args))
+                reply = await script(keys=list(keys), args=list(args))
             except self._errors as exc:
                 failure = _describe(exc)
+            else:
+                self._down = False
+                return reply
+        self._down = True
         # Raised out here, with no context: the client's traceback holds its connections.
         raise RedisUnavailable(failure)
 
@@ -108,6 +145,9 @@ async def open_redis(url: str) -> AsyncIterator[RedisConnection]:
     retry = importlib.import_module("coredis.retry")
     errors = (exceptions.RedisError, OSError, TimeoutError)
     shown = redact_url(url)
+    unreachable = await _reachable(url)
+    if unreachable is not None:
+        raise RedisUnavailable(unreachable)
     try:
         client = coredis.Redis.from_url(
             url,
@@ -117,7 +157,7 @@ async def open_redis(url: str) -> AsyncIterator[RedisConnection]:
         )
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"{shown} is not a usable Redis URL: {exc}") from None
-    connection = RedisConnection(client, errors, shown)
+    connection = RedisConnection(client, errors, shown, url)
     failure: str | None = None
     async with client:
         with trio.move_on_after(_CONNECT_TIMEOUT + COMMAND_TIMEOUT) as scope:
