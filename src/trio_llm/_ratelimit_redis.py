@@ -7,18 +7,20 @@ rate-limit headers, and the end of the pause after a 429. One Lua script does ev
 operation atomically, on Redis's own clock (``TIME``), so the machines' clocks never
 meet:
 
-- ``take``: take one request and the token estimate if both buckets hold them (and no
-  pause runs), else say how many seconds until they would;
-- ``settle``: give back (a refund, a reconcile's difference: possibly negative), then
-  apply the levels a response reported, then extend the pause; one call carries every
+- settle: give back (a refund, a reconcile's difference: possibly negative), then apply
+  the levels a response reported, then extend the pause; one call carries every
   settlement made since the previous one;
-- ``peek``: the state, for statistics.
+- then take: one request and the token estimate if both buckets hold them (and no pause
+  runs), else say how many seconds until they would;
+- or peek: the state, for statistics.
 
 :class:`RateLimiter` keeps its queue (strict arrival order within a process) and calls
 :meth:`RedisBuckets.take` for its head; the settlements, which happen where no ``await``
-is possible, are queued and sent by a background task. A process that dies with
-reservations held leaks nothing for longer than the window: what it took is refilled at
-the limit's rate like any use, and the hash expires once the buckets would be full.
+is possible, are queued, and go out with the next take, or are sent by a background task
+when none comes: one round trip per request when requests follow each other. A process
+that dies with reservations held leaks nothing for longer than the window: what it took
+is refilled at the limit's rate like any use, and the hash expires once the buckets would
+be full.
 
 A waiting process asks again when the script said (with jitter, so that processes told
 the same do not come back at once), and at least every second, so that capacity another
@@ -66,9 +68,11 @@ _MAX_WAIT: Final = 1.0
 # Seconds the last settlements may take to reach Redis when the client closes.
 _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 
-# KEYS[1]: the hash. ARGV[1]: the operation; ARGV[2], ARGV[3]: the caller's configured
-# requests and tokens per minute ("" for none). Numbers cross as strings: a Lua number
-# returned to Redis is truncated to an integer, and tostring() keeps 14 digits.
+# KEYS[1]: the hash. ARGV[1]: "peek", or "run" (settle, then take); ARGV[2], ARGV[3]: the
+# caller's configured requests and tokens per minute ("" for none); ARGV[4]: the tokens
+# to take ("": take nothing); ARGV[5..16]: the settlement (see _Pending.args). Numbers
+# cross as strings: a Lua number returned to Redis is truncated to an integer, and
+# tostring() keeps 14 digits.
 _SCRIPT: Final = """
 local key = KEYS[1]
 local clock = redis.call('TIME')
@@ -164,10 +168,18 @@ end
 
 enforce(r, 0)
 enforce(t, 0)
+give(r, tonumber(ARGV[5]))
+give(t, tonumber(ARGV[6]))
+if ARGV[8] == '1' then
+  correct(r, num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), tonumber(ARGV[15]))
+  correct(t, num(ARGV[12]), num(ARGV[13]), num(ARGV[14]), tonumber(ARGV[16]))
+end
+local seconds = tonumber(ARGV[7])
+if seconds > 0 and (pause == nil or now + seconds > pause) then pause = now + seconds end
 local granted = '1'
 local wait = 0
-if op == 'take' then
-  local tokens = tonumber(ARGV[4])
+local tokens = num(ARGV[4])
+if tokens ~= nil then
   wait = math.max(pause_left(), need(r, 1), need(t, tokens))
   if wait > 0 then
     granted = '0'
@@ -175,15 +187,6 @@ if op == 'take' then
     if r.cap ~= nil then r.level = r.level - 1 end
     if t.cap ~= nil then t.level = t.level - tokens end
   end
-elseif op == 'settle' then
-  give(r, tonumber(ARGV[4]))
-  give(t, tonumber(ARGV[5]))
-  if ARGV[7] == '1' then
-    correct(r, num(ARGV[8]), num(ARGV[9]), num(ARGV[10]), tonumber(ARGV[14]))
-    correct(t, num(ARGV[11]), num(ARGV[12]), num(ARGV[13]), tonumber(ARGV[15]))
-  end
-  local seconds = tonumber(ARGV[6])
-  if seconds > 0 and (pause == nil or now + seconds > pause) then pause = now + seconds end
 end
 
 redis.call('HSET', key, 'rc', str(r.cap), 'rl', str(r.level), 'rs', str(r.stamp),
@@ -247,6 +250,16 @@ class _Pending:
     def __bool__(self) -> bool:
         return bool(self.requests or self.tokens or self.levels) or self.pause_until > -math.inf
 
+    def args(self) -> list[str]:
+        """The script's ARGV[5..16]: give back, pause, and the levels (if any)."""
+        pause = max(0.0, self.pause_until - trio.current_time())
+        args = [str(self.requests), str(self.tokens), repr(pause)]
+        if self.levels is None:
+            return [*args, "0"]
+        levels, in_flight_requests, in_flight_tokens = self.levels
+        args += ["1", *_level_args(levels.requests), *_level_args(levels.tokens)]
+        return [*args, str(in_flight_requests), str(in_flight_tokens)]
+
     def merge(self, later: _Pending) -> None:
         """Add ``later``'s settlements to these (a failed send is tried again with them)."""
         self.requests += later.requests
@@ -258,6 +271,9 @@ class _Pending:
 
 def _level_args(level: RateLimitLevel) -> list[str]:
     return [_number(level.limit), _number(level.remaining), _number(level.reset_seconds)]
+
+
+_NOTHING_PENDING: Final = ["0", "0", "0.0", "0"]
 
 
 @final
@@ -288,9 +304,25 @@ class RedisBuckets:
         """The Redis URL, credentials hidden."""
         return self._redis.url
 
-    async def _call(self, op: str, *args: str) -> tuple[bool, float]:
-        """Run the script once; return (granted, seconds to wait), keeping the state."""
-        reply = await self._redis.run(self._script, self._keys, (op, *self._configured, *args))
+    async def _call(
+        self, op: str, tokens: str = "", pending: _Pending | None = None
+    ) -> tuple[bool, float]:
+        """Run the script once; return (granted, seconds to wait), keeping the state.
+
+        ``pending`` goes with it; if the call fails, it is queued again.
+
+        Raises:
+            RedisUnavailable: Redis refused or did not answer.
+        """
+        settle = _NOTHING_PENDING if pending is None else pending.args()
+        args = (op, *self._configured, tokens, *settle)
+        try:
+            reply = await self._redis.run(self._script, self._keys, args)
+        except RedisUnavailable:
+            if pending is not None:
+                pending.merge(self._pending)
+                self._pending = pending
+            raise
         self.round_trips += 1
         self.state = tuple(_parse(value) for value in reply[2:6])
         if self._down_since is not None:
@@ -341,8 +373,9 @@ class RedisBuckets:
             try:
                 # Shielded (the script is bounded by its own timeout): a take must not
                 # be lost between Redis doing it and this process knowing.
+                pending, self._pending = self._pending, _Pending()
                 with trio.CancelScope(shield=True):
-                    granted, wait = await self._call("take", str(tokens))
+                    granted, wait = await self._call("run", str(tokens), pending)
             except RedisUnavailable as exc:
                 lasted = self._unavailable(exc)
                 pause = _jittered(backoff)
@@ -383,26 +416,11 @@ class RedisBuckets:
         self._pending.levels = (levels, in_flight_requests, in_flight_tokens)
         self._wake.set()
 
-    async def _send(self, pending: _Pending) -> None:
-        """Send ``pending`` in one script call.
-
-        Raises:
-            RedisUnavailable: it was not sent (or may not have been).
-        """
-        pause = max(0.0, pending.pause_until - trio.current_time())
-        args = [str(pending.requests), str(pending.tokens), repr(pause)]
-        if pending.levels is None:
-            args.append("0")
-        else:
-            levels, in_flight_requests, in_flight_tokens = pending.levels
-            args += ["1", *_level_args(levels.requests), *_level_args(levels.tokens)]
-            args += [str(in_flight_requests), str(in_flight_tokens)]
-        await self._call("settle", *args)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send the settlements as they come, batched; retry while Redis does not answer.
 
-        Cancellation: settlements not sent yet stay queued (see :meth:`flush`).
+        Cancellation: a settlement being sent is sent (or fails) first; those not sent
+        yet stay queued (see :meth:`flush`).
         """
         task_status.started()
         backoff = _FIRST_BACKOFF
@@ -410,11 +428,14 @@ class RedisBuckets:
             await self._wake.wait()
             self._wake = trio.Event()
             pending, self._pending = self._pending, _Pending()
+            if not pending:
+                continue  # a take carried it
             try:
-                await self._send(pending)
+                # Shielded (bounded by the command timeout): a settlement in flight is
+                # not lost when the client closes.
+                with trio.CancelScope(shield=True):
+                    await self._call("run", "", pending)
             except RedisUnavailable as exc:
-                pending.merge(self._pending)
-                self._pending = pending
                 self._unavailable(exc)
                 await trio.sleep(_jittered(backoff))
                 backoff = min(backoff * 2.0, _MAX_BACKOFF)
@@ -437,7 +458,7 @@ class RedisBuckets:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
             try:
-                await self._send(pending)
+                await self._call("run", "", pending)
             except RedisUnavailable as exc:
                 logger.warning(
                     "the last settlements of the shared rate limit could not reach Redis at "
