@@ -100,8 +100,9 @@ async def throughput(url: str, requests: int, trials: int) -> dict[str, list[tup
     return results
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):8.1f}  ({min(values):.1f} .. {max(values):.1f})"
+def spread(values: list[float], digits: int = 1) -> str:
+    median, low, high = statistics.median(values), min(values), max(values)
+    return f"{median:8.{digits}f}  ({low:.{digits}f} .. {high:.{digits}f})"
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -123,7 +124,7 @@ async def main(args: argparse.Namespace) -> None:
             cpus = [cpu for _, cpu in runs[name]]
             print(f"  {name:6} limiter  requests/s {spread(rates)}   CPU us/request {spread(cpus)}")
         ratios = [s[0] / loc[0] for s, loc in zip(runs["shared"], runs["local"], strict=True)]
-        print(f"  shared / local requests/s  {spread(ratios)}")
+        print(f"  shared / local requests/s  {spread(ratios, 2)}")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
