@@ -7,25 +7,27 @@ kept short: limits are set so that one request refills in 0.1 s to 1 s.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import subprocess
 import sys
 import warnings
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 
 import trio_llm
 from conftest import UNCLOSED_STREAM
-from trio_llm import RateLimit, SharedLimitError
+from trio_llm import RateLimit, SharedLimitError, _redis
 from trio_llm._ratelimit import RateLimiter, RateLimitLevel, RateLimitLevels
-from trio_llm._ratelimit_redis import KEY_PREFIX, limit_key, open_rate_limiter
+from trio_llm._ratelimit_redis import KEY_PREFIX, _Pending, limit_key, open_rate_limiter
 from trio_llm._redis import open_redis
 from trio_llm.testing import FakeLLMConfig, open_fake_llm
-from trio_llm.testing._redis_server import RedisServer, free_port
+from trio_llm.testing._redis_server import RedisServer, RedisServerError, free_port
 
 # coredis leaves streams unclosed when a connection attempt fails (see conftest.py).
 redis_goes_away = pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
@@ -380,3 +382,103 @@ async def test_a_killed_process_leaks_nothing_past_the_window(redis_server: Redi
     async with open_redis(redis_server.url) as redis:
         ttl = await redis._client.pttl(KEY_PREFIX + "held")
     assert 0 < ttl <= 61_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--requirepass", "pw"), "must be called with the client already authenticated"),
+        (
+            ("--user", "default", "on", "nopass", "~*", "&*", "+@all", "-@scripting"),
+            "no permissions to run the 'evalsha' command",
+        ),
+    ],
+    ids=["password-missing", "scripts-refused"],
+)
+async def test_a_redis_that_refuses_fails_at_open(
+    args: tuple[str, ...], message: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A Redis that answers but refuses (no password, no right to run scripts): a clear
+    error when the client opens, with Redis's reason."""
+    with (
+        RedisServer(tmp_path, args=args) as refusing,
+        pytest.raises(SharedLimitError, match=message),
+    ):
+        async with open_redis_limiter(refusing.url):
+            pass  # pragma: no cover
+
+
+async def test_a_missing_unix_socket_fails_at_open(tmp_path: Path) -> None:
+    """unix:// names a socket file: one that is not there is said so at once."""
+    url = f"unix://{tmp_path}/redis.sock"
+    with pytest.raises(SharedLimitError, match="No such file"):
+        async with open_rate_limiter(RateLimit(shared=url), base_url="http://h/v1", api_key=None):
+            pass  # pragma: no cover
+
+
+async def test_a_silent_server_fails_at_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something that accepts connections but never answers: no answer, within the
+    timeout (its own cancel scope), is the error."""
+    monkeypatch.setattr(_redis, "_CONNECT_TIMEOUT", 0.1)
+    monkeypatch.setattr(_redis, "COMMAND_TIMEOUT", 0.1)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(SharedLimitError, match=r"no answer within 0\.2 s"):
+            async with open_redis_limiter(f"redis://127.0.0.1:{port}/0"):
+                pass  # pragma: no cover
+        nursery.cancel_scope.cancel()
+
+
+async def silent(stream: trio.SocketStream) -> None:
+    async with stream:
+        await trio.sleep_forever()
+
+
+def open_redis_limiter(url: str) -> AbstractAsyncContextManager[RateLimiter | None]:
+    return open_rate_limiter(RateLimit(shared=url), base_url="http://h/v1", api_key=None)
+
+
+async def test_an_unusable_url_is_a_configuration_error(redis_server: RedisServer) -> None:
+    """A URL the Redis client cannot use is a ConfigurationError naming it."""
+    with pytest.raises(trio_llm.ConfigurationError, match="is not a usable Redis URL"):
+        async with open_redis_limiter(redis_server.url + "?db=x"):
+            pass  # pragma: no cover
+
+
+@redis_goes_away
+async def test_settlements_left_when_redis_is_gone_are_dropped_with_a_warning(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing while Redis is gone: the settlements not sent are dropped, said once."""
+    caplog.set_level(logging.WARNING, "trio_llm.ratelimit")
+    async with limiter(shared(redis_server, requests_per_minute=60)) as rate:
+        reservation = await rate.acquire(0)
+        redis_server.kill()
+        reservation.refund()
+    assert any("could not reach Redis" in record.getMessage() for record in caplog.records)
+
+
+def test_pending_settlements_add_up() -> None:
+    """Settlements queued while a send failed add to the later ones; the last levels win."""
+    first, later = _Pending(), _Pending()
+    first.requests, first.tokens, first.pause_until = 1, 10, 5.0
+    later.requests, later.tokens, later.pause_until = 2, -3, 4.0
+    levels = RateLimitLevels(requests=RateLimitLevel(limit=60))
+    later.levels = (levels, 1, 2)
+    first.merge(later)
+    assert (first.requests, first.tokens, first.pause_until) == (3, 7, 5.0)
+    assert first.levels == (levels, 1, 2)
+    assert not _Pending()
+
+
+def test_the_redis_server_helper_says_what_is_wrong(tmp_path: Path) -> None:
+    """The test helper names a missing executable, and the log of one that did not start."""
+    with pytest.raises(RedisServerError, match="not installed"):
+        RedisServer(tmp_path, executable="no-such-redis-server")
+    server = RedisServer(tmp_path, args=("--no-such-option", "1"))
+    with pytest.raises(RedisServerError, match="did not start"):
+        server.start()
+    assert not server.running

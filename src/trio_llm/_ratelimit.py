@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol, TypeGuard, final
 
 import attrs
@@ -356,6 +357,9 @@ class SharedBuckets(Protocol):
         """Apply the levels a response reported (see :meth:`RateLimiter.update`)."""
         ...
 
+    #: Set by the limiter: called when give-backs have reached the shared buckets.
+    on_capacity: Callable[[], None]
+
     @property
     def state(self) -> tuple[float | None, ...]:
         """The last state seen: requests limit and level, tokens limit and level."""
@@ -397,6 +401,8 @@ class RateLimiter:
         local = shared is None
         self._requests = _Bucket(self._limit.requests_per_minute if local else None)
         self._tokens = _Bucket(self._limit.tokens_per_minute if local else None)
+        if shared is not None:
+            shared.on_capacity = self._wake_head  # capacity back: the head asks again
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
         # Taken and not yet settled, limits known or not (see _Bucket.learn).

@@ -217,10 +217,6 @@ def limit_key(limit: RateLimit, base_url: str, api_key: str | None) -> str:
     return f"{KEY_PREFIX}{redact_url(base_url)}:{digest}"
 
 
-def _nothing() -> None:
-    pass
-
-
 def _number(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
@@ -296,8 +292,9 @@ class RedisBuckets:
         # The state the last reply showed: (requests cap, level, tokens cap, level).
         self.state: tuple[float | None, ...] = (None, None, None, None)
         self.round_trips = 0
-        #: Called when settlements that gave capacity back reached Redis.
-        self.on_capacity: Callable[[], None] = _nothing
+        #: Called when settlements that gave capacity back reached Redis (set by the
+        #: limiter that uses these buckets).
+        self.on_capacity: Callable[[], None]
 
     @property
     def url(self) -> str:
@@ -500,11 +497,8 @@ async def open_rate_limiter(
             if failure is None:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(buckets.run)
-                    rate = RateLimiter(limit, shared=buckets)
-                    # Capacity given back here wakes this process's first waiter.
-                    buckets.on_capacity = rate._wake_head
                     try:
-                        yield rate
+                        yield RateLimiter(limit, shared=buckets)
                     except BaseException as exc:
                         body_error = exc
                         raise

@@ -101,8 +101,8 @@ class RedisConnection:
 
         Cancellation: the command may or may not have run; the connection stays usable.
         """
-        failure = f"no answer within {COMMAND_TIMEOUT:g} s"
-        with trio.move_on_after(COMMAND_TIMEOUT):
+        failure = ""
+        with trio.move_on_after(COMMAND_TIMEOUT) as scope:
             if self._down:
                 unreachable = await _reachable(self._address)
                 if unreachable is not None:
@@ -115,6 +115,8 @@ class RedisConnection:
                 self._down = False
                 return reply
         self._down = True
+        if scope.cancel_called:  # (coredis may turn the cancellation into an error)
+            failure = f"no answer within {COMMAND_TIMEOUT:g} s"
         # Raised out here, with no context: the client's traceback holds its connections.
         raise RedisUnavailable(failure)
 
@@ -149,12 +151,8 @@ async def open_redis(url: str) -> AsyncIterator[RedisConnection]:
     if unreachable is not None:
         raise RedisUnavailable(unreachable)
     try:
-        client = coredis.Redis.from_url(
-            url,
-            retry_policy=retry.NoRetryPolicy(),
-            connect_timeout=_CONNECT_TIMEOUT,
-            stream_timeout=COMMAND_TIMEOUT,
-        )
+        # No timeouts of coredis's: ours are cancel scopes around each command.
+        client = coredis.Redis.from_url(url, retry_policy=retry.NoRetryPolicy())
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"{shown} is not a usable Redis URL: {exc}") from None
     connection = RedisConnection(client, errors, shown, url)
@@ -165,7 +163,7 @@ async def open_redis(url: str) -> AsyncIterator[RedisConnection]:
                 await client.ping()
             except errors as exc:
                 failure = _describe(exc)
-        if scope.cancelled_caught:
+        if scope.cancel_called:  # (coredis may turn the cancellation into an error)
             failure = f"no answer within {_CONNECT_TIMEOUT + COMMAND_TIMEOUT:g} s"
         if failure is None:
             yield connection

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, final
@@ -38,11 +39,11 @@ def free_port() -> int:
 
 
 def _answers(port: int) -> bool:
-    """Whether a Redis on ``127.0.0.1:port`` answers ``PING``."""
+    """Whether a Redis on ``127.0.0.1:port`` answers ``PING`` (a refusal is an answer)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
             connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
+            return connection.recv(16)[:1] in (b"+", b"-")
     except OSError:
         return False
 
@@ -55,13 +56,17 @@ class RedisServer:
     and :meth:`kill` to take it away and bring it back on the same port.
     """
 
-    def __init__(self, directory: Path, *, executable: str | None = None) -> None:
-        found = executable or shutil.which("redis-server")
+    def __init__(
+        self, directory: Path, *, executable: str | None = None, args: Sequence[str] = ()
+    ) -> None:
+        found = shutil.which(executable or "redis-server")
         if found is None:
             raise RedisServerError(
-                "redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)"
+                f"{executable or 'redis-server'} is not installed "
+                "(Debian/Ubuntu: apt-get install redis-server)"
             )
         self._executable = found
+        self._args = tuple(args)  # more configuration, e.g. ("--requirepass", "pw")
         self._directory = directory
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -91,6 +96,7 @@ class RedisServer:
                     self._executable,
                     *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(self._directory)),
                     *("--save", "", "--appendonly", "no", "--logfile", str(log)),
+                    *self._args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
