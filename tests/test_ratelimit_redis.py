@@ -482,3 +482,21 @@ def test_the_redis_server_helper_says_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(RedisServerError, match="did not start"):
         server.start()
     assert not server.running
+
+
+@redis_goes_away
+async def test_settlements_made_while_redis_is_away_reach_it_later(tmp_path: Path) -> None:
+    """A refund made while Redis is gone is kept, and sent once Redis is back (here a
+    Redis that keeps its data across the restart)."""
+    durable = ("--appendonly", "yes", "--appendfsync", "always")
+    with RedisServer(tmp_path, args=durable) as server:
+        limit = shared(server, requests_per_minute=6)  # one request every 10 s
+        async with limiter(limit) as first:
+            reservations = [await first.acquire(0) for _ in range(6)]
+            server.kill()
+            reservations[0].refund()
+            await trio.sleep(0.3)  # the sender tries, fails, and waits to try again
+            await trio.to_thread.run_sync(server.start)
+            async with limiter(limit) as second:
+                with trio.fail_after(3):
+                    await second.acquire(0)  # the refunded request, long before a refill
