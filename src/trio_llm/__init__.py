@@ -13,12 +13,18 @@ from typing import TYPE_CHECKING
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from ._cache import ResponseCache as ResponseCache
+    from ._cache_redis import RedisCache as RedisCache
+    from ._cache_redis import open_redis_cache as open_redis_cache
+    from ._cache_sqlite import SQLiteCache as SQLiteCache
+    from ._cache_sqlite import open_sqlite_cache as open_sqlite_cache
     from ._client import ChatItem as ChatItem
     from ._client import Client as Client
     from ._client import ClientStatistics as ClientStatistics
     from ._client import open_client as open_client
     from ._config import RetryPolicy as RetryPolicy
     from ._config import Timeouts as Timeouts
+    from ._endpoints import Endpoint as Endpoint
     from ._errors import APIConnectionError as APIConnectionError
     from ._errors import APIResponseError as APIResponseError
     from ._errors import APIStatusError as APIStatusError
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from ._errors import AuthenticationError as AuthenticationError
     from ._errors import BadRequestError as BadRequestError
     from ._errors import BatchInputError as BatchInputError
+    from ._errors import CacheError as CacheError
     from ._errors import ConfigurationError as ConfigurationError
     from ._errors import ConflictError as ConflictError
     from ._errors import LLMError as LLMError
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
     from ._mapreduce import map_reduce as map_reduce
     from ._prompt import Prompt as Prompt
     from ._ratelimit import RateLimit as RateLimit
+    from ._routing import EndpointStatistics as EndpointStatistics
     from ._streaming import ChatStream as ChatStream
     from ._streaming import MultiChatStream as MultiChatStream
     from ._streaming import StreamItem as StreamItem
@@ -63,12 +71,18 @@ if TYPE_CHECKING:
 
 # Each public name, and the private module that defines it.
 _EXPORTS = {
+    "ResponseCache": "._cache",
+    "RedisCache": "._cache_redis",
+    "open_redis_cache": "._cache_redis",
+    "SQLiteCache": "._cache_sqlite",
+    "open_sqlite_cache": "._cache_sqlite",
     "ChatItem": "._client",
     "Client": "._client",
     "ClientStatistics": "._client",
     "open_client": "._client",
     "RetryPolicy": "._config",
     "Timeouts": "._config",
+    "Endpoint": "._endpoints",
     "APIConnectionError": "._errors",
     "APIResponseError": "._errors",
     "APIStatusError": "._errors",
@@ -76,6 +90,7 @@ _EXPORTS = {
     "AuthenticationError": "._errors",
     "BadRequestError": "._errors",
     "BatchInputError": "._errors",
+    "CacheError": "._errors",
     "ConfigurationError": "._errors",
     "ConflictError": "._errors",
     "LLMError": "._errors",
@@ -96,6 +111,7 @@ _EXPORTS = {
     "map_reduce": "._mapreduce",
     "Prompt": "._prompt",
     "RateLimit": "._ratelimit",
+    "EndpointStatistics": "._routing",
     "ChatStream": "._streaming",
     "MultiChatStream": "._streaming",
     "StreamItem": "._streaming",
@@ -135,6 +151,7 @@ __all__ = [
     "BadRequestError",
     "BatchInputError",
     "BatchSummary",
+    "CacheError",
     "ChatChunk",
     "ChatItem",
     "ChatResponse",
@@ -145,6 +162,8 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "EmbeddingResponse",
+    "Endpoint",
+    "EndpointStatistics",
     "LLMError",
     "MapReduceResult",
     "MultiChatStream",
@@ -153,9 +172,12 @@ __all__ = [
     "Prompt",
     "RateLimit",
     "RateLimitError",
+    "RedisCache",
+    "ResponseCache",
     "Result",
     "RetryDeadlineExceeded",
     "RetryPolicy",
+    "SQLiteCache",
     "ServerError",
     "SharedLimitError",
     "StreamError",
@@ -174,5 +196,7 @@ __all__ = [
     "map_concurrently",
     "map_reduce",
     "open_client",
+    "open_redis_cache",
+    "open_sqlite_cache",
     "run_batch",
 ]

@@ -2,8 +2,10 @@
 
 One attempt, in order (:meth:`Requester.open_exchange`, then the caller reads)::
 
-    rate-limit reservation (estimate)        waits FIFO; a cancelled wait takes nothing
-    concurrency slot                         waits FIFO; held until the exchange closes
+    endpoint                                 the router's choice (one endpoint: no choice)
+    rate-limit reservation (estimate)        the endpoint's limiter; waits FIFO
+    concurrency slot                         the client's, then the endpoint's (if it has
+                                             one); held until the exchange closes
     send                                     trio-llm's transport directly, or httpx2
     transport errors -> LLMError             mapped here, at each place I/O happens
     status >= 400 -> APIStatusError          429: refund, then header feedback, then pause
@@ -12,12 +14,14 @@ One attempt, in order (:meth:`Requester.open_exchange`, then the caller reads)::
     settle (finish / fail / close)           reconcile with usage, keep, or refund
     statistics                               counted here and nowhere else
 
-The retry policy repeats whole attempts, inside one cancel scope that is the call's
-deadline (:func:`trio_llm._retry.call_with_retries`). Where later features hook in:
-endpoint choice picks the :class:`Requester` (its URL, transport and limits) before
-:meth:`Requester.open_exchange`; a cache lookup runs in :meth:`Requester.call` before the
-retry loop (a hit is no attempt); cost is computed where :meth:`Exchange.finish` has the
-usage; a tracing span wraps one :meth:`Requester.open_exchange` to :meth:`Exchange.aclose`.
+The retry policy repeats whole attempts in one cancel scope, the call's deadline
+(:func:`trio_llm._retry.call_with_retries`); failing over to another endpoint is a retry
+decision, and each attempt's outcome is its endpoint's health (:mod:`trio_llm._routing`).
+The response cache hooks in twice (:mod:`trio_llm._cache`): its lookup in
+:meth:`Requester.call`, before the retry loop and the router (a hit is no attempt, at no
+endpoint), and its store in :meth:`Exchange.finish`, which has the reply. Where later
+features hook in: cost where :meth:`Exchange.finish` has the usage; a tracing span from
+:meth:`Requester.attempt` to :meth:`Exchange.aclose`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import httpx2
 import trio
@@ -42,15 +46,18 @@ from ._errors import (
     LLMError,
     error_from_response,
     error_from_transport,
-    redact_url,
 )
-from ._estimate import estimate_tokens
-from ._http import BodyTooLarge, HTTPResponse, TrioTransport
-from ._ratelimit import RateLimiter, Reservation
+from ._http import BodyTooLarge, HTTPResponse
+from ._ratelimit import Reservation
+from ._request import Request
 from ._retry import call_with_retries
-from ._sending import HttpxResponse, stream_decoder
-from ._types import Usage
+from ._routing import UP, Route, Router, exhausted_reset
+from ._sending import HttpxResponse, PhaseLimits, stream_decoder
+from ._types import JSONObject, Usage
 from .providers._base import Provider
+
+if TYPE_CHECKING:
+    from ._cache import CachedReply, CacheHook
 
 __all__ = ["Exchange", "Request", "Requester"]
 
@@ -60,43 +67,11 @@ logger = logging.getLogger("trio_llm")
 
 _NO_SCOPE: Final = nullcontext()
 _INF: Final = math.inf
+# One attempt in this many (per endpoint) is timed for the endpoint's recent latency:
+# reading the clock twice per request costs more than the statistic is worth.
+_LATENCY_SAMPLE: Final = 4
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-
-
-@final
-class Request:
-    """One call's request, encoded once and sent by each attempt.
-
-    ``waiting_for`` says what the call is waiting for now, for the message of a deadline
-    that passes before any response.
-    """
-
-    __slots__ = (
-        "content",
-        "deadline_at",
-        "estimate",
-        "shown_url",
-        "stream",
-        "url",
-        "waiting_for",
-    )
-
-    def __init__(
-        self, url: str, content: bytes, estimate: int, *, stream: bool, shown_url: str
-    ) -> None:
-        self.url = url
-        self.shown_url = shown_url  # the URL as messages show it: credentials redacted
-        self.content = content
-        self.estimate = estimate
-        self.stream = stream
-        self.waiting_for = "the response"
-        self.deadline_at = _INF  # the call's deadline, set by the retry loop
-
-    @property
-    def label(self) -> str:
-        """What the request is, for messages: ``POST <url>``."""
-        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
 
 
 @final
@@ -116,6 +91,7 @@ class Exchange:
         "_slot",
         "request",
         "request_id",
+        "route",
     )
 
     def __init__(
@@ -130,7 +106,8 @@ class Exchange:
         self._reservation = reservation
         self._slot = True
         self.request = request
-        self.request_id = requester.provider.request_id(response.headers)
+        self.route = route = request.route
+        self.request_id = route.provider.request_id(response.headers)
         # Read part by part on trio-llm's transport, a stream is decoded here (httpx2 does
         # it for its own responses).
         self._decoder = (
@@ -150,6 +127,16 @@ class Exchange:
     @property
     def reason_phrase(self) -> str:
         return self._response.reason_phrase
+
+    @property
+    def provider(self) -> Provider:
+        """The wire format of the endpoint that answered."""
+        return self.route.provider
+
+    @property
+    def endpoint(self) -> str:
+        """The name of the endpoint that answered."""
+        return self.route.name
 
     @property
     def max_response_bytes(self) -> int | None:
@@ -239,13 +226,17 @@ class Exchange:
         body = _json.dumps({"error": error})
         return self._requester.status_error(self, status, body, "error event in the stream")
 
-    def finish(self, usage: Usage) -> None:
+    def finish(self, usage: Usage, payload: JSONObject | None = None) -> None:
         """Count the call as succeeded with ``usage``; settle the reservation with it.
 
-        A reply that reports no tokens settles at the estimate.
+        A reply that reports no tokens settles at the estimate. ``payload``, the reply
+        (a streamed one aggregated), is stored in the client's cache if the call uses it.
         """
         requester = self._requester
+        if payload is not None and requester.cache is not None:
+            requester.cache.store(self.request, self.request_id, payload, usage)
         requester.succeeded += 1
+        self.route.succeeded += 1
         requester.prompt_tokens += usage.prompt_tokens
         requester.completion_tokens += usage.completion_tokens
         reservation = self._reservation
@@ -266,11 +257,13 @@ class Exchange:
     def fail(self) -> None:
         """Count the call as failed after its response began (a stream that broke)."""
         self._requester.failed += 1
+        self.route.failed += 1
 
     def _release_slot(self) -> None:
         if self._slot:
             self._slot = False
             self._requester.limiter.release()
+            self.route.release()
 
     async def aclose(self) -> None:
         """Close the response and release the slot; an unsettled reservation is kept.
@@ -294,30 +287,27 @@ class Exchange:
 
 @final
 class Requester:
-    """The lifecycle of a client's requests: limits, sending, settling and statistics.
+    """The lifecycle of a client's requests: routing, limits, sending, settling, statistics.
 
-    One per client, shared by all its tasks. The counters are the client's statistics.
+    One per client, shared by all its tasks. The counters are the client's statistics;
+    each endpoint's are on its :class:`~trio_llm._routing.Route`.
     """
 
     __slots__ = (
-        "_headers",
-        "_http",
+        "_clock",
+        "_estimate",
         "_limits",
-        "_limits_by_phases",
-        "_phases",
-        "_shown",
-        "_stream_headers",
+        "cache",
+        "cache_hits",
         "completion_tokens",
-        "direct",
         "failed",
         "last_retry_error",
         "limiter",
         "max_response_bytes",
         "prompt_tokens",
-        "provider",
-        "rate",
         "rate_limited",
         "retried",
+        "router",
         "sent",
         "succeeded",
         "timeouts",
@@ -326,36 +316,17 @@ class Requester:
     def __init__(
         self,
         *,
-        http: httpx2.AsyncClient,
-        direct: TrioTransport | None,
-        provider: Provider,
-        rate: RateLimiter | None = None,
+        router: Router,
         max_concurrency: int,
         timeouts: Timeouts,
         max_response_bytes: int | None = None,
     ) -> None:
-        self._http = http
-        self.direct = direct
-        # Read once: httpx2 builds a new list on each read.
-        self._headers = http.headers.raw
-        # A stream is read as it arrives, undecoded: ask for it uncompressed.
-        self._stream_headers = [
-            (name, value)
-            for name, value in self._headers
-            if name.lower() not in (b"accept", b"accept-encoding")
-        ] + [(b"accept", b"text/event-stream"), (b"accept-encoding", b"identity")]
-        self._limits = timeouts.to_httpx()
-        self._limits_by_phases: dict[tuple[bool, ...], httpx2.Timeout] = {}
-        # The phase limits as numbers, read per attempt by _limits_before (None: inf).
-        self._phases: tuple[float, float, float, float] = (
-            _INF if timeouts.connect is None else timeouts.connect,
-            _INF if timeouts.read is None else timeouts.read,
-            _INF if timeouts.write is None else timeouts.write,
-            _INF if timeouts.pool is None else timeouts.pool,
-        )
-        self._shown: dict[str, str] = {}  # URL: as messages show it
-        self.provider = provider
-        self.rate = rate
+        self.router = router
+        # The run's clock, read directly: trio.current_time() costs twice as much.
+        self._clock = trio.lowlevel.current_clock().current_time
+        # Token estimates are needed only where a rate limiter counts tokens.
+        self._estimate = any(route.rate is not None for route in router.routes)
+        self._limits = PhaseLimits(timeouts, self._clock)
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self.timeouts = timeouts
         self.max_response_bytes = max_response_bytes
@@ -368,25 +339,39 @@ class Requester:
         self.rate_limited = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cache: CacheHook | None = None  # the client's response cache, if it has one
+        self.cache_hits = 0
 
-    def request(self, url: str, body: Mapping[str, Any], *, stream: bool = False) -> Request:
-        """Encode ``body`` for ``url`` once, with its token estimate when rate-limited."""
-        estimate = estimate_tokens(body) if self.rate is not None else 0
-        shown = self._shown.get(url)
-        if shown is None:
-            shown = self._shown[url] = redact_url(url)
-        return Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
+    def request(
+        self,
+        kind: int,
+        source: Any,
+        model: str | None,
+        params: Mapping[str, Any],
+        *,
+        cache: bool = False,
+    ) -> Request:
+        """Build one call's request (see :meth:`Request.for_call`).
+
+        With ``cache`` (and a client cache), the request gets its cache key, so that
+        :meth:`call` looks it up and :meth:`Exchange.finish` stores its reply.
+        """
+        hook = self.cache if cache else None
+        return Request.for_call(self.router, kind, source, model, params, self._estimate, hook)
 
     def call(
         self,
         request: Request,
         read: Callable[[Exchange], Awaitable[T]],
         policy: RetryPolicy | None,
+        replay: Callable[[CachedReply, Provider], T] | None = None,
     ) -> Awaitable[T]:
         """Run attempts under ``policy``: each opens an exchange and ``read`` s it.
 
         Returns the call's coroutine (a plain function: one frame fewer held by every
-        request in flight). See :meth:`attempt` for ``read``.
+        request in flight). See :meth:`attempt` for ``read``. A request with a cache key
+        is first looked up in the client's cache, and a hit is returned by ``replay``
+        without any attempt (:meth:`trio_llm._cache.CacheHook.call`).
 
         Raises:
             LLMError: the last attempt's error (counted as a failed call), or
@@ -396,7 +381,10 @@ class Requester:
         released, reservation refunded if nothing was sent); nothing is retried.
         """
         attempt = partial(self.attempt, request, read)
-        return call_with_retries(attempt, policy, call=request, stats=self)
+        if request.cache_key is None or replay is None or self.cache is None:
+            return call_with_retries(attempt, policy, call=request, stats=self)
+        send = partial(call_with_retries, attempt, policy, call=request, stats=self)
+        return self.cache.call(self, request, send, replay)
 
     def count_retry(self, error: LLMError) -> None:
         """Count a retry decided after ``error``, and keep ``error`` as the latest."""
@@ -407,122 +395,143 @@ class Requester:
         """Count a call that failed with ``_error``."""
         self.failed += 1
 
+    def count_cache_hit(self) -> None:
+        """Count a call answered from the client's cache (no attempt, no tokens)."""
+        self.cache_hits += 1
+
     async def attempt(self, request: Request, read: Callable[[Exchange], Awaitable[T]]) -> T:
-        """Make one attempt: reserve, take a slot, send, check the status, then ``read``.
+        """Make one attempt: pick the endpoint, reserve, take slots, send, then ``read``.
 
         ``read`` gets the open :class:`Exchange` of a success status and returns the
         call's result. It owns the exchange only if it keeps it past its return (a
         stream): otherwise reading the body to its end and :meth:`Exchange.finish` leave
-        nothing open. If ``read`` raises, the exchange is closed.
+        nothing open. If ``read`` raises, the exchange is closed. The outcome goes to
+        the endpoint's health.
 
         Raises:
             APIStatusError: the server answered with an error status (its body read).
             APIConnectionError: no response arrived (``APITimeoutError``: a timeout).
             LLMError: what ``read`` raises.
 
-        Cancellation: nothing is held: the slot is released, the connection closed, and
-        the reservation refunded if no response came.
+        Cancellation: nothing is held: the slots are released, the connection closed,
+        and the reservation refunded if no response came.
         """
         # A cancelled call stops here, before it takes a slot or a pooled connection (the
         # waits below do not checkpoint when nothing has to wait).
         await _checkpoint_if_cancelled()
-        rate = self.rate
+        route = self.router.choose(request)  # counts the attempt in the route's load
+        epoch = route.epoch
+        try:
+            reservation = await self._capacity(route, request)
+        except BaseException:
+            route.load -= 1
+            route.abandoned(request)
+            raise
+        request.waiting_for = "the response"
+        # Timeouts.stream_idle bounds a stream's wait from its request to the start of the
+        # reply (after that, the wait between events); not the waits for capacity above.
+        idle = self.timeouts.stream_idle if request.stream else None
+        # The endpoint's latency is sampled: one attempt in _LATENCY_SAMPLE is timed.
+        route.sent = sent = route.sent + 1
+        started = self._clock() if sent % _LATENCY_SAMPLE == 1 else None
+        try:
+            with _NO_SCOPE if idle is None else trio.move_on_after(idle):
+                try:
+                    self.sent += 1
+                    response = await self._send(route, request)
+                except BaseException as exc:
+                    # No response: the server most likely never counted it.
+                    self.limiter.release()
+                    route.release()
+                    if reservation is not None:
+                        reservation.refund()
+                    if not isinstance(exc, Exception):
+                        raise
+                    # A failure before any I/O (a header h11 refuses, a closed transport)
+                    # must still be a schedule point, as every trio call is.
+                    await _cancel_shielded_checkpoint()
+                    if isinstance(exc, httpx2.HTTPError):
+                        raise error_from_transport(
+                            exc, method="POST", url=request.shown_url
+                        ) from exc
+                    raise
+                exchange = Exchange(self, request, response, reservation)
+                try:
+                    if response.status_code >= 400:
+                        await self._raise_status_error(exchange)
+                    rate = route.rate
+                    if rate is not None:
+                        rate.update(route.provider.rate_limit_levels(response.headers))
+                    result = await read(exchange)
+                    if started is not None:
+                        route.answered(request, epoch, self._clock() - started)
+                    elif route.failures or route.state is not UP:
+                        route.answered(request, epoch, None)
+                    return result
+                except BaseException:
+                    await exchange.aclose()
+                    raise
+            raise _no_first_event(request, idle)
+        except LLMError as exc:
+            route.failed_attempt(request, exc, epoch)
+            raise
+        except BaseException:
+            route.abandoned(request)
+            raise
+
+    async def _capacity(self, route: Route, request: Request) -> Reservation | None:
+        """Take the endpoint's rate-limit reservation, then the client's and its slots.
+
+        Cancellation: nothing is held (a reservation taken is refunded).
+        """
+        rate = route.rate
         reservation: Reservation | None = None
         if rate is not None:
             try:
                 reservation = rate.acquire_nowait(request.estimate)
             except trio.WouldBlock:
                 request.waiting_for = "the rate limiter"
-                reservation = await rate.acquire(request.estimate)
+                route.waiting += 1
+                try:
+                    reservation = await rate.acquire(request.estimate)
+                finally:
+                    route.waiting -= 1
         limiter = self.limiter
         try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            request.waiting_for = "a concurrency slot"
             try:
-                await limiter.acquire()
-            except BaseException:
-                if reservation is not None:
-                    reservation.refund()  # never sent: it must not cost the others capacity
-                raise
-        request.waiting_for = "the response"
-        # Timeouts.stream_idle bounds a stream's wait from its request to the start of the
-        # reply (after that, the wait between events); not the waits for capacity above.
-        idle = self.timeouts.stream_idle if request.stream else None
-        with _NO_SCOPE if idle is None else trio.move_on_after(idle):
-            try:
-                self.sent += 1
-                response = await self._send(request)
-            except BaseException as exc:
-                # No response: the server most likely never counted it.
-                limiter.release()
-                if reservation is not None:
-                    reservation.refund()
-                if not isinstance(exc, Exception):
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                await _wait_for_slot(limiter, route, request)
+            slots = route.slots
+            if slots is not None:
+                try:
+                    await _wait_for_slot(slots, route, request)
+                except BaseException:
+                    limiter.release()
                     raise
-                # A failure before any I/O (a header h11 refuses, a closed transport) must
-                # still be a schedule point, as every trio call is.
-                await _cancel_shielded_checkpoint()
-                if isinstance(exc, httpx2.HTTPError):
-                    raise error_from_transport(exc, method="POST", url=request.shown_url) from exc
-                raise
-            exchange = Exchange(self, request, response, reservation)
-            try:
-                if response.status_code >= 400:
-                    await self._raise_status_error(exchange)
-                if rate is not None:
-                    rate.update(self.provider.rate_limit_levels(response.headers))
-                return await read(exchange)
-            except BaseException:
-                await exchange.aclose()
-                raise
-        raise APITimeoutError(
-            f"no event from {request.label} within stream_idle={idle}s",
-            method="POST",
-            url=request.shown_url,
-        )
+        except BaseException:
+            if reservation is not None:
+                reservation.refund()  # never sent: it must not cost the others capacity
+            raise
+        return reservation
 
-    def _send(self, request: Request) -> Awaitable[HTTPResponse | HttpxResponse]:
-        """Send ``request``: a coroutine returning the response once its head arrived.
+    def _send(self, route: Route, request: Request) -> Awaitable[HTTPResponse | HttpxResponse]:
+        """Send ``request`` to ``route``: a coroutine returning the response once its head arrived.
 
         Transport errors become :class:`APIConnectionError` (mapped here, for sending, and
         in :class:`Exchange` for reading the body).
         """
-        direct = self.direct
+        direct = route.direct
         if direct is None:
-            return self._send_through_httpx(request)
-        headers = self._stream_headers if request.stream else self._headers
+            return self._send_through_httpx(route.http, request)
+        headers = route.stream_headers if request.stream else route.headers
         limits = self._limits
-        if request.deadline_at != _INF:
-            limits = self._limits_before(request.deadline_at)
-        return direct.open_response("POST", request.url, headers, request.content, limits)
+        deadline_at = request.deadline_at
+        timeouts = limits.default if deadline_at == _INF else limits.before(deadline_at)
+        return direct.open_response("POST", request.url, headers, request.content, timeouts)
 
-    def _limits_before(self, deadline_at: float) -> httpx2.Timeout:
-        """The phase timeouts that can still fire before the call's deadline.
-
-        A phase limit that would end at or after the trio time ``deadline_at`` (the
-        call's own deadline scope, which is never moved later) is left out: the
-        transport then makes no cancel scope for it, which saves CPU and memory on every
-        request in flight. With the defaults (read 120 s, a 120 s deadline) that is the
-        read timeout, the one every request waits under.
-        """
-        left = deadline_at - trio.current_time()
-        connect, read, write, pool = self._phases  # (None as inf: never kept)
-        key = (connect < left, read < left, write < left, pool < left)
-        limits = self._limits_by_phases.get(key)
-        if limits is None:
-            phases = self.timeouts
-            limits = httpx2.Timeout(
-                connect=phases.connect if key[0] else None,
-                read=phases.read if key[1] else None,
-                write=phases.write if key[2] else None,
-                pool=phases.pool if key[3] else None,
-            )
-            self._limits_by_phases[key] = limits
-        return limits
-
-    async def _send_through_httpx(self, request: Request) -> HttpxResponse:
-        http = self._http
+    @staticmethod
+    async def _send_through_httpx(http: httpx2.AsyncClient, request: Request) -> HttpxResponse:
         extra = {"accept": "text/event-stream"} if request.stream else None
         built = http.build_request("POST", request.url, content=request.content, headers=extra)
         return HttpxResponse(await http.send(built, stream=True))
@@ -538,21 +547,52 @@ class Requester:
         """Return the error of an error reply (or error event), its effects applied.
 
         The reservation is refunded for a 429 (the server did not count it) and charged no
-        tokens otherwise; then the rate-limit headers apply; a 429 is counted and its
-        ``retry-after`` pauses every task of the client.
+        tokens otherwise; then the rate-limit headers apply; a 429 is counted, its
+        ``retry-after`` pauses every task sent to that endpoint, and its ``retry-after``
+        (else an exhausted rate-limit header's reset) sends the others elsewhere meanwhile.
         """
         headers = exchange.headers
         error = error_from_response(
             status, headers, body, reason=reason, request_id=exchange.request_id
         )
         exchange.settle(refund=status == 429)
-        rate = self.rate
+        route = exchange.route
+        rate = route.rate
+        levels = (
+            route.provider.rate_limit_levels(headers) if rate is not None or status == 429 else None
+        )
         if rate is not None:
             # After the refund: the server's remaining count is the truth from here on,
             # and a refund on top of it would put this client ahead of the server.
-            rate.update(self.provider.rate_limit_levels(headers))
+            rate.update(levels)
         if status == 429:
             self.rate_limited += 1
+            route.rate_limited += 1
             if rate is not None and error.retry_after:
-                rate.pause(error.retry_after)  # every task of the client waits it out
+                rate.pause(error.retry_after)  # every task sent there waits it out
+            wait = error.retry_after or exhausted_reset(levels)
+            if wait:
+                route.pause(wait)
         return error
+
+
+def _no_first_event(request: Request, idle: float | None) -> APITimeoutError:
+    """The error of a stream whose first event did not come within ``stream_idle``."""
+    return APITimeoutError(
+        f"no event from {request.label} within stream_idle={idle}s",
+        method="POST",
+        url=request.shown_url,
+    )
+
+
+async def _wait_for_slot(limiter: trio.CapacityLimiter, route: Route, request: Request) -> None:
+    """Take a slot of ``limiter``, counted as waiting at ``route`` if it has to wait."""
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        request.waiting_for = "a concurrency slot"
+        route.waiting += 1
+        try:
+            await limiter.acquire()
+        finally:
+            route.waiting -= 1

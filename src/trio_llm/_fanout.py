@@ -38,8 +38,9 @@ __all__ = [
     "as_completed",
     "capture_errors",
     "map_concurrently",
+    "open_owning",
+    "open_owning_nursery",
     "open_task_channel",
-    "raise_body_error",
 ]
 
 T = TypeVar("T")
@@ -316,30 +317,50 @@ async def open_task_channel(
     Cancellation: the tasks are cancelled and the channel closed; buffered items dropped.
     """
     send, receive = trio.open_memory_channel[T](buffer)
+    with receive:
+        async with open_owning_nursery() as nursery:
+            fill(nursery, send)
+            yield receive
+            nursery.cancel_scope.cancel()
+
+
+def open_owning_nursery() -> AbstractAsyncContextManager[trio.Nursery]:
+    """Open a nursery for the tasks of an ``async with`` block that it owns.
+
+    For context managers whose tasks serve their block (a channel's feeders, a cache's
+    writer): see :func:`open_owning`. The ``yield`` of the caller stands for the block's
+    body (ASYNC119 exempts context managers for this reason).
+    """
+    return open_owning(trio.open_nursery())
+
+
+@asynccontextmanager
+async def open_owning(manager: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    """Enter ``manager``, which owns tasks (a nursery, a library's task group), for a block.
+
+    The block's own exception comes out as raised, not wrapped in the ``ExceptionGroup``
+    (of one, through any number of groups) that strict exception groups make of it,
+    unless a task failed at the same moment (then both come in a group); a task's failure
+    comes out as the group, never unwrapped.
+    """
     body_error: BaseException | None = None
     try:
-        with receive:
-            async with trio.open_nursery() as nursery:
-                fill(nursery, send)
-                try:
-                    yield receive
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                nursery.cancel_scope.cancel()
+        async with manager as value:
+            try:
+                yield value
+            except BaseException as exc:
+                body_error = exc
+                raise
     except BaseException as exc:
-        raise_body_error(exc, body_error)
+        _raise_body_error(exc, body_error)
         raise
 
 
-def raise_body_error(exc: BaseException, body_error: BaseException | None) -> None:
-    """Raise ``body_error`` as raised if ``exc`` is only nurseries' groups around it.
+def _raise_body_error(exc: BaseException, body_error: BaseException | None) -> None:
+    """Raise ``body_error`` as raised if ``exc`` is only groups of one around it.
 
-    For context managers that own nurseries (their own, or a library's): with strict
-    exception groups each nursery wraps the exception of the block (``body_error``,
-    caught at the ``yield``); when ``exc`` holds only it, through groups of one (the
-    tasks' ``Cancelled`` are absorbed), it is given back as the block raised it. Anything
-    else (a task failed too) returns, for the caller to re-raise as is: never unwrapped.
+    Anything else (a task failed too) returns, for the caller to re-raise as is. The
+    tasks' ``Cancelled`` are absorbed by their nurseries, so they do not count.
     """
     if body_error is None or exc is body_error:
         return

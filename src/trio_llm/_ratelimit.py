@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol, TypeGuard, final
+from typing import TYPE_CHECKING, Any, TypeGuard, final
 
 import attrs
 import trio
 
 from ._errors import redact_url
+
+if TYPE_CHECKING:
+    from ._ratelimit_redis import SharedBuckets
 
 __all__ = [
     "RateLimit",
@@ -35,7 +37,6 @@ __all__ = [
     "RateLimiter",
     "RateLimiterStatistics",
     "Reservation",
-    "SharedBuckets",
 ]
 
 
@@ -332,40 +333,6 @@ class _Waiter:
         self.event = trio.Event()
 
 
-class SharedBuckets(Protocol):
-    """Buckets kept outside the process (``_ratelimit_redis.RedisBuckets``).
-
-    A :class:`RateLimiter` built with them keeps its queue, its statistics and its own
-    pause (at once, before the shared one lands), and leaves the buckets to them.
-    """
-
-    async def take(self, tokens: int) -> float:
-        """Take one request and ``tokens`` (return 0), or return the seconds to wait."""
-        ...
-
-    def give(self, requests: int, tokens: int) -> None:
-        """Give back ``requests`` and ``tokens`` (negative: charge more)."""
-        ...
-
-    def pause(self, seconds: float) -> None:
-        """Pause every client of the buckets for ``seconds``."""
-        ...
-
-    def update(
-        self, levels: RateLimitLevels, in_flight_requests: int, in_flight_tokens: int
-    ) -> None:
-        """Apply the levels a response reported (see :meth:`RateLimiter.update`)."""
-        ...
-
-    #: Set by the limiter: called when give-backs have reached the shared buckets.
-    on_capacity: Callable[[], None]
-
-    @property
-    def state(self) -> tuple[float | None, ...]:
-        """The last state seen: requests limit and level, tokens limit and level."""
-        ...
-
-
 def _check_tokens(tokens: int) -> None:
     if isinstance(tokens, bool) or not isinstance(tokens, int):
         raise TypeError(f"tokens must be an int, not {type(tokens).__name__}")
@@ -448,6 +415,10 @@ class RateLimiter:
         if self._queue or self._shared is not None or self._delay(trio.current_time(), tokens) > 0:
             raise trio.WouldBlock
         return self._take(tokens)
+
+    def ready(self, tokens: int) -> bool:
+        """Whether :meth:`acquire_nowait` of ``tokens`` would succeed now (nothing taken)."""
+        return not self._queue and self._delay(trio.current_time(), tokens) <= 0
 
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until one request and ``tokens`` tokens are available, and take them.

@@ -40,16 +40,16 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final, final
+from typing import Final, Protocol, final
 
 import trio
 
 from ._errors import SharedLimitError, redact_url
-from ._fanout import raise_body_error
+from ._fanout import open_owning_nursery
 from ._ratelimit import RateLimit, RateLimiter, RateLimitLevel, RateLimitLevels
 from ._redis import RedisConnection, RedisUnavailable, open_redis
 
-__all__ = ["RedisBuckets", "limit_key", "open_rate_limiter"]
+__all__ = ["RedisBuckets", "SharedBuckets", "limit_key", "open_rate_limiter"]
 
 logger = logging.getLogger("trio_llm.ratelimit")
 
@@ -272,6 +272,40 @@ def _level_args(level: RateLimitLevel) -> list[str]:
 _NOTHING_PENDING: Final = ["0", "0", "0.0", "0"]
 
 
+class SharedBuckets(Protocol):
+    """Buckets kept outside the process, as a :class:`RateLimiter` uses them (``RedisBuckets``).
+
+    A :class:`RateLimiter` built with them keeps its queue, its statistics and its own
+    pause (at once, before the shared one lands), and leaves the buckets to them.
+    """
+
+    async def take(self, tokens: int) -> float:
+        """Take one request and ``tokens`` (return 0), or return the seconds to wait."""
+        ...
+
+    def give(self, requests: int, tokens: int) -> None:
+        """Give back ``requests`` and ``tokens`` (negative: charge more)."""
+        ...
+
+    def pause(self, seconds: float) -> None:
+        """Pause every client of the buckets for ``seconds``."""
+        ...
+
+    def update(
+        self, levels: RateLimitLevels, in_flight_requests: int, in_flight_tokens: int
+    ) -> None:
+        """Apply the levels a response reported (see :meth:`RateLimiter.update`)."""
+        ...
+
+    #: Set by the limiter: called when give-backs have reached the shared buckets.
+    on_capacity: Callable[[], None]
+
+    @property
+    def state(self) -> tuple[float | None, ...]:
+        """The last state seen: requests limit and level, tokens limit and level."""
+        ...
+
+
 @final
 class RedisBuckets:
     """The shared buckets of one limit, as a :class:`RateLimiter` uses them.
@@ -485,7 +519,6 @@ async def open_rate_limiter(
         yield None if limit is None else RateLimiter(limit)
         return
     shown = redact_url(limit.shared)
-    body_error: BaseException | None = None
     failure: RedisUnavailable | None = None
     try:
         async with open_redis(limit.shared) as redis:
@@ -495,21 +528,15 @@ async def open_rate_limiter(
             except RedisUnavailable as exc:
                 failure = exc
             if failure is None:
-                async with trio.open_nursery() as nursery:
+                async with open_owning_nursery() as nursery:
                     await nursery.start(buckets.run)
                     try:
                         yield RateLimiter(limit, shared=buckets)
-                    except BaseException as exc:
-                        body_error = exc
-                        raise
                     finally:
                         await buckets.flush()
                     nursery.cancel_scope.cancel()
     except RedisUnavailable as exc:
         failure = exc
-    except BaseException as exc:
-        raise_body_error(exc, body_error)
-        raise
     if failure is not None:
         raise SharedLimitError(
             f"cannot use the shared rate limit's Redis at {shown}: {failure}", url=shown

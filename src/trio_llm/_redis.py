@@ -1,4 +1,4 @@
-"""The connection to Redis (or Valkey) that shared state goes through: one client, scripts.
+"""The connection to Redis (or Valkey) that shared state goes through: one client, commands.
 
 The client is `coredis <https://coredis.readthedocs.io>`_ (the ``redis`` extra), which
 runs on Trio through anyio since its 6.0. It is imported only when a Redis URL is used,
@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from ._errors import ConfigurationError, redact_url
+from ._fanout import open_owning
 
 __all__ = ["COMMAND_TIMEOUT", "RedisConnection", "RedisUnavailable", "open_redis"]
 
@@ -95,12 +96,22 @@ class RedisConnection:
     async def run(self, script: Any, keys: Sequence[str], args: Sequence[str]) -> Any:
         """Run a registered script (by its SHA; loaded again after a Redis restart).
 
+        Raises and cancellation: as :meth:`command`.
+        """
+        return await self._send(script, keys=list(keys), args=list(args))
+
+    async def command(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Send the command of the coredis client's method ``name`` (``"get"``, ``"set"``).
+
         Raises:
             RedisUnavailable: no answer within :data:`COMMAND_TIMEOUT`, the connection
                 failed, or Redis refused the command (the message says which).
 
         Cancellation: the command may or may not have run; the connection stays usable.
         """
+        return await self._send(getattr(self._client, name), *args, **kwargs)
+
+    async def _send(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         failure = ""
         with trio.move_on_after(COMMAND_TIMEOUT) as scope:
             if self._down:
@@ -108,7 +119,7 @@ class RedisConnection:
                 if unreachable is not None:
                     raise RedisUnavailable(unreachable)
             try:
-                reply = await script(keys=list(keys), args=list(args))
+                reply = await function(*args, **kwargs)
             except self._errors as exc:
                 failure = _describe(exc)
             else:
@@ -157,7 +168,7 @@ async def open_redis(url: str) -> AsyncIterator[RedisConnection]:
         raise ConfigurationError(f"{shown} is not a usable Redis URL: {exc}") from None
     connection = RedisConnection(client, errors, shown, url)
     failure: str | None = None
-    async with client:
+    async with open_owning(client):  # a block's exception out of its task group as is
         with trio.move_on_after(_CONNECT_TIMEOUT + COMMAND_TIMEOUT) as scope:
             try:
                 await client.ping()

@@ -92,6 +92,11 @@ class ChatResponse:
         choices: every choice, for ``n`` > 1.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        cached: ``True`` for a reply from the client's response cache, ``False`` for one
+            from the server. Not compared: a cached reply equals the one it replays.
+        endpoint: the name of the endpoint that answered (:attr:`Endpoint.name`; for a
+            client opened with ``base_url=``, its host and port; for a cached reply, the
+            one that answered the stored reply). Not compared by ``==``.
     """
 
     id: str
@@ -103,6 +108,8 @@ class ChatResponse:
     choices: tuple[Choice, ...]
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    cached: bool = attrs.field(default=False, eq=False)
+    endpoint: str | None = attrs.field(default=None, eq=False)
 
     @property
     def tool_calls(self) -> list[JSONObject]:
@@ -220,6 +227,8 @@ class EmbeddingResponse:
         usage: token counts.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        cached: ``True`` for a reply from the client's response cache (not compared).
+        endpoint: the name of the endpoint that answered, as for :class:`ChatResponse`.
     """
 
     vectors: list[list[float]] = attrs.field(repr=lambda v: f"<{len(v)} vectors>")
@@ -227,6 +236,8 @@ class EmbeddingResponse:
     usage: Usage
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    cached: bool = attrs.field(default=False, eq=False)
+    endpoint: str | None = attrs.field(default=None, eq=False)
 
     @classmethod
     def from_json(cls, payload: JSONObject, *, request_id: str | None = None) -> EmbeddingResponse:

@@ -29,16 +29,9 @@ import trio
 
 from .._client import Client, ClientStatistics
 from .._errors import (
-    APIConnectionError,
-    APIResponseError,
     APIStatusError,
     ConfigurationError,
     LLMError,
-    RateLimitError,
-    RetryDeadlineExceeded,
-    ServerError,
-    SharedLimitError,
-    redact_url,
 )
 from .._fanout import as_completed
 from .._types import Usage
@@ -52,27 +45,21 @@ from ._input import (
     duplicate_line,
     file_identity,
     parse_line,
-    read_lines,
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
+from ._keys import AnsweredKeys
+from ._lines import marked_lines
 from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
-from ._progress import Counters, Reporter, Watched, open_reporter
+from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
 from ._shard import Shard
+from ._stops import brief, is_outage, is_systematic, status_stop
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
 
 #: Lines in a row that fail like a dead or failing endpoint before a run stops.
 DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
-
-# Statuses no other line of the run would escape: the key (401), its rights (403), the
-# URL or model (404), a URL that is no API (405), a proxy's credentials (407).
-_STOPPING_STATUSES: Final = frozenset({401, 403, 404, 405, 407})
-# Statuses retried as "try again later" (like 5xx and 429): failing after the retries,
-# they say more about the endpoint than about the line.
-_OUTAGE_STATUSES: Final = frozenset({408, 409})
-_OUTAGE_ERRORS = (APIConnectionError, RetryDeadlineExceeded, APIResponseError, SharedLimitError)
 
 
 @final
@@ -103,12 +90,16 @@ class BatchSummary:
         completion_tokens: completion tokens of the answers.
         tokens: ``prompt_tokens + completion_tokens``.
         elapsed: seconds the run took, by the trio clock.
+        scan_elapsed: of ``elapsed``, the seconds spent before sending: scanning the
+            output file and checking the input.
         interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
         stopped: why the run stopped sending before the end, in one line, when an error
             showed that no request could succeed (see :func:`run_batch`); ``None`` if
             it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
             https://api.openai.com/v1 (Incorrect API key provided)"``.
         stop_error: the error that stopped the run (``None`` with ``stopped``).
+        cache_hits: lines of ``succeeded`` answered from the client's response cache
+            (nothing sent; their tokens are not in ``tokens``).
     """
 
     input_path: str
@@ -129,6 +120,8 @@ class BatchSummary:
     interrupted: bool
     stopped: str | None = None
     stop_error: LLMError | None = None
+    cache_hits: int = 0
+    scan_elapsed: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -192,11 +185,9 @@ class _Run:
         handle = plan.handle
         unsendable = plan.unsendable
         with _naming(plan.path):
-            for number, raw in read_lines(self._input):
+            for number, raw in marked_lines(self._input, handle):
                 if self._stopping:
                     return
-                if not handle[number]:
-                    continue
                 duplicate = plan.duplicates.get(number)
                 if duplicate is not None:
                     yield duplicate_line(number, *duplicate)
@@ -234,7 +225,7 @@ class _Run:
             counters.completion_tokens += usage.completion_tokens
 
     async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
-        """Send one request; return its reply's body, request id and usage."""
+        """Send one request; return its reply's body, request id and the tokens it spent."""
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -242,9 +233,9 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, chat.usage
+                return chat.raw, chat.request_id, Usage() if chat.cached else chat.usage
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, vectors.usage
+            return vectors.raw, vectors.request_id, Usage() if vectors.cached else vectors.usage
         finally:
             self._sending -= 1
 
@@ -255,18 +246,18 @@ class _Run:
         ``retry_failed``); but a line whose error stops the run, or came after the stop,
         is left unanswered for the rerun.
         """
-        systematic = isinstance(error, APIStatusError) and error.status_code in _STOPPING_STATUSES
-        outage = not systematic and _is_outage(error)
+        systematic = is_systematic(error)
+        outage = not systematic and is_outage(error)
         if self.stopped is not None and (systematic or outage):
             return
         if isinstance(error, APIStatusError) and systematic:
-            self._halt(_status_stop(error, self._client.base_url), error)
+            self._halt(status_stop(error, self._client.base_url), error)
         elif outage and self._max_failures is not None:
             held = self._held
             held.append((custom_id, error))
             if len(held) >= self._max_failures:
                 what = f"{len(held):,} requests in a row failed, none succeeded in between"
-                self._halt(f"{what}; the last: {_brief(str(error))}", error)
+                self._halt(f"{what}; the last: {brief(str(error))}", error)
         else:
             self._record_failure(custom_id, error)
 
@@ -364,6 +355,8 @@ class _Run:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            cache_hits=after.cache_hits - before.cache_hits,
+            scan_elapsed=plan.scan_elapsed,
         )
 
     def stop(self, grace: float) -> None:
@@ -517,18 +510,23 @@ async def _open_run(
         if names(output_path, input_file):
             raise ConfigurationError(f"the output file {output_path} is the input file")
         with _naming(output_path), OutputFile.open(output_path) as output:
-            scan = await output.scan()
-            with _naming(input_path):
-                plan = await check_input(
-                    input_file,
-                    input_path,
-                    scan.answered,
-                    default_model=client.model,
-                    skip_invalid=skip_invalid,
-                    retry_failed=retry_failed,
-                    unsendable=unsendable_urls(client._provider),
-                    shard=shard,
-                )
+            size = os.fstat(input_file.fileno()).st_size + output.size()
+            with open_scan_progress(size, enabled=progress, interval=progress_interval) as scanning:
+                scan = await output.scan(progress=scanning)
+                with _naming(input_path):
+                    plan = await check_input(
+                        input_file,
+                        input_path,
+                        scan.answered,
+                        default_model=client.model,
+                        skip_invalid=skip_invalid,
+                        retry_failed=retry_failed,
+                        unsendable=unsendable_urls(client._provider),
+                        shard=shard,
+                        progress=scanning,
+                    )
+            plan.scan_elapsed = scanning.elapsed
+            scan.answered = AnsweredKeys()  # its table is not needed from here on
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
             watched = Watched(
@@ -550,29 +548,6 @@ async def _open_run(
                 reporter=reporter,
                 max_failures=max_failures,
             )
-
-
-def _is_outage(error: LLMError) -> bool:
-    """Whether a line's error (after its retries) may be a down or failing endpoint's."""
-    if isinstance(error, APIStatusError):
-        return isinstance(error, (ServerError, RateLimitError)) or (
-            error.status_code in _OUTAGE_STATUSES
-        )
-    return isinstance(error, _OUTAGE_ERRORS)
-
-
-def _status_stop(error: APIStatusError, base_url: str) -> str:
-    """Say, in one line, why an error status stops the run."""
-    kind = error.code or error.error_type
-    status = f"{error.status_code} {kind}" if kind else str(error.status_code)
-    where = redact_url(base_url)
-    return f"every request gets {status} from {where} ({_brief(error.message)})"
-
-
-def _brief(text: str, limit: int = 160) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

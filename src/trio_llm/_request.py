@@ -1,0 +1,138 @@
+"""The request of one call: its body encoded for an endpoint, and where it stands.
+
+A :class:`Request` is made once per call (``Requester.request``) and sent by each of its
+attempts (``Requester.attempt``); the router (:mod:`trio_llm._routing`) reads it to pick
+each attempt's endpoint, and the retry loop (:mod:`trio_llm._retry`) to decide whether
+to fail over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, final
+
+from . import _json
+from ._estimate import estimate_tokens
+from ._routing import STREAM, Route, Router
+
+if TYPE_CHECKING:
+    from ._cache import CacheHook
+
+__all__ = ["Request"]
+
+_INF: Final = math.inf
+
+
+@final
+class Request:
+    """One call's request, encoded for the endpoint it goes to, and sent by each attempt.
+
+    ``kind`` is :data:`~trio_llm._routing.CHAT`, ``STREAM`` or ``EMBEDDINGS``. The body
+    is encoded once, for the endpoint the call most likely goes to, and again only for an
+    attempt sent to an endpoint of another provider or model (from ``source``). ``avoid``
+    lists the endpoints that failed the call. ``waiting_for`` says what the call is
+    waiting for now, for the message of a deadline that passes before any response.
+    ``cache_key`` is set when the client's cache is to be consulted and filled, for the
+    body of the endpoint ``cache_for`` names (:meth:`trio_llm._cache.CacheHook.address`).
+    """
+
+    __slots__ = (
+        "avoid",
+        "body_key",
+        "cache_for",
+        "cache_key",
+        "content",
+        "deadline_at",
+        "estimate",
+        "kind",
+        "route",
+        "shown_url",
+        "source",
+        "stream",
+        "url",
+        "waiting_for",
+    )
+
+    def __init__(self, route: Route, kind: int, content: bytes, estimate: int) -> None:
+        self.route = route
+        self.kind = kind
+        self.url = route.urls[kind] or ""
+        self.shown_url = route.shown_urls[kind]  # the URL as messages show it: redacted
+        self.body_key = route.body_key
+        self.content = content
+        self.estimate = estimate
+        self.stream = kind == STREAM
+        self.waiting_for = "the response"
+        self.deadline_at = _INF  # the call's deadline, set by the retry loop
+        # (prompt or texts, model, params): set when another endpoint may need another body.
+        self.source: tuple[Any, str | None, Mapping[str, Any]] | None = None
+        self.avoid: list[Route] | None = None
+        self.cache_key: str | None = None
+        self.cache_for: tuple[str, str | None] | None = None
+
+    @property
+    def label(self) -> str:
+        """What the request is, for messages: ``POST <url>``."""
+        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
+
+    @property
+    def endpoint(self) -> str:
+        """The name of the endpoint of the latest attempt."""
+        return self.route.name
+
+    def can_fail_over(self) -> bool:
+        """Whether another endpoint, one that has not failed this call, can take it now."""
+        return self.route.router.can_fail_over(self)
+
+    @classmethod
+    def for_call(
+        cls,
+        router: Router,
+        kind: int,
+        source: Any,
+        model: str | None,
+        params: Mapping[str, Any],
+        estimate: bool,
+        cache: CacheHook | None = None,
+    ) -> Request:
+        """Build one call's request, encoded once (with its token estimate if ``estimate``).
+
+        With ``cache``, the request gets its cache key from the body built here.
+
+        Args:
+            router: the client's endpoints.
+            kind: :data:`~trio_llm._routing.CHAT`, ``STREAM`` or ``EMBEDDINGS``.
+            source: the prompt or messages (the texts, for embeddings).
+            model: the call's model (or the client's); an endpoint's own model wins.
+            params: the other body fields.
+            estimate: whether a rate limiter needs the request's token estimate.
+            cache: the client's response cache, if this call uses it.
+
+        Raises:
+            ConfigurationError: no model, or no endpoint can make such a request.
+        """
+        route = router.firsts[kind]
+        body = route.build(kind, source, model, params)
+        request = cls(route, kind, _json.dumps(body), estimate_tokens(body) if estimate else 0)
+        if not router.uniform:
+            request.source = (source, model, params)
+        if cache is not None:
+            cache.address(request, body)
+        return request
+
+    def retarget(self, route: Route) -> None:
+        """Address the request to ``route``, its body rebuilt if that endpoint needs another.
+
+        Raises:
+            ConfigurationError: the endpoint cannot take it (no model for it).
+        """
+        kind = self.kind
+        if route.body_key != self.body_key:
+            assert self.source is not None  # kept whenever the endpoints' bodies differ
+            source, model, params = self.source
+            self.content = _json.dumps(route.build(kind, source, model, params))
+            self.body_key = route.body_key
+        self.route = route
+        self.url = route.urls[kind] or ""
+        self.shown_url = route.shown_urls[kind]
