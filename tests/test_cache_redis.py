@@ -6,7 +6,6 @@ real redis-server and the fake LLM server.
 from __future__ import annotations
 
 import logging
-import socket
 import warnings
 from pathlib import Path
 
@@ -33,10 +32,7 @@ def chat_requests(server: FakeLLMServer) -> int:
 
 def dead_url() -> str:
     """The base URL of a port where nothing listens: any request to it fails."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 async def test_a_second_client_hits_what_the_first_stored(

@@ -179,7 +179,8 @@ def add_shared_limit_options(parser: argparse.ArgumentParser) -> None:
         "--limit-name",
         metavar="NAME",
         help="the name the shared limits go by (default: derived from the base URL and a "
-        "hash of the API key, so every process of the same key shares them)",
+        "hash of the API key, so every process of the same key shares them; with "
+        "--endpoints, NAME:ENDPOINT for each endpoint)",
     )
 
 
