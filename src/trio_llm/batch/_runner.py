@@ -29,15 +29,9 @@ import trio
 
 from .._client import Client, ClientStatistics
 from .._errors import (
-    APIConnectionError,
-    APIResponseError,
     APIStatusError,
     ConfigurationError,
     LLMError,
-    RateLimitError,
-    RetryDeadlineExceeded,
-    ServerError,
-    redact_url,
 )
 from .._fanout import as_completed
 from .._types import Usage
@@ -59,19 +53,13 @@ from ._lines import marked_lines
 from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
+from ._shard import Shard
+from ._stops import brief, is_outage, is_systematic, status_stop
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
 
 #: Lines in a row that fail like a dead or failing endpoint before a run stops.
 DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
-
-# Statuses no other line of the run would escape: the key (401), its rights (403), the
-# URL or model (404), a URL that is no API (405), a proxy's credentials (407).
-_STOPPING_STATUSES: Final = frozenset({401, 403, 404, 405, 407})
-# Statuses retried as "try again later" (like 5xx and 429): failing after the retries,
-# they say more about the endpoint than about the line.
-_OUTAGE_STATUSES: Final = frozenset({408, 409})
-_OUTAGE_ERRORS: Final = (APIConnectionError, RetryDeadlineExceeded, APIResponseError)
 
 
 @final
@@ -258,18 +246,18 @@ class _Run:
         ``retry_failed``); but a line whose error stops the run, or came after the stop,
         is left unanswered for the rerun.
         """
-        systematic = isinstance(error, APIStatusError) and error.status_code in _STOPPING_STATUSES
-        outage = not systematic and _is_outage(error)
+        systematic = is_systematic(error)
+        outage = not systematic and is_outage(error)
         if self.stopped is not None and (systematic or outage):
             return
         if isinstance(error, APIStatusError) and systematic:
-            self._halt(_status_stop(error, self._client.base_url), error)
+            self._halt(status_stop(error, self._client.base_url), error)
         elif outage and self._max_failures is not None:
             held = self._held
             held.append((custom_id, error))
             if len(held) >= self._max_failures:
                 what = f"{len(held):,} requests in a row failed, none succeeded in between"
-                self._halt(f"{what}; the last: {_brief(str(error))}", error)
+                self._halt(f"{what}; the last: {brief(str(error))}", error)
         else:
             self._record_failure(custom_id, error)
 
@@ -420,6 +408,7 @@ async def run_batch(
     handle_signals: bool = False,
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    shard: tuple[int, int] | None = None,
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -452,6 +441,8 @@ async def run_batch(
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
+        shard: ``(K, N)``: handle only shard K of N (by a stable hash of ``custom_id``,
+            see ``docs/several-machines.md``); the summary counts its lines only.
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -466,12 +457,7 @@ async def run_batch(
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    for name, value in (
-        ("concurrency", concurrency),
-        ("max_consecutive_failures", max_consecutive_failures),
-    ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    part = _checked(concurrency, max_consecutive_failures, shard)
     started = trio.current_time()
     before = client.statistics()
     async with _open_run(
@@ -483,10 +469,21 @@ async def run_batch(
         progress=progress,
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
+        shard=part,
     ) as run:
         limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
+
+
+def _checked(
+    concurrency: int | None, max_failures: int | None, shard: tuple[int, int] | None
+) -> Shard | None:
+    """Check :func:`run_batch`'s numbers (``ValueError``); return its shard."""
+    for name, value in (("concurrency", concurrency), ("max_consecutive_failures", max_failures)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    return None if shard is None else Shard(*shard)
 
 
 @contextlib.asynccontextmanager
@@ -500,6 +497,7 @@ async def _open_run(
     progress: bool,
     progress_interval: float,
     max_failures: int | None,
+    shard: Shard | None = None,
 ) -> AsyncIterator[_Run]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
 
@@ -524,6 +522,7 @@ async def _open_run(
                         skip_invalid=skip_invalid,
                         retry_failed=retry_failed,
                         unsendable=unsendable_urls(client._provider),
+                        shard=shard,
                         progress=scanning,
                     )
             plan.scan_elapsed = scanning.elapsed
@@ -551,29 +550,6 @@ async def _open_run(
             )
 
 
-def _is_outage(error: LLMError) -> bool:
-    """Whether a line's error (after its retries) may be a down or failing endpoint's."""
-    if isinstance(error, APIStatusError):
-        return isinstance(error, (ServerError, RateLimitError)) or (
-            error.status_code in _OUTAGE_STATUSES
-        )
-    return isinstance(error, _OUTAGE_ERRORS)
-
-
-def _status_stop(error: APIStatusError, base_url: str) -> str:
-    """Say, in one line, why an error status stops the run."""
-    kind = error.code or error.error_type
-    status = f"{error.status_code} {kind}" if kind else str(error.status_code)
-    where = redact_url(base_url)
-    return f"every request gets {status} from {where} ({_brief(error.message)})"
-
-
-def _brief(text: str, limit: int = 160) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 @contextlib.contextmanager
 def _naming(path: str) -> Iterator[None]:
     """Name ``path`` in the ``OSError``\\ s of descriptor calls (``write``, ``fsync``...)."""
@@ -586,7 +562,8 @@ def _naming(path: str) -> Iterator[None]:
 
 
 def _plan_text(plan: InputPlan, output: str, answered_before: int) -> str:
-    parts = [f"{plan.total:,} lines in {plan.path}"]
+    in_shard = f", {plan.total:,} in shard {plan.shard}" if plan.shard else ""
+    parts = [f"{plan.total + plan.other_shards:,} lines in {plan.path}{in_shard}"]
     if answered_before:
         parts.append(f"{answered_before:,} answered already in {output}")
     parts.append(f"sending {plan.to_send:,}")
