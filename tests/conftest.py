@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import logging
+import warnings
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from trio_llm.testing import FakeLLMServer, open_fake_llm
+from trio_llm.testing._redis_server import RedisServer, RedisServerError, required
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +45,41 @@ async def fake_llm() -> AsyncIterator[FakeLLMServer]:
     """A fake LLM server with default behaviour (instant, no faults)."""
     async with open_fake_llm() as server:
         yield server
+
+
+#: The warning of coredis's streams left unclosed by a failed connection attempt.
+UNCLOSED_STREAM = "Unclosed <MemoryObject"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free 127.0.0.1 port, its files in a temporary directory.
+
+    Skipped when redis-server or the redis extra is missing, unless ``$CI`` is set: then
+    the test fails, so that CI never passes with these tests silently skipped.
+
+    coredis 6.9 leaves six anyio memory streams unclosed for each connection attempt
+    that fails (``BaseConnection.run`` creates them before connecting), which warns when
+    they are collected: the tests that take Redis away mark that warning ignored, and it
+    is ignored here while they are collected, so that it cannot fail a later test.
+    """
+    problem = None
+    if importlib.util.find_spec("coredis") is None:
+        problem = "the redis extra (coredis) is not installed: pip install -e '.[dev]'"
+    else:
+        try:
+            server = RedisServer(tmp_path)
+            server.start()
+        except RedisServerError as exc:
+            problem = str(exc)
+    if problem is not None:
+        if required():
+            pytest.fail(f"$CI is set and Redis cannot be used: {problem}")
+        pytest.skip(problem)
+    try:
+        yield server
+    finally:
+        server.kill()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", UNCLOSED_STREAM, ResourceWarning)
+            gc.collect()

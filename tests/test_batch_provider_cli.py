@@ -250,6 +250,10 @@ def test_the_command_in_process_runs_and_resumes_offline(
     [
         ("--endpoints", "--via provider sends the job's batches to one server (--base-url)"),
         ("--cache", "--via provider neither reads nor fills a response cache"),
+        (
+            "--shard",
+            "--via provider submits the whole job: the provider runs it, no machines to split it",
+        ),
     ],
 )
 def test_online_only_flags_are_refused_in_one_line(
@@ -259,7 +263,8 @@ def test_online_only_flags_are_refused_in_one_line(
     source, target = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
     given = tmp_path / "given"
     given.write_text("")
-    argv = ["batch", str(source), "-o", str(target), "--via", "provider", flag, str(given)]
+    value = "1/2" if flag == "--shard" else str(given)
+    argv = ["batch", str(source), "-o", str(target), "--via", "provider", flag, value]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"trio-llm batch: error: {why}: drop {flag}\n"

@@ -448,6 +448,9 @@ def test_exit_messages_of_provider_runs(capsys: pytest.CaptureFixture[str]) -> N
         base_url=None,
         cache=None,
         endpoints=None,
+        redis=None,
+        limit_name=None,
+        shard=None,
         api_key_env=None,
         model=None,
         concurrency=64,
@@ -580,3 +583,14 @@ async def test_a_job_through_httpx2s_own_transport(
     assert sorted(record["custom_id"] for record in read_output(target)) == [
         f"r{i}" for i in range(4)
     ]
+
+
+async def test_a_shard_is_refused(tmp_path: Path, fake_llm: FakeLLMServer) -> None:
+    """run_batch(shard=, via="provider"): ValueError before anything is read or sent."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    target = tmp_path / "out.jsonl"
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
+        with pytest.raises(ValueError, match="shard= is for online runs"):
+            await trio_llm.run_batch(source, target, client=client, via="provider", shard=(1, 2))
+    assert not target.exists()
+    assert fake_llm.stats.total_requests == 0

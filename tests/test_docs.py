@@ -31,6 +31,7 @@ RUNNABLE = [
             *DOCS.glob("coming-from-*.md"),
             DOCS / "batch.md",
             DOCS / "serving.md",
+            DOCS / "several-machines.md",
             DOCS / "anthropic.md",
             DOCS / "fan-out-and-rate-limits.md",
             DOCS / "performance.md",

@@ -42,6 +42,7 @@ PUBLIC_API = {
     "RetryDeadlineExceeded",
     "RetryPolicy",
     "ServerError",
+    "SharedLimitError",
     "Timeouts",
     "TrioTransport",
     "UnprocessableEntityError",
@@ -59,6 +60,8 @@ PUBLIC_API = {
     "ResponseCache",
     "SQLiteCache",
     "open_sqlite_cache",
+    "RedisCache",
+    "open_redis_cache",
 }
 
 TESTING_API = {

@@ -14,6 +14,8 @@ from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._cache import ResponseCache as ResponseCache
+    from ._cache_redis import RedisCache as RedisCache
+    from ._cache_redis import open_redis_cache as open_redis_cache
     from ._cache_sqlite import SQLiteCache as SQLiteCache
     from ._cache_sqlite import open_sqlite_cache as open_sqlite_cache
     from ._client import ChatItem as ChatItem
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from ._errors import RateLimitError as RateLimitError
     from ._errors import RetryDeadlineExceeded as RetryDeadlineExceeded
     from ._errors import ServerError as ServerError
+    from ._errors import SharedLimitError as SharedLimitError
     from ._errors import StreamError as StreamError
     from ._errors import StructuredOutputError as StructuredOutputError
     from ._errors import UnprocessableEntityError as UnprocessableEntityError
@@ -69,6 +72,8 @@ if TYPE_CHECKING:
 # Each public name, and the private module that defines it.
 _EXPORTS = {
     "ResponseCache": "._cache",
+    "RedisCache": "._cache_redis",
+    "open_redis_cache": "._cache_redis",
     "SQLiteCache": "._cache_sqlite",
     "open_sqlite_cache": "._cache_sqlite",
     "ChatItem": "._client",
@@ -94,6 +99,7 @@ _EXPORTS = {
     "RateLimitError": "._errors",
     "RetryDeadlineExceeded": "._errors",
     "ServerError": "._errors",
+    "SharedLimitError": "._errors",
     "StreamError": "._errors",
     "StructuredOutputError": "._errors",
     "UnprocessableEntityError": "._errors",
@@ -166,12 +172,14 @@ __all__ = [
     "Prompt",
     "RateLimit",
     "RateLimitError",
+    "RedisCache",
     "ResponseCache",
     "Result",
     "RetryDeadlineExceeded",
     "RetryPolicy",
     "SQLiteCache",
     "ServerError",
+    "SharedLimitError",
     "StreamError",
     "StreamItem",
     "StreamStatistics",
@@ -188,6 +196,7 @@ __all__ = [
     "map_concurrently",
     "map_reduce",
     "open_client",
+    "open_redis_cache",
     "open_sqlite_cache",
     "run_batch",
 ]

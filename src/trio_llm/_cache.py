@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from . import _json
+from ._cache_redis import is_redis_url, open_redis_cache
 from ._errors import ConfigurationError
 from ._fanout import open_owning_nursery
 from ._routing import CHAT, EMBEDDINGS, STREAM
@@ -106,7 +107,8 @@ class ResponseCache(Protocol):
         ...
 
 
-#: What ``open_client(cache=...)`` accepts: a path to an SQLite file, or a cache object.
+#: What ``open_client(cache=...)`` accepts: a path to an SQLite file, a Redis URL, or a
+#: cache object.
 CacheSetting = str | os.PathLike[str] | ResponseCache
 
 
@@ -394,26 +396,32 @@ def _is_cache(value: object) -> bool:
 
 @asynccontextmanager
 async def open_cache_hook(cache: CacheSetting | None) -> AsyncIterator[CacheHook | None]:
-    """Open a client's side of ``cache`` (``None``: no cache); a path opens an SQLite cache.
+    """Open a client's side of ``cache`` (``None``: no cache).
+
+    A ``redis://`` (``rediss://``, ``unix://``) URL opens a Redis cache; a path, an SQLite one.
 
     The replies stored are written behind by a task of the block; leaving it writes those
     still pending (for up to a few seconds, cancelled or not) and closes a cache it opened.
 
     Raises:
         ConfigurationError: ``cache`` is neither a path nor a cache object.
-        CacheError: the SQLite file cannot be used (see :func:`open_sqlite_cache`).
+        CacheError: the SQLite file cannot be used (see :func:`open_sqlite_cache`), or
+            the Redis does not answer (see :func:`open_redis_cache`).
     """
     if cache is None:
         yield None
         return
     async with AsyncExitStack() as stack:
-        if isinstance(cache, (str, os.PathLike)):
+        if is_redis_url(cache):
+            assert isinstance(cache, str)
+            cache = await stack.enter_async_context(open_redis_cache(cache))
+        elif isinstance(cache, (str, os.PathLike)):
             from ._cache_sqlite import open_sqlite_cache
 
             cache = await stack.enter_async_context(open_sqlite_cache(cache))
         elif not _is_cache(cache):
             raise ConfigurationError(
-                "cache must be a path (an SQLite file) or an object with async "
+                "cache must be a path (an SQLite file), a redis:// URL or an object with async "
                 f"get(key) and set(key, value), not {type(cache).__name__}"
             )
         send, receive = trio.open_memory_channel[tuple[str, bytes]](_WRITE_BEHIND)

@@ -38,6 +38,7 @@ from ._cli_options import (
     CommandError,
     Parser,
     add_connection_options,
+    add_shared_limit_options,
     cannot_listen,
     non_negative_float,
     open_cli_client,
@@ -112,6 +113,7 @@ def _add_chat_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "most), and print the validated JSON value",
     )
     add_connection_options(chat)
+    add_shared_limit_options(chat)
 
 
 def _add_fake_server_parser(subparsers: argparse._SubParsersAction[Any]) -> None:

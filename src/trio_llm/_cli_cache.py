@@ -51,8 +51,8 @@ def add_cache_option(parser: argparse.ArgumentParser) -> None:
         "--cache",
         metavar="PATH",
         help="answer a request made before from this response cache (an SQLite file, "
-        "created if missing; shared safely by several runs at once) and store new replies "
-        "in it; see 'trio-llm cache --help'",
+        "created if missing; shared safely by several runs at once; or a redis:// URL, "
+        "shared by several machines) and store new replies in it; see 'trio-llm cache --help'",
     )
 
 

@@ -19,14 +19,16 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlsplit
+
+import attrs
 
 from ._client import Client, open_client
 from ._config import RetryPolicy
 from ._endpoints import Endpoint, is_loopback, resolve_base_url
-from ._errors import ConfigurationError
-from ._ratelimit import RateLimit
+from ._errors import ConfigurationError, redact_url
+from ._ratelimit import SHARED_SCHEMES, RateLimit
 from .providers._registry import provider_named
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ __all__ = [
     "Parser",
     "add_connection_options",
     "add_endpoints_option",
+    "add_shared_limit_options",
     "api_key_from_env",
     "cannot_listen",
     "cli_endpoints",
@@ -51,7 +54,9 @@ __all__ = [
     "port_number",
     "positive_float",
     "positive_int",
+    "redis_url",
     "required_env",
+    "shared_rate_limit",
     "variable_name",
     "whole_number",
 ]
@@ -153,6 +158,57 @@ def variable_name(text: str) -> str:
     return text
 
 
+def redis_url(text: str) -> str:
+    """Parse the URL of a Redis (or Valkey) server (an argparse ``type=``)."""
+    if text.partition("://")[0] not in SHARED_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"expected a redis://, rediss:// or unix:// URL, got {redact_url(text)!r}"
+        )
+    return text
+
+
+def add_shared_limit_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--redis`` and ``--limit-name`` (read by :func:`shared_rate_limit`)."""
+    group = parser.add_argument_group("shared limits (several processes or machines)")
+    group.add_argument(
+        "--redis",
+        metavar="URL",
+        type=redis_url,
+        help="share the rate limits (and the pause after a 429) through this Redis, e.g. "
+        "redis://host:6379/0: --rpm and --tpm are then the totals of every process using "
+        "the same key, not each one's (needs the redis extra)",
+    )
+    group.add_argument(
+        "--limit-name",
+        metavar="NAME",
+        help="the name the shared limits go by (default: derived from the base URL and a "
+        "hash of the API key, so every process of the same key shares them; with "
+        "--endpoints, NAME:ENDPOINT for each endpoint)",
+    )
+
+
+def shared_rate_limit(
+    args: argparse.Namespace, limit: RateLimit | None, *, endpoint: str | None = None
+) -> RateLimit | None:
+    """Return ``limit``, shared through ``--redis`` under ``--limit-name`` if given.
+
+    ``endpoint``: the limit is that endpoint's own, one of several: its name is then
+    ``NAME:ENDPOINT`` (as ``open_client`` names the client's limit for each endpoint).
+
+    Raises:
+        ConfigurationError: ``--limit-name`` without ``--redis``.
+    """
+    redis = getattr(args, "redis", None)
+    name = getattr(args, "limit_name", None)
+    if redis is None:
+        if name is not None:
+            raise ConfigurationError("--limit-name names a shared limit: it needs --redis URL")
+        return limit
+    if name is not None and endpoint is not None:
+        name = f"{name}:{endpoint}"
+    return attrs.evolve(limit or RateLimit(), shared=redis, name=name)
+
+
 def cannot_listen(host: str, port: int, exc: OSError) -> CommandError:
     """Return the one-line failure for a server that could not bind ``host:port``."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -246,7 +302,22 @@ def cli_endpoints(args: argparse.Namespace, *, url_flag: str) -> list[Endpoint] 
         )
     from ._endpoints_config import load_endpoints  # (tomllib, only when asked for)
 
-    return load_endpoints(path)
+    endpoints = load_endpoints(path)
+    if getattr(args, "redis", None) is None:
+        return endpoints
+    # --redis shares each endpoint's own limits too, each under its own key.
+    several = len(endpoints) > 1
+    return [
+        endpoint
+        if endpoint.rate_limit is None or endpoint.rate_limit.shared is not None
+        else attrs.evolve(
+            endpoint,
+            rate_limit=shared_rate_limit(
+                args, endpoint.rate_limit, endpoint=endpoint.name if several else None
+            ),
+        )
+        for endpoint in endpoints
+    ]
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -334,6 +405,7 @@ async def open_cli_client(
     those that name no model. ``simulate_*`` pace the fake server of ``--simulate``, so
     a demo looks like a model (``simulate_batch_delay``: how long its Batch API batches
     take).
+    With ``--redis`` (:func:`add_shared_limit_options`), the limits are shared.
     Leaving the block, cancelled or not, closes the client and stops that server.
 
     A ``--cache PATH`` the command has (``add_cache_option``) opens that response cache.
@@ -342,18 +414,20 @@ async def open_cli_client(
         ConfigurationError: no usable API key (see :func:`api_key_from_env`), a bad
             ``--endpoints`` file, or a setting ``open_client`` refuses.
         CacheError: the ``--cache`` file cannot be used.
+        SharedLimitError: the ``--redis`` server does not answer.
     """
-    model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider]
-    retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
+    common: dict[str, Any] = {
+        "model": args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider],
+        "max_concurrency": args.concurrency,
+        "retry": RetryPolicy(attempts=args.max_attempts, deadline=args.deadline),
+        "rate_limit": shared_rate_limit(args, rate_limit),
+        "cache": getattr(args, "cache", None),
+    }
     endpoints = cli_endpoints(args, url_flag="--base-url")
     if endpoints is not None:
         async with open_client(
             endpoints=endpoints,
-            model=model,
-            max_concurrency=args.concurrency,
-            retry=retry,
-            rate_limit=rate_limit,
-            cache=getattr(args, "cache", None),
+            **common,
         ) as client:
             yield client
         return
@@ -379,11 +453,7 @@ async def open_cli_client(
                 provider=args.provider,
                 base_url=base_url,
                 api_key="",
-                model=model,
-                max_concurrency=args.concurrency,
-                retry=retry,
-                rate_limit=rate_limit,
-                cache=getattr(args, "cache", None),
+                **common,
             ) as client:
                 yield client
         return
@@ -392,10 +462,6 @@ async def open_cli_client(
         provider=args.provider,
         base_url=args.base_url,
         api_key=api_key,
-        model=model,
-        max_concurrency=args.concurrency,
-        retry=retry,
-        rate_limit=rate_limit,
-        cache=getattr(args, "cache", None),
+        **common,
     ) as client:
         yield client

@@ -517,11 +517,10 @@ async def open_client(
             ``api_key``; ``provider`` then applies to none (each has its own).
         max_concurrency: requests in flight at once, across all tasks and endpoints
             (and each endpoint's pool size, unless it sets its own).
-        rate_limit: requests and tokens per minute for all the client's calls together
-            (:class:`RateLimit`); with several endpoints, for each endpoint that sets
-            none. The default, ``RateLimit()``, sets no limit of its own but adopts the
-            server's from its ``x-ratelimit-*`` headers; ``None`` turns rate limiting
-            off entirely. A 429 with ``retry-after`` pauses every task sent there.
+        rate_limit: per-minute limits of all the calls (:class:`RateLimit`; ``shared=URL``:
+            through Redis); with several endpoints, each one's that sets none. Default:
+            the server's, from its ``x-ratelimit-*`` headers; ``None``: no limits. A 429
+            with ``retry-after`` pauses every task sent there.
         retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
             attempts within 120 s, on any endpoints); ``None`` disables retries (and
             failover). Calls may override it.
@@ -533,11 +532,12 @@ async def open_client(
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
             (at most 16 MiB) accepted; a larger one fails the call at once with
             :class:`APIResponseError`. ``None``: no limit.
-        cache: a response cache: an SQLite file's path (created if missing; a corrupt
-            or newer one raises :class:`CacheError`) or any :class:`ResponseCache`.
+        cache: a response cache: an SQLite file's path (created if missing; a bad one
+            raises :class:`CacheError`), a ``redis://`` URL, or a :class:`ResponseCache`.
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
+        SharedLimitError: the Redis of a shared rate limit does not answer.
 
     Leaving the block closes every connection: open it outside the nursery of its tasks.
     """

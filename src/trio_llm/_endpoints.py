@@ -23,7 +23,8 @@ import httpx2
 from ._config import Timeouts
 from ._errors import ConfigurationError, redact_url
 from ._http import TrioTransport
-from ._ratelimit import RateLimit, RateLimiter
+from ._ratelimit import RateLimit
+from ._ratelimit_redis import open_rate_limiter
 from ._routing import Route, Router
 from ._sending import direct_transport_for, environment_proxy_for
 from ._version import __version__
@@ -266,6 +267,18 @@ def _check_endpoints(endpoints: Sequence[object]) -> None:
         names.add(endpoint.name)
 
 
+def _endpoint_limit(
+    endpoint: Endpoint, rate_limit: RateLimit | None, *, several: bool
+) -> RateLimit | None:
+    """The endpoint's own limit, else the client's: one of the client's named shared
+    limits goes by ``NAME:ENDPOINT`` when several endpoints each have one."""
+    if endpoint.rate_limit is not None:
+        return endpoint.rate_limit
+    if several and rate_limit is not None and rate_limit.name is not None:
+        return attrs.evolve(rate_limit, name=f"{rate_limit.name}:{endpoint.name}")
+    return rate_limit
+
+
 @asynccontextmanager
 async def open_router(
     endpoints: Sequence[Endpoint],
@@ -281,11 +294,14 @@ async def open_router(
     Each endpoint gets its own pool (a :class:`TrioTransport` of up to its
     ``max_concurrency`` connections, or httpx2's own behind an environment proxy) unless
     ``transport`` is given, which they then share. ``rate_limit`` is the limit of those
-    that set none (``None``: none for them).
+    that set none (``None``: none for them). A shared limit (``RateLimit(shared=)``)
+    goes by its endpoint's base URL and a hash of its key, or by its ``name`` (the
+    client's, for several endpoints: ``NAME:ENDPOINT``): each endpoint its own buckets.
 
     Raises:
         ConfigurationError: no endpoints, two of one name, or an endpoint without a
             usable API key.
+        SharedLimitError: the Redis of a shared limit does not answer.
 
     Leaving the block closes every connection of every endpoint.
     """
@@ -313,14 +329,21 @@ async def open_router(
                 transport=_Borrowed(own) if shared and own is not None else own,
             )
             await stack.enter_async_context(http)
-            limit = endpoint.rate_limit if endpoint.rate_limit is not None else rate_limit
+            key = _api_key(endpoint)
+            rate = await stack.enter_async_context(
+                open_rate_limiter(
+                    _endpoint_limit(endpoint, rate_limit, several=len(endpoints) > 1),
+                    base_url=url,
+                    api_key=key if key is not None else os.environ.get(adapter.api_key_env),
+                )
+            )
             routes.append(
                 Route(
                     endpoint,
                     provider=adapter,
                     http=http,
                     direct=direct_transport_for(own, url),
-                    rate=RateLimiter(limit) if limit is not None else None,
+                    rate=rate,
                 )
             )
         yield Router(routes)

@@ -13,6 +13,7 @@ The tree::
     ├── StructuredOutputError       a reply still did not match its schema after repairs
     ├── CacheError                  a response cache cannot be used (corrupt, newer format)
     │   └── CacheMissError          a replay-only cache has no reply for a request
+    ├── SharedLimitError            the store of a shared rate limit (Redis) is unreachable
     └── APIStatusError              the server answered with a 4xx or 5xx status
         ├── BadRequestError         400
         ├── AuthenticationError     401
@@ -58,6 +59,7 @@ __all__ = [
     "RateLimitError",
     "RetryDeadlineExceeded",
     "ServerError",
+    "SharedLimitError",
     "StreamError",
     "StructuredOutputError",
     "UnprocessableEntityError",
@@ -229,6 +231,23 @@ class CacheMissError(CacheError):
     def __init__(self, message: str, *, key: str, path: str | None = None) -> None:
         super().__init__(message, path=path)
         self.key = key
+
+
+@final
+class SharedLimitError(LLMError):
+    """The store of a shared rate limit (Redis) cannot be reached, or refuses its commands.
+
+    Raised when a client opens (the store is checked at once), and by a call that waited
+    for the store to come back until its retry deadline was about to pass: a call never
+    runs without its limit. The message says what the Redis client reported.
+
+    Attributes:
+        url: the store's URL, credentials hidden.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class APIStatusError(LLMError):

@@ -38,6 +38,7 @@ __all__ = [
     "as_completed",
     "capture_errors",
     "map_concurrently",
+    "open_owning",
     "open_owning_nursery",
     "open_task_channel",
 ]
@@ -323,38 +324,52 @@ async def open_task_channel(
             nursery.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def open_owning_nursery() -> AsyncIterator[trio.Nursery]:
+def open_owning_nursery() -> AbstractAsyncContextManager[trio.Nursery]:
     """Open a nursery for the tasks of an ``async with`` block that it owns.
 
     For context managers whose tasks serve their block (a channel's feeders, a cache's
-    writer): the block's own exception comes out as raised, not wrapped in the
-    ``ExceptionGroup`` of one that strict exception groups make of it, unless a task
-    failed at the same moment (then both come in a group); a task's failure comes out as
-    the nursery's group, never unwrapped. The ``yield`` stands for the block's body
-    (ASYNC119 exempts context managers for this reason).
+    writer): see :func:`open_owning`. The ``yield`` of the caller stands for the block's
+    body (ASYNC119 exempts context managers for this reason).
+    """
+    return open_owning(trio.open_nursery())
+
+
+@asynccontextmanager
+async def open_owning(manager: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    """Enter ``manager``, which owns tasks (a nursery, a library's task group), for a block.
+
+    The block's own exception comes out as raised, not wrapped in the ``ExceptionGroup``
+    (of one, through any number of groups) that strict exception groups make of it,
+    unless a task failed at the same moment (then both come in a group); a task's failure
+    comes out as the group, never unwrapped.
     """
     body_error: BaseException | None = None
     try:
-        async with trio.open_nursery() as nursery:
+        async with manager as value:
             try:
-                yield nursery
+                yield value
             except BaseException as exc:
                 body_error = exc
                 raise
     except BaseException as exc:
-        # The nursery wraps the body's own exception: give it back as raised when it is
-        # the group's only one (the tasks' Cancelled are absorbed). Duck-typed:
-        # ``BaseExceptionGroup`` is a builtin only from 3.11.
-        inner = getattr(exc, "exceptions", None)
-        if (
-            body_error is not None
-            and isinstance(inner, tuple)
-            and len(inner) == 1
-            and inner[0] is body_error
-        ):
-            _raise_saving_context(body_error)
+        _raise_body_error(exc, body_error)
         raise
+
+
+def _raise_body_error(exc: BaseException, body_error: BaseException | None) -> None:
+    """Raise ``body_error`` as raised if ``exc`` is only groups of one around it.
+
+    Anything else (a task failed too) returns, for the caller to re-raise as is. The
+    tasks' ``Cancelled`` are absorbed by their nurseries, so they do not count.
+    """
+    if body_error is None or exc is body_error:
+        return
+    inner = exc
+    # Duck-typed: ``BaseExceptionGroup`` is a builtin only from 3.11.
+    while isinstance(group := getattr(inner, "exceptions", None), tuple) and len(group) == 1:
+        inner = group[0]
+    if inner is body_error:
+        _raise_saving_context(body_error)
 
 
 def _raise_saving_context(exc: BaseException) -> NoReturn:

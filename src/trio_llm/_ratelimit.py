@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, TypeGuard, final
+from typing import TYPE_CHECKING, Any, TypeGuard, final
 
 import attrs
 import trio
+
+from ._errors import redact_url
+
+if TYPE_CHECKING:
+    from ._ratelimit_redis import SharedBuckets
 
 __all__ = [
     "RateLimit",
@@ -50,6 +55,33 @@ def _non_negative_or_none(_: object, attribute: attrs.Attribute[Any], value: obj
         raise ValueError(f"{attribute.name} must be a number >= 0 or None, not {value!r}")
 
 
+#: The URL schemes a shared limit's store may have (Redis or Valkey; TLS; a Unix socket).
+SHARED_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _shared_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or value.partition("://")[0] not in SHARED_SCHEMES:
+        shown = redact_url(value) if isinstance(value, str) else repr(value)
+        raise ValueError(
+            f"{attribute.name} must be a redis://, rediss:// or unix:// URL, not {shown}"
+        )
+
+
+def _limit_name(instance: RateLimit, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name} must be a non-empty string or None, not {value!r}")
+    if instance.shared is None:
+        raise ValueError(f"{attribute.name} names a shared limit: it needs shared= too")
+
+
+def _shown_url(url: str | None) -> str:
+    return "None" if url is None else repr(redact_url(url))
+
+
 @final
 @attrs.frozen(kw_only=True)
 class RateLimit:
@@ -58,13 +90,26 @@ class RateLimit:
     ``RateLimit()`` sets no limit, but the client's limiter still learns the server's
     limits from its responses' rate-limit headers (see :class:`RateLimiter`).
 
+    With ``shared``, the limits live in Redis (or Valkey), and every client sharing them,
+    in any process on any machine, draws from the same buckets: the limits are then the
+    API key's totals, not a share per process (docs: "Running one job on several
+    machines"). Needs the ``redis`` extra.
+
     Attributes:
         requests_per_minute: Requests started per minute.
         tokens_per_minute: Tokens (prompt plus completion) used per minute.
+        shared: The Redis URL holding the limits (``redis://host:6379/0``,
+            ``rediss://...`` for TLS, ``unix:///path/redis.sock``); ``None``: this client's
+            own limits.
+        name: The name the shared limits go by. Default: one derived from the client's
+            base URL and a hash of its API key (never the key itself), so that every
+            client of the same key shares them.
     """
 
     requests_per_minute: float | None = attrs.field(default=None, validator=_positive_or_none)
     tokens_per_minute: float | None = attrs.field(default=None, validator=_positive_or_none)
+    shared: str | None = attrs.field(default=None, validator=_shared_url, repr=_shown_url)
+    name: str | None = attrs.field(default=None, validator=_limit_name)
 
 
 @final
@@ -308,12 +353,23 @@ class RateLimiter:
     Limits come from the :class:`RateLimit` and from the server: with no configured
     limit of a kind, the limiter adopts the limit the server's headers report as its
     per-minute limit; with one, the lower of the two is in force. See :meth:`update`.
+
+    With ``shared`` buckets (a :class:`RateLimit` with ``shared=``, opened by
+    ``open_client``), the same calls take from and settle with the buckets every
+    process of the limit shares; the queue, and so the arrival order, stays per process.
     """
 
-    def __init__(self, limit: RateLimit | None = None) -> None:
+    def __init__(
+        self, limit: RateLimit | None = None, *, shared: SharedBuckets | None = None
+    ) -> None:
         self._limit = limit if limit is not None else RateLimit()
-        self._requests = _Bucket(self._limit.requests_per_minute)
-        self._tokens = _Bucket(self._limit.tokens_per_minute)
+        self._shared = shared
+        # Shared: the buckets live outside, and the local ones hold only the pause.
+        local = shared is None
+        self._requests = _Bucket(self._limit.requests_per_minute if local else None)
+        self._tokens = _Bucket(self._limit.tokens_per_minute if local else None)
+        if shared is not None:
+            shared.on_capacity = self._wake_head  # capacity back: the head asks again
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
         # Taken and not yet settled, limits known or not (see _Bucket.learn).
@@ -349,13 +405,14 @@ class RateLimiter:
         """Take one request and ``tokens`` tokens if that is possible without waiting.
 
         Raises:
-            trio.WouldBlock: The buckets cannot cover it now, the limiter is paused, or
-                other tasks are already waiting (they come first).
+            trio.WouldBlock: The buckets cannot cover it now, the limiter is paused,
+                other tasks are already waiting (they come first), or the buckets are
+                shared (:meth:`acquire` asks them).
             ValueError: ``tokens`` is negative.
             TypeError: ``tokens`` is not an int.
         """
         _check_tokens(tokens)
-        if self._queue or self._delay(trio.current_time(), tokens) > 0:
+        if self._queue or self._shared is not None or self._delay(trio.current_time(), tokens) > 0:
             raise trio.WouldBlock
         return self._take(tokens)
 
@@ -398,6 +455,9 @@ class RateLimiter:
                     # Only the head waits on the clock; the others wait for their turn.
                     now = trio.current_time()
                     delay = self._delay(now, tokens)
+                    if delay <= 0 and self._shared is not None:
+                        delay = await self._shared.take(tokens)
+                        now = trio.current_time()
                     if delay <= 0:
                         # No checkpoint between taking and returning: a Cancelled can
                         # only arrive while nothing has been taken.
@@ -424,6 +484,10 @@ class RateLimiter:
 
     def _give(self, requests: int, tokens: int) -> None:
         """Return capacity (``tokens`` may be negative: a reconcile charging more)."""
+        if self._shared is not None:
+            # Its head asks again when its wait ends: the capacity reaches Redis first.
+            self._shared.give(requests, tokens)
+            return
         now = trio.current_time()
         if requests:
             self._requests.give(now, requests)
@@ -444,6 +508,8 @@ class RateLimiter:
         until = trio.current_time() + seconds
         if until > self._paused_until:
             self._paused_until = until
+        if self._shared is not None:
+            self._shared.pause(seconds)
 
     def update(self, levels: RateLimitLevels | None) -> None:
         """Correct the buckets from the levels a response reported (``None``: it had none).
@@ -468,16 +534,29 @@ class RateLimiter:
         """
         if levels is None:
             return
+        in_flight_tokens = 0 if levels.tokens_per_direction else self._in_flight_tokens
+        if self._shared is not None:
+            self._shared.update(levels, self._in_flight_requests, in_flight_tokens)
+            return
         now = trio.current_time()
         changed = self._requests.correct(now, levels.requests, self._in_flight_requests)
-        in_flight_tokens = 0 if levels.tokens_per_direction else self._in_flight_tokens
         changed |= self._tokens.correct(now, levels.tokens, in_flight_tokens)
         if changed:
             self._wake_head()
 
     def statistics(self) -> RateLimiterStatistics:
-        """Return a snapshot of the limiter's state."""
+        """Return a snapshot of the limiter's state (shared: as Redis last told it)."""
         now = trio.current_time()
+        if self._shared is not None:
+            requests_limit, requests, tokens_limit, tokens = self._shared.state
+            return RateLimiterStatistics(
+                waiting=len(self._queue),
+                requests_available=requests,
+                tokens_available=tokens,
+                pause_remaining=max(0.0, self._paused_until - now),
+                requests_per_minute=requests_limit,
+                tokens_per_minute=tokens_limit,
+            )
         self._requests.refill(now)
         self._tokens.refill(now)
         return RateLimiterStatistics(

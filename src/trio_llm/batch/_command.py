@@ -21,6 +21,7 @@ from .._cli_options import (
     EXIT_STOPPED,
     EXIT_USAGE,
     add_connection_options,
+    add_shared_limit_options,
     non_negative_float,
     open_cli_client,
     positive_float,
@@ -37,6 +38,7 @@ from .._errors import (
     LLMError,
     RateLimitError,
     RetryDeadlineExceeded,
+    SharedLimitError,
     redact_url,
 )
 from .._ratelimit import RateLimit
@@ -44,6 +46,7 @@ from ..providers._registry import provider_named
 from ._output import OutputWriteError
 from ._progress import print_summary
 from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES, BatchSummary, ViaProvider, run_batch
+from ._shard import parse_shard
 
 __all__ = ["add_batch_parser", "run_batch_command"]
 
@@ -59,6 +62,7 @@ _SIMULATED_BATCH_DELAY: Final = 2.0
 _NOT_WITH: Final = {
     "--endpoints": "sends the job's batches to one server (--base-url)",
     "--cache": "neither reads nor fills a response cache",
+    "--shard": "submits the whole job: the provider runs it, no machines to split it",
 }
 
 _DESCRIPTION = """\
@@ -124,7 +128,16 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     limits.add_argument(
         "--tpm", metavar="N", type=positive_float, help="tokens per minute, at most"
     )
+    add_shared_limit_options(batch)
     run = batch.add_argument_group("run")
+    run.add_argument(
+        "--shard",
+        metavar="K/N",
+        type=parse_shard,
+        help="handle only shard K of N (1 <= K <= N): the lines whose custom_id hashes to "
+        "it (SHA-256, stable across machines), so that N runs, each with its own OUTPUT, "
+        "do one job together; with --redis they share the limits too",
+    )
     run.add_argument(
         "--retry-failed",
         action="store_true",
@@ -232,6 +245,7 @@ async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> Batc
             handle_signals=True,
             grace=args.grace,
             max_consecutive_failures=args.max_consecutive_failures or None,
+            shard=None if args.shard is None else (args.shard.index, args.shard.count),
         )
         # Kept before the client closes: a Ctrl-C from here on still gets the summary.
         finished.append(summary)
@@ -279,6 +293,9 @@ def _resume_command(args: argparse.Namespace) -> str:
         "deadline": 120.0,
         "rpm": None,
         "tpm": None,
+        "redis": None,
+        "limit_name": None,
+        "shard": None,
         "grace": 30.0,
         "max_consecutive_failures": DEFAULT_MAX_CONSECUTIVE_FAILURES,
         "progress_interval": 10.0,
@@ -291,15 +308,16 @@ def _resume_command(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value != default:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
-            if name == "base_url":  # printed: a password in it is not
+            if name in ("base_url", "redis"):  # printed: a password in it is not
                 shown = redact_url(shown)
             words += ["--" + name.replace("_", "-"), shown]
     for name in ("simulate", "skip_invalid", "retry_failed"):
         if getattr(args, name):
             words.append("--" + name.replace("_", "-"))
     command = shlex.join(words)
-    if args.base_url and redact_url(args.base_url) != args.base_url:
-        command += "  (put back the credentials *** hides in --base-url)"
+    for flag, url in (("--base-url", args.base_url), ("--redis", args.redis)):
+        if url and redact_url(url) != url:
+            command += f"  (put back the credentials *** hides in {flag})"
     return command
 
 
@@ -326,6 +344,8 @@ def _stop_hint(error: LLMError | None, args: argparse.Namespace) -> str:
         return "check --base-url, --provider and the model (--model or body.model)"
     if status == 407:
         return "check the proxy's credentials"
+    if isinstance(error, SharedLimitError):
+        return "is Redis up? check --redis"
     if isinstance(error, APIConnectionError):
         return "is the server up? check --base-url"
     if isinstance(error, APIResponseError):
@@ -428,6 +448,9 @@ def _report_failure(exc: BaseException, args: argparse.Namespace) -> int:
     if isinstance(error, _BAD_PATH):
         _say(f"error: {error.strerror}: {error.filename}")
         return EXIT_USAGE
+    if isinstance(error, SharedLimitError):
+        _say(f"error: {error}; once it answers, run the same command: {_resume_command(args)}")
+        return EXIT_STOPPED
     if isinstance(error, OutputWriteError):
         _say(f"error: {error}: {_resume_command(args)}")  # says what, where and how to resume
         return EXIT_STOPPED
@@ -473,8 +496,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.cancel and args.via != "provider":
         _say("error: --cancel cancels a job's batches at the provider: add --via provider")
         return EXIT_USAGE
-    if args.via == "provider" and (args.endpoints or args.cache):
-        flag = "--endpoints" if args.endpoints else "--cache"
+    if args.via == "provider" and (args.endpoints or args.cache or args.shard):
+        flag = "--endpoints" if args.endpoints else "--cache" if args.cache else "--shard"
         _say(f"error: --via provider {_NOT_WITH[flag]}: drop {flag}")
         return EXIT_USAGE
     try:

@@ -35,6 +35,7 @@ from ._parse import (
     wrong_provider,
 )
 from ._progress import ScanProgress
+from ._shard import Shard
 
 __all__ = [
     "CHAT_URL",
@@ -78,6 +79,9 @@ class InputPlan:
         unsendable: url -> why the client cannot send it (such lines are invalid).
         scan_elapsed: seconds the passes before sending took (scanning OUTPUT, then
             this check), as the run measured them.
+        shard: the shard the run handles (``None``: the whole file); ``total`` and the
+            rest count its lines only.
+        other_shards: non-blank lines of the other shards (not checked, not handled).
     """
 
     path: str
@@ -91,6 +95,8 @@ class InputPlan:
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)
     unsendable: Mapping[str, str] = NO_URL_REFUSED
     scan_elapsed: float = 0.0
+    shard: Shard | None = None
+    other_shards: int = 0
 
 
 async def _locate_duplicates(
@@ -259,6 +265,7 @@ async def check_input(
     skip_invalid: bool,
     retry_failed: bool,
     unsendable: Mapping[str, str] = NO_URL_REFUSED,
+    shard: Shard | None = None,
     progress: ScanProgress | None = None,
     line_check: Callable[[Request], Invalid | None] | None = None,
 ) -> InputPlan:
@@ -273,6 +280,7 @@ async def check_input(
         skip_invalid: plan to record invalid lines as error lines instead of failing.
         retry_failed: plan to handle again the lines OUTPUT answers with an error.
         unsendable: url -> why the client cannot send it (see :func:`parse_line`).
+        shard: plan only this shard's lines (see ``_shard``); the others are skipped.
         progress: told of each block read.
         line_check: a further check of each valid line the run must handle (a Batch
             API's limits): an :class:`Invalid` it returns makes the line invalid.
@@ -288,7 +296,7 @@ async def check_input(
     """
     progress = progress or ScanProgress()
     progress.phase(f"checking {path}")
-    plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable)
+    plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable, shard=shard)
     planner = (
         _Planner(plan, answered, retry_failed=retry_failed)
         if line_check is None
@@ -330,7 +338,7 @@ async def _check_lines(
         earlier line had: maybe a duplicate, decided once the whole file is read.
     """
     plan = planner.plan
-    unsendable = plan.unsendable
+    unsendable, shard = plan.unsendable, plan.shard
     mark, failed_flag = answered.keys.mark, planner.failed_flag
     suspects: dict[int, int] = {}
     number = total = answered_ok = answered_failed = 0
@@ -345,7 +353,6 @@ async def _check_lines(
             number += 1
             if not raw or raw.isspace():
                 continue
-            total += 1
             # parse_line reads each line with its newline, as the file iteration gave it
             ending = b"" if raw is last else b"\n"
             custom_id, payload = fast_custom_id(raw)
@@ -355,9 +362,14 @@ async def _check_lines(
                     raw + ending, number, default_model=default_model, unsendable=unsendable
                 )
                 custom_id = item.custom_id
-                if custom_id is None:
-                    planner.add(item)
-                    continue
+            if shard is not None and not shard.owns(custom_id, number):
+                plan.other_shards += 1
+                continue
+            total += 1
+            if custom_id is None:
+                assert item is not None
+                planner.add(item)
+                continue
             before = mark(custom_id, SEEN)
             if before & SEEN:  # maybe a duplicate: decided once the whole file is read
                 suspects[number] = key_hash(custom_id)

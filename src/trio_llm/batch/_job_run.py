@@ -41,7 +41,8 @@ from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters
 from ._provider_plan import LineEncoder, each_id, plan_parts, read_part
 from ._provider_progress import ProviderReporter
-from ._summary import BatchSummary, ProviderBatch, ViaProvider, brief, invalid_record, naming
+from ._stops import brief
+from ._summary import BatchSummary, ProviderBatch, ViaProvider, invalid_record, naming
 
 __all__ = ["JobRun", "result_record"]
 

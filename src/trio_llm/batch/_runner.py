@@ -28,15 +28,9 @@ import trio
 
 from .._client import Client, ClientStatistics
 from .._errors import (
-    APIConnectionError,
-    APIResponseError,
     APIStatusError,
     ConfigurationError,
     LLMError,
-    RateLimitError,
-    RetryDeadlineExceeded,
-    ServerError,
-    redact_url,
 )
 from .._fanout import as_completed
 from .._types import Usage
@@ -59,10 +53,12 @@ from ._lines import marked_lines
 from ._locked import names
 from ._output import OutputFile, answer_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
+from ._shard import Shard
+from ._stops import brief, is_outage, is_systematic, status_stop
 from ._summary import BatchSummary as BatchSummary
 from ._summary import ProviderBatch as ProviderBatch
 from ._summary import ViaProvider as ViaProvider
-from ._summary import brief, invalid_record, naming
+from ._summary import invalid_record, naming
 
 if TYPE_CHECKING:
     from ._job_run import JobRun
@@ -78,14 +74,6 @@ __all__ = [
 
 #: Lines in a row that fail like a dead or failing endpoint before a run stops.
 DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
-
-# Statuses no other line of the run would escape: the key (401), its rights (403), the
-# URL or model (404), a URL that is no API (405), a proxy's credentials (407).
-_STOPPING_STATUSES: Final = frozenset({401, 403, 404, 405, 407})
-# Statuses retried as "try again later" (like 5xx and 429): failing after the retries,
-# they say more about the endpoint than about the line.
-_OUTAGE_STATUSES: Final = frozenset({408, 409})
-_OUTAGE_ERRORS: Final = (APIConnectionError, RetryDeadlineExceeded, APIResponseError)
 
 
 @final
@@ -189,12 +177,12 @@ class _Run:
         ``retry_failed``); but a line whose error stops the run, or came after the stop,
         is left unanswered for the rerun.
         """
-        systematic = isinstance(error, APIStatusError) and error.status_code in _STOPPING_STATUSES
-        outage = not systematic and _is_outage(error)
+        systematic = is_systematic(error)
+        outage = not systematic and is_outage(error)
         if self.stopped is not None and (systematic or outage):
             return
         if isinstance(error, APIStatusError) and systematic:
-            self._halt(_status_stop(error, self._client.base_url), error)
+            self._halt(status_stop(error, self._client.base_url), error)
         elif outage and self._max_failures is not None:
             held = self._held
             held.append((custom_id, error))
@@ -351,6 +339,7 @@ async def run_batch(
     handle_signals: bool = False,
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    shard: tuple[int, int] | None = None,
     via: str | ViaProvider = "online",
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
@@ -383,9 +372,9 @@ async def run_batch(
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
-        via: ``"online"``: each line is a request; ``"provider"`` (or a
-            :class:`ViaProvider`): the lines go through the provider's Batch API, and the
-            results are merged into ``output_path`` alike (online-only options ignored).
+        shard: ``(K, N)``: handle only shard K of N (by a stable hash of ``custom_id``,
+            see ``docs/several-machines.md``); the summary counts its lines only.
+        via: ``"provider"``: through the provider's Batch API (:class:`ViaProvider`).
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -400,7 +389,7 @@ async def run_batch(
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    _check_settings(concurrency=concurrency, max_consecutive_failures=max_consecutive_failures)
+    limit, part = _checked(client, concurrency, max_consecutive_failures, shard, via)
     started = trio.current_time()
     before = client.statistics()
     async with _open_run(
@@ -412,11 +401,33 @@ async def run_batch(
         progress=progress,
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
+        shard=part,
         via=via,
     ) as run:
-        limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
+
+
+def _checked(
+    client: Client,
+    concurrency: int | None,
+    max_failures: int | None,
+    shard: tuple[int, int] | None,
+    via: str | ViaProvider,
+) -> tuple[int, Shard | None]:
+    """Check :func:`run_batch`'s settings (``ValueError``); return its concurrency and shard.
+
+    A shard is for online runs: a job through the provider's Batch API is run whole there.
+    """
+    for name, value in (("concurrency", concurrency), ("max_consecutive_failures", max_failures)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    limit = concurrency or client.max_concurrency
+    if shard is None:
+        return limit, None
+    if via != "online":
+        raise ValueError("shard= is for online runs: via='provider' submits the whole job")
+    return limit, Shard(*shard)
 
 
 @contextlib.asynccontextmanager
@@ -430,12 +441,12 @@ async def _open_run(
     progress: bool,
     progress_interval: float,
     max_failures: int | None,
-    via: str | ViaProvider,
+    shard: Shard | None = None,
+    via: str | ViaProvider = "online",
 ) -> AsyncIterator[_Run | JobRun]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
 
-    With ``via`` not ``"online"``, the run of a job through the provider's Batch API
-    (``_via_provider``) instead.
+    ``via`` not ``"online"``: the run of a job through the provider's Batch API instead.
 
     Raises:
         BatchInputError, ConfigurationError, OSError: as :func:`run_batch`, before any
@@ -474,6 +485,7 @@ async def _open_run(
                         skip_invalid=skip_invalid,
                         retry_failed=retry_failed,
                         unsendable=unsendable_urls(client._provider),
+                        shard=shard,
                         progress=scanning,
                     )
             plan.scan_elapsed = scanning.elapsed
@@ -501,32 +513,9 @@ async def _open_run(
             )
 
 
-def _check_settings(**settings: int | None) -> None:
-    """Refuse a setting below 1 (``None`` is allowed)."""
-    for name, value in settings.items():
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
-
-
-def _is_outage(error: LLMError) -> bool:
-    """Whether a line's error (after its retries) may be a down or failing endpoint's."""
-    if isinstance(error, APIStatusError):
-        return isinstance(error, (ServerError, RateLimitError)) or (
-            error.status_code in _OUTAGE_STATUSES
-        )
-    return isinstance(error, _OUTAGE_ERRORS)
-
-
-def _status_stop(error: APIStatusError, base_url: str) -> str:
-    """Say, in one line, why an error status stops the run."""
-    kind = error.code or error.error_type
-    status = f"{error.status_code} {kind}" if kind else str(error.status_code)
-    where = redact_url(base_url)
-    return f"every request gets {status} from {where} ({brief(error.message)})"
-
-
 def _plan_text(plan: InputPlan, output: str, answered_before: int) -> str:
-    parts = [f"{plan.total:,} lines in {plan.path}"]
+    in_shard = f", {plan.total:,} in shard {plan.shard}" if plan.shard else ""
+    parts = [f"{plan.total + plan.other_shards:,} lines in {plan.path}{in_shard}"]
     if answered_before:
         parts.append(f"{answered_before:,} answered already in {output}")
     parts.append(f"sending {plan.to_send:,}")

@@ -16,7 +16,6 @@ __all__ = [
     "BatchSummary",
     "ProviderBatch",
     "ViaProvider",
-    "brief",
     "invalid_record",
     "naming",
 ]
@@ -174,12 +173,6 @@ def invalid_record(path: str, item: Invalid) -> bytes:
         message=f"{path}:{item.line}: {item.reason}",
         line=item.line,
     )
-
-
-def brief(text: str, limit: int = 160) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from .._cli_options import (
     DEFAULT_MODEL,
     EXIT_OK,
     add_endpoints_option,
+    add_shared_limit_options,
     api_key_from_env,
     cannot_listen,
     cli_endpoints,
@@ -23,6 +24,7 @@ from .._cli_options import (
     positive_float,
     positive_int,
     required_env,
+    shared_rate_limit,
     variable_name,
 )
 from .._client import open_client
@@ -86,6 +88,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=3,
         help="attempts per upstream call, the first included (default: %(default)s)",
     )
+    add_shared_limit_options(parser)
     _add_server_options(parser.add_argument_group("server"))
 
 
@@ -155,7 +158,9 @@ async def _serve(args: argparse.Namespace) -> int:
         model=model,
         max_concurrency=args.concurrency,
         retry=RetryPolicy(attempts=args.max_attempts),
-        rate_limit=RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
+        rate_limit=shared_rate_limit(
+            args, RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+        ),
     ) as client:
         app = create_app(client, require_key=require_key, max_body_bytes=args.max_body_bytes)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
