@@ -36,6 +36,7 @@ PUBLIC_API = {
     "LLMError",
     "NotFoundError",
     "PermissionDeniedError",
+    "Price",
     "RateLimitError",
     "RetryDeadlineExceeded",
     "RetryPolicy",

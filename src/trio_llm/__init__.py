@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._client import open_client as open_client
     from ._config import RetryPolicy as RetryPolicy
     from ._config import Timeouts as Timeouts
+    from ._cost import Price as Price
     from ._errors import APIConnectionError as APIConnectionError
     from ._errors import APIResponseError as APIResponseError
     from ._errors import APIStatusError as APIStatusError
@@ -68,6 +69,7 @@ _EXPORTS = {
     "open_client": "._client",
     "RetryPolicy": "._config",
     "Timeouts": "._config",
+    "Price": "._cost",
     "APIConnectionError": "._errors",
     "APIResponseError": "._errors",
     "APIStatusError": "._errors",
@@ -148,6 +150,7 @@ __all__ = [
     "MultiChatStream",
     "NotFoundError",
     "PermissionDeniedError",
+    "Price",
     "Prompt",
     "RateLimit",
     "RateLimitError",

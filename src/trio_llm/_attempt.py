@@ -16,8 +16,9 @@ The retry policy repeats whole attempts, inside one cancel scope that is the cal
 deadline (:func:`trio_llm._retry.call_with_retries`). Where later features hook in:
 endpoint choice picks the :class:`Requester` (its URL, transport and limits) before
 :meth:`Requester.open_exchange`; a cache lookup runs in :meth:`Requester.call` before the
-retry loop (a hit is no attempt); cost is computed where :meth:`Exchange.finish` has the
-usage; a tracing span wraps one :meth:`Requester.open_exchange` to :meth:`Exchange.aclose`.
+retry loop (a hit is no attempt); cost is computed where :meth:`Exchange.finish_reply` has
+the reply; a traced call (:mod:`trio_llm._telemetry`) has a span around its retry loop and
+one per attempt, from :meth:`Requester.attempt` to its end (:meth:`Exchange.aclose`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import trio
 
 from . import _json
 from ._config import RetryPolicy, Timeouts
+from ._cost import Pricer
 from ._errors import (
     APIResponseError,
     APIStatusError,
@@ -47,14 +49,17 @@ from ._errors import (
 from ._estimate import estimate_tokens
 from ._http import BodyTooLarge, HTTPResponse, TrioTransport
 from ._ratelimit import RateLimiter, Reservation
+from ._request import Request
 from ._retry import call_with_retries
 from ._sending import HttpxResponse, stream_decoder
-from ._types import Usage
+from ._telemetry import instruments as _instruments
+from ._types import ChatResponse, EmbeddingResponse, Usage, set_cost
 from .providers._base import Provider
 
 __all__ = ["Exchange", "Request", "Requester"]
 
 T = TypeVar("T")
+R = TypeVar("R", ChatResponse, EmbeddingResponse)
 
 logger = logging.getLogger("trio_llm")
 
@@ -62,41 +67,6 @@ _NO_SCOPE: Final = nullcontext()
 _INF: Final = math.inf
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-
-
-@final
-class Request:
-    """One call's request, encoded once and sent by each attempt.
-
-    ``waiting_for`` says what the call is waiting for now, for the message of a deadline
-    that passes before any response.
-    """
-
-    __slots__ = (
-        "content",
-        "deadline_at",
-        "estimate",
-        "shown_url",
-        "stream",
-        "url",
-        "waiting_for",
-    )
-
-    def __init__(
-        self, url: str, content: bytes, estimate: int, *, stream: bool, shown_url: str
-    ) -> None:
-        self.url = url
-        self.shown_url = shown_url  # the URL as messages show it: credentials redacted
-        self.content = content
-        self.estimate = estimate
-        self.stream = stream
-        self.waiting_for = "the response"
-        self.deadline_at = _INF  # the call's deadline, set by the retry loop
-
-    @property
-    def label(self) -> str:
-        """What the request is, for messages: ``POST <url>``."""
-        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
 
 
 @final
@@ -263,9 +233,32 @@ class Exchange:
             self._reservation = None
             reservation.refund() if refund else reservation.reconcile(0)
 
-    def fail(self) -> None:
+    def finish_reply(self, reply: R) -> R:
+        """:meth:`finish` with ``reply``'s usage, price it (``reply.cost``), count it; return it.
+
+        A reply with no known price (``trio_llm._cost``) is counted as unpriced.
+        """
+        usage = reply.usage
+        self.finish(usage)
+        requester = self._requester
+        request = self.request
+        cost = requester.pricer.cost(usage, reply.model, request.model)
+        if cost is None:
+            requester.unpriced += 1
+        else:
+            requester.cost += cost
+            set_cost(reply, cost)
+        trace = request.telemetry
+        if trace is not None:
+            trace.replied(reply)
+        return reply
+
+    def fail(self, error: BaseException | None = None) -> None:
         """Count the call as failed after its response began (a stream that broke)."""
         self._requester.failed += 1
+        trace = self.request.telemetry
+        if trace is not None and error is not None:
+            trace.failed(error)
 
     def _release_slot(self) -> None:
         if self._slot:
@@ -290,6 +283,9 @@ class Exchange:
                 self._reservation.keep()
                 self._reservation = None
             self._release_slot()
+            trace = self.request.telemetry
+            if trace is not None:
+                trace.closed()
 
 
 @final
@@ -308,11 +304,13 @@ class Requester:
         "_shown",
         "_stream_headers",
         "completion_tokens",
+        "cost",
         "direct",
         "failed",
         "last_retry_error",
         "limiter",
         "max_response_bytes",
+        "pricer",
         "prompt_tokens",
         "provider",
         "rate",
@@ -321,6 +319,7 @@ class Requester:
         "sent",
         "succeeded",
         "timeouts",
+        "unpriced",
     )
 
     def __init__(
@@ -333,6 +332,7 @@ class Requester:
         max_concurrency: int,
         timeouts: Timeouts,
         max_response_bytes: int | None = None,
+        pricer: Pricer | None = None,
     ) -> None:
         self._http = http
         self.direct = direct
@@ -368,6 +368,10 @@ class Requester:
         self.rate_limited = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        # What the replies cost (USD), and the replies with no known price.
+        self.pricer = pricer if pricer is not None else Pricer(provider.name)
+        self.cost = 0.0
+        self.unpriced = 0
 
     def request(self, url: str, body: Mapping[str, Any], *, stream: bool = False) -> Request:
         """Encode ``body`` for ``url`` once, with its token estimate when rate-limited."""
@@ -375,7 +379,14 @@ class Requester:
         shown = self._shown.get(url)
         if shown is None:
             shown = self._shown[url] = redact_url(url)
-        return Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
+        request = Request(url, _json.dumps(body), estimate, stream=stream, shown_url=shown)
+        model = body.get("model")
+        if isinstance(model, str):
+            request.model = model
+        instruments = _instruments()
+        if instruments is not None:  # OpenTelemetry is configured
+            request.telemetry = instruments.call(request, body, provider=self.provider.name)
+        return request
 
     def call(
         self,
@@ -395,6 +406,9 @@ class Requester:
         Cancellation: the attempt in flight is abandoned (its connection closed, slot
         released, reservation refunded if nothing was sent); nothing is retried.
         """
+        trace = request.telemetry
+        if trace is not None:
+            return trace.run(partial(trace.attempt, self.attempt, request, read), policy, self)
         attempt = partial(self.attempt, request, read)
         return call_with_retries(attempt, policy, call=request, stats=self)
 
@@ -492,6 +506,9 @@ class Requester:
         if direct is None:
             return self._send_through_httpx(request)
         headers = self._stream_headers if request.stream else self._headers
+        trace = request.telemetry
+        if trace is not None:  # the attempt's span, to the server (traceparent)
+            headers = headers + [(k.encode(), v.encode()) for k, v in trace.headers().items()]
         limits = self._limits
         if request.deadline_at != _INF:
             limits = self._limits_before(request.deadline_at)
@@ -523,7 +540,9 @@ class Requester:
 
     async def _send_through_httpx(self, request: Request) -> HttpxResponse:
         http = self._http
-        extra = {"accept": "text/event-stream"} if request.stream else None
+        extra = {"accept": "text/event-stream"} if request.stream else {}
+        if request.telemetry is not None:
+            extra.update(request.telemetry.headers())
         built = http.build_request("POST", request.url, content=request.content, headers=extra)
         return HttpxResponse(await http.send(built, stream=True))
 

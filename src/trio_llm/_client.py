@@ -24,6 +24,7 @@ import trio
 
 from ._attempt import Exchange, Requester
 from ._config import RetryPolicy, Timeouts
+from ._cost import Pricer, Prices
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._http import TrioTransport
@@ -85,6 +86,11 @@ class ClientStatistics:
         rate_limited: 429 responses received.
         prompt_tokens: prompt tokens reported by the server's ``usage``.
         completion_tokens: completion tokens reported by the server's ``usage``.
+        cost: what the calls that returned a result cost, in USD (streams included), by
+            the models' list prices or the client's ``prices``; ``None`` when some had no
+            known price (see ``unpriced``): a total is never guessed.
+        unpriced: calls that returned a result whose cost is unknown (their model has no
+            price, or the reply reported no usage).
     """
 
     in_flight: int
@@ -97,6 +103,8 @@ class ClientStatistics:
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
+    cost: float | None = 0.0
+    unpriced: int = 0
 
 
 @final
@@ -166,6 +174,8 @@ class Client:
             rate_limited=requester.rate_limited,
             prompt_tokens=requester.prompt_tokens,
             completion_tokens=requester.completion_tokens,
+            cost=None if requester.unpriced else requester.cost,
+            unpriced=requester.unpriced,
         )
 
     def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
@@ -221,7 +231,7 @@ class Client:
             reply = self._provider.parse_chat(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
-        exchange.finish(reply.usage)
+        exchange.finish_reply(reply)
         return reply
 
     async def embed(
@@ -259,7 +269,7 @@ class Client:
             reply = self._provider.parse_embeddings(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
-        exchange.finish(reply.usage)
+        exchange.finish_reply(reply)
         return reply
 
     def _chat_item(
@@ -452,6 +462,7 @@ async def open_client(
     transport: httpx2.AsyncBaseTransport | None = None,
     headers: Mapping[str, str] | None = None,
     max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+    prices: Prices | None = None,
 ) -> AsyncIterator[Client]:
     """Open a client: a connection pool and the limits every task using it shares.
 
@@ -481,6 +492,10 @@ async def open_client(
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
             (at most 16 MiB) accepted; a larger one fails the call at once with
             :class:`APIResponseError`. ``None``: no limit.
+        prices: what calls cost, for models genai-prices does not price (or to override
+            it): one :class:`Price` for every model, or a mapping of model names to
+            prices. Others are priced by genai-prices' list price for the provider and
+            the model the reply names (see ``reply.cost``).
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
@@ -503,6 +518,7 @@ async def open_client(
     http = httpx2.AsyncClient(
         headers=headers, timeout=timeouts.to_httpx(), limits=limits, transport=transport
     )
+    pricer = Pricer(adapter.name, prices)
     requester = Requester(
         http=http,
         direct=direct_transport_for(transport, url),
@@ -511,6 +527,7 @@ async def open_client(
         max_concurrency=max_concurrency,
         timeouts=timeouts,
         max_response_bytes=max_response_bytes,
+        pricer=pricer,
     )
     async with http:
         yield Client(

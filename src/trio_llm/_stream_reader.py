@@ -161,11 +161,10 @@ class StreamReader:
         exchange = self._exchange
         try:
             await self._pump(channel, index)
-        except StreamError:
-            exchange.fail()
+        except StreamError as exc:
+            exchange.fail(exc)
             raise
-        self.response = self._aggregate.to_response(exchange.request_id)
-        exchange.finish(self.response.usage)
+        self.response = exchange.finish_reply(self._aggregate.to_response(exchange.request_id))
 
     async def _pump(self, channel: trio.MemorySendChannel[Any], index: int | None) -> None:
         idle = self._idle
