@@ -91,7 +91,8 @@ def test_batch_prices_are_the_tables_batch_variant() -> None:
     batch = pricer.cost(usage, "gpt-4o-mini", batch=True)
     assert batch == table_cost("openai", "gpt-4o-mini", prompt=1_000, completion=500, batch=True)
     normal = pricer.cost(usage, "gpt-4o-mini")
-    assert batch is not None and normal is not None
+    assert batch is not None
+    assert normal is not None
     assert batch == pytest.approx(normal / 2)
 
 
@@ -362,7 +363,8 @@ def test_bound_is_never_below_the_cost() -> None:
                     cache_write_tokens=write,
                 )
                 cost = pricer.cost(usage, model)
-                assert cost is not None and cost <= bound, (model, usage)
+                assert cost is not None
+                assert cost <= bound, (model, usage)
     assert Pricer("openai").bound("my-llama", 10, 10) is None
     assert Pricer("openai").knows("gpt-4o-mini")
     assert not Pricer("openai").knows("my-llama")
