@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 import sys
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -18,6 +20,7 @@ from trio_llm._cost import Pricer, format_usd, parse_price
 from trio_llm.testing import FakeLLMServer, open_fake_llm
 
 genai_prices = pytest.importorskip("genai_prices")
+MESSAGES = [{"role": "user", "content": "Hello?"}]
 from genai_prices import data_snapshot  # noqa: E402
 from genai_prices import types as table  # noqa: E402
 
@@ -123,9 +126,12 @@ async def test_replies_and_streams_cost_the_list_price(fake_llm: FakeLLMServer) 
 
 async def test_anthropic_replies_cost_anthropic_prices() -> None:
     """The Anthropic provider is priced from Anthropic's table (claude-sonnet-4-5)."""
-    async with open_fake_llm() as server, trio_llm.open_client(
-        base_url=server.root_url, provider="anthropic", model="claude-sonnet-4-5"
-    ) as client:
+    async with (
+        open_fake_llm() as server,
+        trio_llm.open_client(
+            base_url=server.root_url, provider="anthropic", model="claude-sonnet-4-5"
+        ) as client,
+    ):
         reply = await client.chat("Hello?")
         async with client.stream("Hello?") as stream:
             async for _ in stream:
@@ -467,3 +473,68 @@ async def test_stream_many_and_chat_many_count_into_the_total(fake_llm: FakeLLMS
     assert all(cost is not None for cost in costs)
     assert stats.cost == pytest.approx(sum(c for c in costs if c is not None))
     await trio.lowlevel.checkpoint()
+
+
+def test_chat_json_says_what_the_reply_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    """`trio-llm chat --json` adds "cost": USD, or null for a model with no price."""
+    from trio_llm._cli import main
+
+    assert main(["chat", "--simulate", "--json", "Hi"]) == 0  # gpt-4o-mini by default
+    reply = json.loads(capsys.readouterr().out)
+    usage = reply["usage"]
+    assert reply["cost"] == table_cost(
+        "openai",
+        "gpt-4o-mini",
+        prompt=usage["prompt_tokens"],
+        completion=usage["completion_tokens"],
+    )
+    assert main(["chat", "--simulate", "--json", "--model", "my-llama", "Hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["cost"] is None
+    argv = ["chat", "--simulate", "--json", "--model", "my-llama", "--price", "input=1,output=1"]
+    assert main([*argv, "Hi"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["cost"] == pytest.approx(reply["usage"]["total_tokens"] / 1e6)
+
+
+async def test_gateway_metrics_show_the_cost() -> None:
+    """/metrics has the upstream cost in USD, and the count of replies with no price."""
+    from test_serve import open_gateway, open_http
+
+    options = {"prices": trio_llm.Price(input=1.0, output=2.0)}
+    async with open_gateway(client_options=options) as gateway, open_http(gateway) as http:
+        reply = (await http.post("/v1/chat/completions", json={"messages": MESSAGES})).json()
+        text = (await http.get("/metrics")).text
+    usage = reply["usage"]
+    cost = (usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1e6
+    match = re.search(r"^trio_llm_client_cost_usd_total (\S+)$", text, re.M)
+    assert match is not None
+    assert float(match[1]) == pytest.approx(cost)
+    assert "trio_llm_client_unpriced_total 0\n" in text
+    async with open_gateway() as gateway, open_http(gateway) as http:  # fake-gpt: no price
+        await http.post("/v1/chat/completions", json={"messages": MESSAGES})
+        text = (await http.get("/metrics")).text
+    assert "trio_llm_client_cost_usd_total" not in text  # absent, never a guess
+    assert "trio_llm_client_unpriced_total 1\n" in text
+
+
+def test_the_progress_bar_shows_the_cost_and_budget() -> None:
+    """The bar's cost column says what was spent, and of which budget."""
+    from trio_llm.batch._progress import Snapshot
+    from trio_llm.batch._terminal import bar_cells
+
+    common: dict[str, Any] = {
+        "done": 1,
+        "total": 2,
+        "rate": 1.0,
+        "eta": 1.0,
+        "failed": 0,
+        "retries": 0,
+        "rate_limited": 0,
+        "tokens": 5,
+        "in_flight": 1,
+    }
+    cells = bar_cells(Snapshot(**common, cost=0.0123, max_cost=5.0))
+    assert cells["cost"].plain == "• cost $0.0123 of $5.00"
+    assert bar_cells(Snapshot(**common, cost=0.0123))["cost"].plain == "• cost $0.0123"
+    assert "cost" not in bar_cells(Snapshot(**common, cost=None))
+    assert "cost" not in bar_cells(Snapshot(**common, cost=0.0))

@@ -448,6 +448,22 @@ def _default_headers(
     return headers
 
 
+def _transport(
+    transport: httpx2.AsyncBaseTransport | None, url: str, max_concurrency: int
+) -> tuple[httpx2.AsyncBaseTransport | None, httpx2.Limits]:
+    """Return the client's transport (the caller's, else ours) and its pool limits.
+
+    Ours unless a proxy from the environment applies to ``url`` (then httpx2's, through
+    it): its cost per request stays flat however many are in flight (docs/performance.md).
+    """
+    limits = httpx2.Limits(
+        max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+    )
+    if transport is None and not environment_proxy_for(url):
+        transport = TrioTransport(limits=limits)
+    return transport, limits
+
+
 @asynccontextmanager
 async def open_client(
     *,
@@ -492,10 +508,8 @@ async def open_client(
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
             (at most 16 MiB) accepted; a larger one fails the call at once with
             :class:`APIResponseError`. ``None``: no limit.
-        prices: what calls cost, for models genai-prices does not price (or to override
-            it): one :class:`Price` for every model, or a mapping of model names to
-            prices. Others are priced by genai-prices' list price for the provider and
-            the model the reply names (see ``reply.cost``).
+        prices: a :class:`Price` for every model, or prices by model name; the others
+            cost genai-prices' list price for the provider and model (``reply.cost``).
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
@@ -508,17 +522,11 @@ async def open_client(
     _check_size("max_response_bytes", max_response_bytes, optional=True)
     url = _resolve_base_url(base_url, adapter)
     timeouts = timeouts or Timeouts()
-    limits = httpx2.Limits(
-        max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-    )
-    if transport is None and not environment_proxy_for(url):  # (else httpx2's, via the proxy)
-        # Flat cost per request however many are in flight (docs/performance.md).
-        transport = TrioTransport(limits=limits)
+    transport, limits = _transport(transport, url, max_concurrency)
     headers = _default_headers(adapter, url, api_key, headers)
     http = httpx2.AsyncClient(
         headers=headers, timeout=timeouts.to_httpx(), limits=limits, transport=transport
     )
-    pricer = Pricer(adapter.name, prices)
     requester = Requester(
         http=http,
         direct=direct_transport_for(transport, url),
@@ -527,7 +535,7 @@ async def open_client(
         max_concurrency=max_concurrency,
         timeouts=timeouts,
         max_response_bytes=max_response_bytes,
-        pricer=pricer,
+        pricer=Pricer(adapter.name, prices),
     )
     async with http:
         yield Client(

@@ -390,6 +390,7 @@ class InputPlan:
             line repeating an earlier ``custom_id``.
         identity: the input file's (device, inode, size, mtime), to notice a change.
         unsendable: url -> why the client cannot send it (such lines are invalid).
+        models: the models the lines to send name (``""``: the client's default).
     """
 
     path: str
@@ -402,6 +403,7 @@ class InputPlan:
     duplicates: dict[int, tuple[str, int]] = attrs.Factory(dict)
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)
     unsendable: Mapping[str, str] = _NO_URL_REFUSED
+    models: set[str] = attrs.Factory(set)
 
 
 def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
@@ -502,6 +504,7 @@ class _Planner:
         else:
             plan.to_send += 1
             plan.handle.set(item.line)
+            plan.models.add(item.body.get("model") or "")
 
     def _add_problem(self, item: Invalid) -> None:
         problems = self.problems

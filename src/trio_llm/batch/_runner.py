@@ -24,7 +24,6 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any, Final, final
 
-import attrs
 import trio
 
 from .._client import Client, ClientStatistics
@@ -41,6 +40,7 @@ from .._errors import (
 )
 from .._fanout import as_completed
 from .._types import Usage
+from ._budget import Budget
 from ._input import (
     CHAT_URL,
     MESSAGES_URL,
@@ -58,6 +58,7 @@ from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old ho
 from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter
+from ._summary import BatchSummary
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
 
@@ -74,77 +75,6 @@ _OUTAGE_ERRORS: Final = (APIConnectionError, RetryDeadlineExceeded, APIResponseE
 
 
 @final
-@attrs.frozen(kw_only=True)
-class BatchSummary:
-    """What a batch run did.
-
-    Every input line ends up in exactly one of ``skipped``, ``succeeded``, ``failed``,
-    ``invalid`` and ``unanswered``.
-
-    Attributes:
-        input_path: the input file.
-        output_path: the output file.
-        total: request lines in the input (blank lines are not counted).
-        succeeded: lines answered successfully by this run.
-        failed: lines answered with an error by this run (an error status that was not
-            retried, or the retries ran out, or the deadline passed).
-        invalid: invalid input lines recorded as error lines by this run
-            (``skip_invalid``).
-        skipped: lines already answered in the output file, not sent again.
-        skipped_failed: of ``skipped``, those answered with an error (kept, since
-            ``retry_failed`` was off).
-        unanswered: lines with no answer yet (the run was interrupted, or stopped):
-            rerun to send them.
-        retries: retry attempts the client made during the run.
-        rate_limited: 429 responses the client received during the run.
-        prompt_tokens: prompt tokens of the answers, as the server reported them.
-        completion_tokens: completion tokens of the answers.
-        tokens: ``prompt_tokens + completion_tokens``.
-        elapsed: seconds the run took, by the trio clock.
-        interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
-        stopped: why the run stopped sending before the end, in one line, when an error
-            showed that no request could succeed (see :func:`run_batch`); ``None`` if
-            it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
-            https://api.openai.com/v1 (Incorrect API key provided)"``.
-        stop_error: the error that stopped the run (``None`` with ``stopped``).
-    """
-
-    input_path: str
-    output_path: str
-    total: int
-    succeeded: int
-    failed: int
-    invalid: int
-    skipped: int
-    skipped_failed: int
-    unanswered: int
-    retries: int
-    rate_limited: int
-    prompt_tokens: int
-    completion_tokens: int
-    tokens: int
-    elapsed: float
-    interrupted: bool
-    stopped: str | None = None
-    stop_error: LLMError | None = None
-
-    @property
-    def complete(self) -> bool:
-        """Whether every input line has its answer in the output file."""
-        return self.unanswered == 0
-
-    @property
-    def errors(self) -> int:
-        """Lines whose answer in the output file is an error."""
-        return self.failed + self.invalid + self.skipped_failed
-
-    @property
-    def all_succeeded(self) -> bool:
-        """Whether every input line is answered, and successfully."""
-        return self.complete and self.errors == 0
-
-
-@final
 class _Run:
     """One run's state: what to send, where answers go, and how to stop."""
 
@@ -158,8 +88,10 @@ class _Run:
         counters: Counters,
         reporter: Reporter,
         max_failures: int | None,
+        budget: Budget | None = None,
     ) -> None:
         self._client = client
+        self._budget = budget
         self._input = input_file
         self._plan = plan
         self._output = output
@@ -217,11 +149,22 @@ class _Run:
             if self._write(line):
                 counters.invalid += 1
             return
+        budget = self._budget
+        bound = 0.0 if budget is None else budget.reserve(item.body)
+        if bound is None:  # over budget: start no more requests (this line stays unsent)
+            self._stopping = True
+            return
         try:
-            body, request_id, usage = await self._send(item)
-        except LLMError as exc:
+            body, request_id, usage, cost = await self._send(item)
+        except BaseException as exc:
+            if budget is not None:
+                budget.release(bound)
+            if not isinstance(exc, LLMError):
+                raise
             self._failed(item.custom_id, exc)
             return
+        if budget is not None:
+            budget.settle(bound, cost)
         # No checkpoint between the reply and this write: a cancellation cannot fall
         # between them, so every reply received is written, whole. A success shows the
         # failures held back were the lines' own: they are written first.
@@ -230,9 +173,12 @@ class _Run:
             counters.succeeded += 1
             counters.prompt_tokens += usage.prompt_tokens
             counters.completion_tokens += usage.completion_tokens
+            counters.add_cost(cost)
 
-    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
-        """Send one request; return its reply's body, request id and usage."""
+    async def _send(
+        self, item: Request
+    ) -> tuple[dict[str, Any], str | None, Usage, float | None]:
+        """Send one request; return its reply's body, request id, usage and cost."""
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -240,9 +186,9 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, chat.usage
+                return chat.raw, chat.request_id, chat.usage, chat.cost
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, vectors.usage
+            return vectors.raw, vectors.request_id, vectors.usage, vectors.cost
         finally:
             self._sending -= 1
 
@@ -362,6 +308,9 @@ class _Run:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            cost=None if counters.unpriced else counters.cost,
+            max_cost=None if self._budget is None else self._budget.max_cost,
+            over_budget=self._budget is not None and self._budget.refused is not None,
         )
 
     def stop(self, grace: float) -> None:
@@ -413,6 +362,7 @@ async def run_batch(
     handle_signals: bool = False,
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    max_cost: float | None = None,
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -445,6 +395,8 @@ async def run_batch(
             them at once. The summary then says ``interrupted``. Main thread only.
         grace: seconds requests in flight get to finish after the first signal.
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
+        max_cost: a budget in USD: a line that might not fit is not sent, and the run ends
+            ``over_budget`` (``docs/howto-cost.md``); every line's model needs a price.
 
     Returns:
         What the run did (:class:`BatchSummary`).
@@ -452,19 +404,15 @@ async def run_batch(
     Raises:
         BatchInputError: invalid input lines (with ``skip_invalid`` off), or an output
             file that is not batch output; raised before any request is sent.
-        ConfigurationError: another run holds the output file, or it is the input.
+        ConfigurationError: another run holds the output file, or it is the input (or no price).
         OSError: a file cannot be read or written (``filename`` names it); a failed
             write stops the run at once and is raised alone, every line before it whole.
 
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    for name, value in (
-        ("concurrency", concurrency),
-        ("max_consecutive_failures", max_consecutive_failures),
-    ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+    _check_settings(concurrency=concurrency, max_consecutive_failures=max_consecutive_failures)
+    budget = None if max_cost is None else Budget(max_cost, client._requester.pricer, client.model)
     started = trio.current_time()
     before = client.statistics()
     async with _open_run(
@@ -476,10 +424,22 @@ async def run_batch(
         progress=progress,
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
+        budget=budget,
     ) as run:
         limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
+
+
+def _check_settings(**settings: int | None) -> None:
+    """Refuse a setting below 1 (``None`` is allowed), naming it.
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    for name, value in settings.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {value}")
 
 
 @contextlib.asynccontextmanager
@@ -493,6 +453,7 @@ async def _open_run(
     progress: bool,
     progress_interval: float,
     max_failures: int | None,
+    budget: Budget | None = None,
 ) -> AsyncIterator[_Run]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
 
@@ -516,6 +477,8 @@ async def _open_run(
                     retry_failed=retry_failed,
                     unsendable=unsendable_urls(client._provider),
                 )
+            if budget is not None:  # before OUTPUT is changed: a refusal changes nothing
+                budget.check_prices(plan.models)
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
             watched = Watched(
@@ -524,6 +487,7 @@ async def _open_run(
                 total=plan.total,
                 answered_before=plan.answered_ok + plan.answered_failed,
                 to_handle=plan.to_send + plan.to_record,
+                budget=budget,
             )
             reporter = open_reporter(watched, enabled=progress, interval=progress_interval)
             for note in notes:
@@ -536,6 +500,7 @@ async def _open_run(
                 counters=counters,
                 reporter=reporter,
                 max_failures=max_failures,
+                budget=budget,
             )
 
 

@@ -14,8 +14,10 @@ import trio
 from .._cli_options import (
     DEFAULT_MODEL,
     EXIT_OK,
+    add_price_option,
     api_key_from_env,
     cannot_listen,
+    cli_prices,
     non_negative_float,
     port_number,
     positive_float,
@@ -84,6 +86,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=3,
         help="attempts per upstream call, the first included (default: %(default)s)",
     )
+    add_price_option(upstream)
     _add_server_options(parser.add_argument_group("server"))
 
 
@@ -147,6 +150,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_concurrency=args.concurrency,
         retry=RetryPolicy(attempts=args.max_attempts),
         rate_limit=RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
+        prices=cli_prices(args.price),
     ) as client:
         app = create_app(client, require_key=require_key, max_body_bytes=args.max_body_bytes)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
