@@ -431,3 +431,17 @@ async def test_the_middleware_continues_the_trace_of_any_asgi_app(
     assert inside.parent is not None
     assert inside.parent.span_id == server.get_span_context().span_id
     assert alone.parent is None
+
+
+def test_a_provider_named_in_the_environment_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_PYTHON_TRACER_PROVIDER names a provider: it is loaded and used."""
+    from trio_llm._telemetry import _State
+
+    _reset_globals()
+    monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "sdk_tracer_provider")
+    state = _State()
+    found = state.current()
+    assert found is not None
+    assert found.tracer is not None
+    assert isinstance(trace.get_tracer_provider(), TracerProvider)
+    assert state.current() is found  # the same provider: the same instruments

@@ -383,6 +383,9 @@ class Pricer:
         return float(rate.bound(prompt_tokens, completion_tokens))
 
     def _say_unpriced(self, usage: Usage, model: str, request_model: str | None) -> None:
+        named = (model, None if request_model == model else request_model)
+        if named in self._said:
+            return  # the common case, on every reply of an unpriced model: said already
         if not (usage.prompt_tokens or usage.completion_tokens):
             key: object = "no usage"
             message = "a reply reported no token usage: its cost is unknown (None)"
@@ -393,7 +396,7 @@ class Pricer:
                 f"({usage!r}): its cost is unknown (None)"
             )
         else:
-            key = (model, request_model)
+            key = named
             names = " or ".join(
                 repr(name) for name in dict.fromkeys((model, request_model)) if name
             )

@@ -97,23 +97,58 @@ def instruments() -> Instruments | None:
 class _State:
     """The global providers last seen, and the instruments made from them."""
 
-    __slots__ = ("instruments", "meter_provider", "tracer_provider")
+    __slots__ = ("_checked_env", "instruments", "meter_provider", "tracer_provider")
 
     def __init__(self) -> None:
         self.tracer_provider: object = _State  # never a provider: the first call looks
         self.meter_provider: object = _State
         self.instruments: Instruments | None = None
+        self._checked_env = False
 
     def current(self) -> Instruments | None:
-        trace = _modules.get("opentelemetry.trace")
-        metrics = _modules.get("opentelemetry.metrics")
-        tracer_provider = trace.get_tracer_provider() if trace is not None else None
-        meter_provider = metrics.get_meter_provider() if metrics is not None else None
+        if not self._checked_env:
+            self._load_from_environment()
+        tracer_provider = _global("opentelemetry.trace", "_TRACER_PROVIDER", "get_tracer_provider")
+        meter_provider = _global(
+            "opentelemetry.metrics._internal", "_METER_PROVIDER", "get_meter_provider"
+        )
         if tracer_provider is self.tracer_provider and meter_provider is self.meter_provider:
             return self.instruments
         self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
         self.instruments = _instruments_for(tracer_provider, meter_provider)
         return self.instruments
+
+    def _load_from_environment(self) -> None:
+        """Load providers named by ``OTEL_PYTHON_{TRACER,METER}_PROVIDER``, once.
+
+        The API loads them on the first ``get_*_provider()`` call, which nothing else may
+        make; later calls read the globals it sets.
+        """
+        self._checked_env = True
+        for variable, module, getter in (
+            ("OTEL_PYTHON_TRACER_PROVIDER", "opentelemetry.trace", "get_tracer_provider"),
+            ("OTEL_PYTHON_METER_PROVIDER", "opentelemetry.metrics", "get_meter_provider"),
+        ):
+            found = _modules.get(module)
+            if found is not None and os.environ.get(variable):
+                getattr(found, getter)()
+
+
+def _global(module_name: str, name: str, getter: str) -> object:
+    """Return the global provider the module holds: ``None`` when it is not set.
+
+    Read from the API's module global, as its ``get_*_provider()`` does, without the
+    environment lookup each of those calls makes (~1 us: a per-call cost when nothing is
+    configured); through the public getter if an API version names it otherwise.
+    """
+    module = _modules.get(module_name)
+    if module is None:
+        return None
+    provider = getattr(module, name, _State)
+    if provider is _State:  # pragma: no cover - an API without the global: ask it
+        module = _modules[module_name.removesuffix("._internal")]
+        return getattr(module, getter)()
+    return provider
 
 
 _STATE: Final = _State()

@@ -118,7 +118,8 @@ def create_app(
     lifespan ends. Each request also gets an access line on ``trio_llm.serve.access``.
 
     A caller that disconnects cancels its upstream call (retries included); it is
-    recorded with status 499.
+    recorded with status 499. With OpenTelemetry configured, a request's ``traceparent``
+    header makes the caller's span the parent of its upstream call's.
 
     Args:
         client: the client every upstream call goes through.
