@@ -48,14 +48,14 @@ def _opentelemetry_unset() -> Iterator[None]:
     if trace is not None and trace._TRACER_PROVIDER is not None:
         from opentelemetry.util._once import Once
 
-        trace._TRACER_PROVIDER.shutdown()
+        getattr(trace._TRACER_PROVIDER, "shutdown", lambda: None)()
         trace._TRACER_PROVIDER_SET_ONCE = Once()
         trace._TRACER_PROVIDER = None
     metrics = sys.modules.get("opentelemetry.metrics._internal")
     if metrics is not None and metrics._METER_PROVIDER is not None:
         from opentelemetry.util._once import Once
 
-        metrics._METER_PROVIDER.shutdown()
+        getattr(metrics._METER_PROVIDER, "shutdown", lambda: None)()
         metrics._METER_PROVIDER_SET_ONCE = Once()
         metrics._METER_PROVIDER = None
 

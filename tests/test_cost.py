@@ -494,6 +494,10 @@ def test_chat_json_says_what_the_reply_cost(capsys: pytest.CaptureFixture[str]) 
     assert main([*argv, "Hi"]) == 0
     reply = json.loads(capsys.readouterr().out)
     assert reply["cost"] == pytest.approx(reply["usage"]["total_tokens"] / 1e6)
+    argv = [*argv[:-1], "model=my-llama,input=2,output=2", "Hi"]
+    assert main(argv) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["cost"] == pytest.approx(2 * reply["usage"]["total_tokens"] / 1e6)
 
 
 async def test_gateway_metrics_show_the_cost() -> None:

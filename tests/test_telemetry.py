@@ -445,3 +445,168 @@ def test_a_provider_named_in_the_environment_is_loaded(monkeypatch: pytest.Monke
     assert found.tracer is not None
     assert isinstance(trace.get_tracer_provider(), TracerProvider)
     assert state.current() is found  # the same provider: the same instruments
+
+
+def _reply_transport(statuses: list[int], usage: dict[str, Any]) -> httpx2.MockTransport:
+    """Answer with each status in turn (429s ask for a 1 s wait), then a tool-calling reply."""
+    replies = iter(statuses)
+
+    def handle(_request: httpx2.Request) -> httpx2.Response:
+        status = next(replies, 200)
+        if status != 200:
+            return httpx2.Response(
+                status, json={"error": {"message": "slow down"}}, headers={"retry-after": "1"}
+            )
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"q": "rivers"}'},
+                }
+            ],
+        }
+        body = {
+            "id": "chatcmpl-7",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            "usage": usage,
+        }
+        return httpx2.Response(200, json=body)
+
+    return httpx2.MockTransport(handle)
+
+
+async def test_content_tools_cache_and_waits_asked_by_the_server(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """System text, parts, tool calls, cache tokens, stop sequences and a Retry-After wait."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "1")
+    usage = {
+        "prompt_tokens": 2_000,
+        "completion_tokens": 9,
+        "total_tokens": 2_009,
+        "prompt_tokens_details": {"cached_tokens": 1_024},
+        "cache_creation_input_tokens": 512,
+    }
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "image_url"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c0", "content": "done"},
+        "not a message",
+    ]
+    async with trio_llm.open_client(
+        base_url="http://127.0.0.1:9/v1",
+        model=MODEL,
+        transport=_reply_transport([429], usage),
+        retry=trio_llm.RetryPolicy(attempts=2, wait_jitter=0),
+    ) as client:
+        request = client._requester.request(
+            client.base_url + "/chat/completions",
+            {"model": MODEL, "messages": messages, "system": "Be brief.", "stop": "END"},
+        )
+
+        async def read(exchange: Any) -> Any:
+            reply = client._provider.parse_chat(await exchange.read_json(), None)
+            return exchange.finish_reply(reply)
+
+        await client._requester.call(request, read, client._retry)
+    call = only(otel.finished(f"chat {MODEL}"))
+    attributes = call.attributes or {}
+    assert attributes["gen_ai.request.stop_sequences"] == ("END",)
+    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 1_024
+    assert attributes["gen_ai.usage.cache_creation.input_tokens"] == 512
+    assert json.loads(str(attributes["gen_ai.system_instructions"])) == [
+        {"type": "text", "content": "Be brief."}
+    ]
+    assert json.loads(str(attributes["gen_ai.input.messages"])) == [
+        {
+            "role": "user",
+            "parts": [{"type": "text", "content": "Look"}, {"type": "image_url"}],
+        },
+        {
+            "role": "assistant",
+            "parts": [{"type": "tool_call", "id": "c0", "name": "f", "arguments": "{}"}],
+        },
+        {"role": "tool", "parts": [{"type": "text", "content": "done"}]},
+    ]
+    (output,) = json.loads(str(attributes["gen_ai.output.messages"]))
+    assert output["parts"] == [
+        {"type": "tool_call", "id": "call_1", "name": "lookup", "arguments": '{"q": "rivers"}'}
+    ]
+    assert output["finish_reason"] == "tool_calls"
+    (event,) = call.events
+    assert dict(event.attributes or {}) == {
+        "error.type": "RateLimitError",
+        "trio_llm.attempt": 1,
+        "trio_llm.retry_after": 1.0,
+    }
+
+
+@pytest.mark.parametrize("kind", ["traces", "metrics"])
+async def test_one_kind_of_provider_alone(kind: str, fake_llm: FakeLLMServer) -> None:
+    """A tracer provider alone gives spans only; a meter provider alone, metrics only."""
+    _reset_globals()
+    spans = InMemorySpanExporter()
+    reader = InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    meter_provider = MeterProvider(metric_readers=[reader])
+    if kind == "traces":
+        trace.set_tracer_provider(tracer_provider)
+    else:
+        metrics.set_meter_provider(meter_provider)
+    try:
+        async with trio_llm.open_client(base_url=fake_llm.base_url, model=MODEL) as client:
+            await client.chat("Hi")
+            async with client.stream("Hi") as stream:
+                async for _ in stream:
+                    pass
+    finally:
+        _reset_globals()
+    recorded = Otel(spans, reader)
+    if kind == "traces":
+        assert len(recorded.finished(f"chat {MODEL}")) == 2
+        assert reader.get_metrics_data() is None
+    else:
+        assert recorded.finished() == []
+        assert len(recorded.points("gen_ai.client.operation.duration")) == 1
+        assert recorded.points("gen_ai.client.operation.duration")[0].count == 2
+    tracer_provider.shutdown()
+    meter_provider.shutdown()
+
+
+async def test_no_op_providers_record_nothing() -> None:
+    """Providers set to the API's no-op ones count as none."""
+    from trio_llm._telemetry import _State
+
+    _reset_globals()
+    try:
+        trace.set_tracer_provider(trace.NoOpTracerProvider())
+        metrics.set_meter_provider(metrics.NoOpMeterProvider())
+        assert _State().current() is None
+    finally:
+        _reset_globals()
+    await trio.lowlevel.checkpoint()
+
+
+async def test_a_cancelled_call_ends_its_span(otel: Otel, fake_llm: FakeLLMServer) -> None:
+    """A call cancelled by its caller ends its spans, marked as such."""
+    async with (
+        open_fake_llm(FakeLLMConfig(latency=10)) as server,
+        trio_llm.open_client(base_url=server.base_url, model=MODEL) as client,
+    ):
+        with trio.move_on_after(0.2):
+            await client.chat("Hi")
+    call = only(otel.finished(f"chat {MODEL}"))
+    assert (call.attributes or {})["error.type"] == "Cancelled"
+    assert [event.name for event in call.events] == []  # no exception event for it
+    assert (only(otel.finished("POST")).attributes or {})["error.type"] == "Cancelled"
