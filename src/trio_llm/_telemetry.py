@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import urlsplit
 
@@ -356,8 +357,6 @@ class CallTrace:
                 span, end_on_exit=False, record_exception=False, set_status_on_exception=False
             )
         else:
-            from contextlib import nullcontext
-
             scope = nullcontext()
         with scope:
             try:
