@@ -49,9 +49,7 @@ def write_input(path: Path, count: int) -> None:
             )
 
 
-def run_batch(
-    url: str, source: Path, target: Path, cpus: str
-) -> tuple[float, float, float, str]:
+def run_batch(url: str, source: Path, target: Path, cpus: str) -> tuple[float, float, float, str]:
     """Run the batch command; return (seconds, CPU seconds, peak RSS in MiB, stderr)."""
     command = [
         sys.executable,

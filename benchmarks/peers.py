@@ -137,6 +137,7 @@ def run_trio_llm(args: argparse.Namespace, run: Run, own_transport: bool) -> Non
             max_concurrency=args.inflight,
             transport=transport,
         ) as client:
+
             async def one() -> None:
                 if not args.stream:
                     await client.chat(PROMPT)

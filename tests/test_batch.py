@@ -580,17 +580,34 @@ async def test_hash_collisions_are_not_duplicates(
     assert_each_once(target, [f"r{i}" for i in range(5)])
 
 
-def test_hash_set_grows_and_answers_membership() -> None:
-    """The compact id set keeps every key through its growth, and reports repeats."""
-    from trio_llm.batch._keys import HashSet
+def test_key_table_grows_and_keeps_each_keys_flags() -> None:
+    """The compact id table keeps every key and its flags through its growth."""
+    from trio_llm.batch._keys import FAILED, OK, SEEN, KeyTable
 
-    keys = HashSet()
-    assert all(keys.add(f"id-{i}") for i in range(5000))
-    assert not keys.add("id-42")
+    keys = KeyTable()
+    assert keys.nbytes() == 1024 * 9  # the smallest: 1,024 slots of 8 bytes and a flag byte
+    assert all(keys.mark(f"id-{i}", OK if i % 3 else FAILED) == 0 for i in range(5000))
+    assert keys.mark("id-42", SEEN) == FAILED
+    assert keys.mark("id-43", SEEN) == OK
     assert len(keys) == 5000
-    assert "id-4999" in keys
-    assert "id-5000" not in keys
-    assert keys.nbytes() == 16384 * 8  # at most half full
+    assert keys.flags("id-42") == FAILED | SEEN
+    assert keys.flags("id-4999") == OK
+    assert keys.flags("id-5000") == 0
+    assert keys.nbytes() == 8192 * 9  # doubled past 85% full: 1,024 -> 8,192 slots
+    keys.clear(SEEN)
+    assert (keys.flags("id-42"), keys.flags("id-43")) == (FAILED, OK)
+
+
+def test_key_table_is_sized_for_the_ids_expected() -> None:
+    """Sized up front for the ids expected: ~14 bytes each, and no growth as they come."""
+    from trio_llm.batch._keys import KeyTable
+
+    keys = KeyTable(100_000)
+    assert 13 * 100_000 < keys.nbytes() < 14 * 100_000
+    size = keys.nbytes()
+    for i in range(100_000):
+        keys.mark(f"id-{i}", 1)
+    assert keys.nbytes() == size
 
 
 async def test_retry_failed_also_repairs_a_partial_last_line(

@@ -14,7 +14,16 @@ import trio
 
 import trio_llm
 from trio_llm import ClientStatistics
-from trio_llm.batch._progress import Counters, Reporter, Watched, open_reporter, retry_reason
+from trio_llm.batch._progress import (
+    SCAN_SHOWN_AFTER,
+    Counters,
+    Reporter,
+    Watched,
+    open_reporter,
+    open_scan_progress,
+    print_summary,
+    retry_reason,
+)
 from trio_llm.batch._terminal import BAR_MIN, DROPPED_FIRST, ECHO_ROOM, fit
 
 BAR_CELLS = "━╸╺"
@@ -343,3 +352,133 @@ async def test_a_client_keeps_its_latest_retry_error_for_the_progress_line(
     last = capsys.readouterr().err.splitlines()[-1]
     assert "| retries 2 |" in last
     assert last.endswith(" | retrying: 503 Injected error: 503 Service Unavailable."), last
+
+
+# --- the passes before sending -------------------------------------------------------
+
+GB = 10**9
+
+
+def frames(output: str) -> list[str]:
+    """The lines rich's live display drew one over the other (styles left out)."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.replace("\r\x1b[2K", "\0"))
+    return [frame for frame in plain.split("\0") if frame.strip()]
+
+
+async def scan_4_gb(width: int, *, what: str = "scanning out.jsonl", fail: bool = False) -> None:
+    """Scan 3 GB of output, then check 1 GB of input, a second a gigabyte."""
+    with open_scan_progress(4 * GB, enabled=True, interval=10.0) as scanning:
+        scanning.phase(what)
+        for _ in range(3):
+            await trio.sleep(1.0)
+            scanning.advance(GB)
+        scanning.phase("checking in.jsonl")
+        await trio.sleep(1.0)
+        if fail:
+            raise trio_llm.BatchInputError("in.jsonl:1: bad", path="in.jsonl", line=1, reason="bad")
+        scanning.advance(GB)
+    assert scanning.elapsed == pytest.approx(4.0)
+
+
+async def test_the_scan_shows_a_bar_then_how_long_it_took(
+    terminal: None,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bar of bytes read with the elapsed time; then one line saying how long it took."""
+    monkeypatch.setenv("COLUMNS", "80")
+    await scan_4_gb(80)
+    err = capsys.readouterr().err
+    drawn = frames(err)[:-1]
+    assert any(
+        re.fullmatch(r"\S scanning out\.jsonl ━+\S* +75% 3\.00/4\.00 GB 0:03 ETA 0:01", line)
+        for line in drawn
+    ), drawn
+    assert all(len(line) <= 80 - ECHO_ROOM for line in drawn)
+    assert screen(err, 80)[-1] == (
+        "trio-llm batch: scanning out.jsonl, checking in.jsonl: done in 4.0 s (4.00 GB)"
+    )
+
+
+async def test_a_long_path_is_cut_to_fit_the_scan_bar(
+    terminal: None,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 60 columns a long path ends in an ellipsis; the numbers and the bar stay."""
+    monkeypatch.setenv("COLUMNS", "60")
+    await scan_4_gb(60, what="scanning /data/batches/2024/very-long-output-file-name.jsonl")
+    drawn = frames(capsys.readouterr().err)[:-1]
+    assert all(len(line) <= 60 - ECHO_ROOM for line in drawn), drawn
+    assert any(
+        re.fullmatch(r"\S scanning /\S*… ━+\S* +75% 3\.00/4\.00 GB 0:03 ETA 0:01", line)
+        for line in drawn
+    ), drawn
+
+
+async def test_a_failed_scan_says_no_done(
+    terminal: None,
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The bar goes, and no line says the passes were done: the error says what happened."""
+    with pytest.raises(trio_llm.BatchInputError):
+        await scan_4_gb(80, fail=True)
+    assert "done in" not in capsys.readouterr().err
+
+
+async def test_a_short_scan_shows_nothing(
+    terminal: None, autojump_clock: trio.abc.Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Passes that take less than SCAN_SHOWN_AFTER draw no bar and print no line."""
+    with open_scan_progress(GB, enabled=True, interval=10.0) as scanning:
+        scanning.phase("scanning out.jsonl")
+        await trio.sleep(SCAN_SHOWN_AFTER / 2)
+        scanning.advance(GB)
+    assert capsys.readouterr().err == ""
+
+
+async def test_plain_scan_progress_is_a_line_every_interval(
+    autojump_clock: trio.abc.Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off a terminal: a line every interval while scanning, then how long it took."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    with open_scan_progress(4 * GB, enabled=True, interval=2.0) as scanning:
+        scanning.phase("scanning out.jsonl")
+        for _ in range(4):
+            await trio.sleep(1.0)
+            scanning.advance(GB)
+    assert capsys.readouterr().err.splitlines() == [
+        "trio-llm batch: scanning out.jsonl: 50% of 4.00 GB read in 2 s",
+        "trio-llm batch: scanning out.jsonl: 100% of 4.00 GB read in 4 s",
+        "trio-llm batch: scanning out.jsonl: done in 4.0 s (4.00 GB)",
+    ]
+    with open_scan_progress(4 * GB, enabled=False, interval=2.0) as quiet:
+        await trio.sleep(3.0)
+        quiet.advance(GB)
+    assert capsys.readouterr().err == ""
+    assert quiet.elapsed == pytest.approx(3.0)
+
+
+def test_the_summary_says_how_long_the_scan_took(capsys: pytest.CaptureFixture[str]) -> None:
+    """The summary table has the seconds spent before sending, and a rate without them."""
+    from trio_llm.batch._runner import BatchSummary
+
+    fields: dict[str, Any] = dict.fromkeys(
+        ("total", "succeeded", "failed", "invalid", "skipped", "skipped_failed", "unanswered",
+         "retries", "rate_limited", "prompt_tokens", "completion_tokens", "tokens"), 0,
+    )  # fmt: skip
+    fields.update(total=1_000_000, skipped=999_000, succeeded=1_000)
+    summary = BatchSummary(
+        input_path="in.jsonl", output_path="out.jsonl", elapsed=14.0, scan_elapsed=12.0,
+        interrupted=False, **fields,
+    )  # fmt: skip
+    print_summary(summary)
+    err = capsys.readouterr().err
+    assert re.search(r"elapsed +14\.0 s \(500\.0 lines/s\)", err), err
+    assert re.search(r"of which scanning the files +12\.0 s", err), err

@@ -199,7 +199,7 @@ def test_bounds_cover_the_prompt_tokens() -> None:
 def test_a_line_without_max_tokens_is_bounded_by_the_default() -> None:
     """A line that sets no max_tokens is bounded with DEFAULT_COMPLETION_TOKENS."""
     pricer = Pricer("openai")
-    budget = Budget(1.0, pricer, MODEL)
+    budget = Budget(1.0, [(pricer, None)], MODEL)
     body = {"messages": [{"role": "user", "content": "hi"}]}
     bound = budget.reserve(body)
     prompt, _ = token_bounds(body, default_completion=0)
@@ -210,7 +210,7 @@ def test_a_line_without_max_tokens_is_bounded_by_the_default() -> None:
     assert budget.spent == 0.0001
     budget.settle(budget.reserve(body) or 0.0, None)  # no known cost: the bound is kept
     assert budget.spent == pytest.approx(0.0001 + bound)
-    tight = Budget(bound * 1.5, pricer, MODEL)
+    tight = Budget(bound * 1.5, [(pricer, None)], MODEL)
     assert tight.reserve(body) == bound
     assert tight.reserve(body) is None  # the first bound is still in flight
     tight.release(bound)

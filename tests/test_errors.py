@@ -218,7 +218,7 @@ async def test_api_key_never_leaks(caplog: pytest.LogCaptureFixture) -> None:
             with pytest.raises(trio_llm.AuthenticationError) as caught:
                 await client.chat("hi")
             texts += [str(caught.value), repr(caught.value), repr(caught.value.body)]
-            texts.append(repr(client._requester._http.headers))
+            texts.append(repr(client._requester.router.primary.http.headers))
         refused_url = server.base_url
     async with trio_llm.open_client(
         base_url=refused_url, api_key=SECRET, model="m", retry=None

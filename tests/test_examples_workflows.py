@@ -122,14 +122,18 @@ async def test_map_reduce_splits_long_documents(
 async def test_structured_output_prints_typed_facts(
     autojump_clock: trio.abc.Clock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """structured_output: each article's facts, validated into the attrs classes."""
+    """structured_output: facts into the pydantic model, a headline into the attrs class,
+    each after one repair, through either provider."""
     module = load_example("structured_output")
-    out = await run_example(module, capsys, "--count", "3")
-    assert len(re.findall(r"^article-\d+: ", out, re.MULTILINE)) == 3
-    topics = re.findall(r"topic=(\w+) sentiment=(\w+)", out)
-    assert len(topics) == 3
-    assert all(sentiment in ("positive", "neutral", "negative") for _, sentiment in topics)
-    assert "gave up" not in out
+    for provider in ("openai", "anthropic"):
+        out = await run_example(module, capsys, "--count", "3", "--provider", provider)
+        assert len(re.findall(r"^article-\d+: ", out, re.MULTILINE)) == 3
+        topics = re.findall(r"topic=(\w+) sentiment=(\w+)", out)
+        assert len(topics) == 3
+        assert all(sentiment in ("positive", "neutral", "negative") for _, sentiment in topics)
+        assert len(re.findall(r"^  headline: '[^']+'", out, re.MULTILINE)) == 3
+        assert "12 requests for 6 answers: every first reply was repaired" in out
+        assert "gave up" not in out
 
 
 def test_hello_runs_as_a_script() -> None:

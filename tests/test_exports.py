@@ -33,6 +33,8 @@ PUBLIC_API = {
     "ConfigurationError",
     "ConflictError",
     "EmbeddingResponse",
+    "Endpoint",
+    "EndpointStatistics",
     "LLMError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -54,9 +56,15 @@ PUBLIC_API = {
     "chat_structured",
     "json_schema_for",
     "StructuredOutputError",
+    "CacheError",
+    "ResponseCache",
+    "SQLiteCache",
+    "open_sqlite_cache",
 }
 
 TESTING_API = {
+    "CacheMissError",
+    "open_replay_client",
     "FakeLLMConfig",
     "FakeLLMServer",
     "FakeLLMStats",

@@ -444,7 +444,7 @@ async def _open_with_limit(limit: Any) -> None:
 async def test_phase_timeouts_that_cannot_fire_before_the_deadline_are_left_out() -> None:
     """Only phase limits shorter than what is left of the call's deadline reach the transport."""
     async with trio_llm.open_client(base_url="http://127.0.0.1:9/v1", model="m") as client:
-        limits_before = client._requester._limits_before
+        limits_before = client._requester._limits.before
         now = trio.current_time()
         defaults = trio_llm.Timeouts()  # connect 10, read 120, write 30, pool 60
         within_120 = limits_before(now + 120.0)

@@ -15,6 +15,8 @@ import pytest
 import trio
 
 import trio_llm
+from trio_llm._routing import CHAT
+from trio_llm._telemetry_content import input_messages
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
 pytest.importorskip("opentelemetry.sdk")
@@ -105,6 +107,7 @@ async def test_a_chat_call_is_a_client_span_with_genai_attributes(
         "gen_ai.request.temperature": 0.5,
         "server.address": "127.0.0.1",
         "server.port": port,
+        "trio_llm.endpoint": f"127.0.0.1:{port}",
         "gen_ai.response.model": MODEL,
         "gen_ai.response.id": reply.id,
         "gen_ai.response.finish_reasons": ("stop",),
@@ -120,6 +123,8 @@ async def test_a_chat_call_is_a_client_span_with_genai_attributes(
     assert attempt.attributes is not None
     assert attempt.attributes["http.response.status_code"] == 200
     assert attempt.attributes["url.full"] == fake_llm.base_url + "/chat/completions"
+    assert attempt.attributes["trio_llm.endpoint"] == f"127.0.0.1:{port}"
+    assert attempt.attributes["server.port"] == port
     assert "http.request.resend_count" not in attempt.attributes
     assert "gen_ai.input.messages" not in attributes  # content only when opted in
     (duration,) = otel.points("gen_ai.client.operation.duration")
@@ -203,6 +208,51 @@ async def test_retries_show_as_attempts_and_events(
     for request, span in zip(seen, (first, second), strict=True):
         ids = [f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"]
         assert request.headers["traceparent"].split("-")[1:3] == ids
+
+
+async def test_a_failover_names_each_attempts_endpoint(
+    otel: Otel, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each POST span carries the endpoint it went to (trio_llm.endpoint, server.address,
+    server.port, url.full); the call's span and metrics end on the one that answered, with
+    its provider and the model sent there."""
+    async with (
+        open_fake_llm(FakeLLMConfig(error_rate=1.0, error_status=503)) as local,
+        open_fake_llm() as hosted,
+    ):
+        endpoints = [
+            trio_llm.Endpoint(local.base_url, name="local"),
+            trio_llm.Endpoint(
+                hosted.root_url,
+                name="hosted",
+                provider="anthropic",
+                model="claude-haiku-4-5",
+                priority=1,
+            ),
+        ]
+        async with trio_llm.open_client(endpoints=endpoints, model=MODEL) as client:
+            reply = await client.chat("Hi")
+    assert reply.endpoint == "hosted"
+    first, second = sorted(otel.finished("POST"), key=lambda s: s.start_time or 0)
+    for span, server, name, url in (
+        (first, local, "local", local.base_url + "/chat/completions"),
+        (second, hosted, "hosted", hosted.root_url + "/v1/messages"),
+    ):
+        attributes = dict(span.attributes or {})
+        port = int(server.base_url.split(":")[2].split("/")[0])
+        assert attributes["trio_llm.endpoint"] == name
+        assert (attributes["server.address"], attributes["server.port"]) == ("127.0.0.1", port)
+        assert attributes["url.full"] == url
+    assert dict(first.attributes or {})["http.response.status_code"] == 503
+    assert dict(second.attributes or {})["http.response.status_code"] == 200
+    call = only(otel.finished(f"chat {MODEL}"))  # named for the call as made
+    attributes = dict(call.attributes or {})
+    assert attributes["trio_llm.endpoint"] == "hosted"
+    assert attributes["gen_ai.provider.name"] == "anthropic"
+    assert attributes["gen_ai.request.model"] == "claude-haiku-4-5"
+    assert attributes["trio_llm.cost_usd"] == reply.cost
+    (duration,) = otel.points("gen_ai.client.operation.duration")
+    assert dict(duration.attributes)["trio_llm.endpoint"] == "hosted"
 
 
 async def test_a_failed_call_records_its_error(otel: Otel, fake_llm: FakeLLMServer) -> None:
@@ -395,9 +445,7 @@ async def test_unconfigured_opentelemetry_records_nothing(fake_llm: FakeLLMServe
     assert "opentelemetry.trace" in sys.modules
     assert instruments() is None
     async with trio_llm.open_client(base_url=fake_llm.base_url, model=MODEL) as client:
-        request = client._requester.request(
-            fake_llm.base_url + "/chat/completions", {"model": MODEL}
-        )
+        request = client._requester.request(CHAT, "Hi", MODEL, {})
     assert request.telemetry is None
     await trio.lowlevel.checkpoint()
 
@@ -501,7 +549,6 @@ async def test_content_tools_cache_and_waits_asked_by_the_server(
             ],
         },
         {"role": "tool", "tool_call_id": "c0", "content": "done"},
-        "not a message",
     ]
     async with trio_llm.open_client(
         base_url="http://127.0.0.1:9/v1",
@@ -509,16 +556,7 @@ async def test_content_tools_cache_and_waits_asked_by_the_server(
         transport=_reply_transport([429], usage),
         retry=trio_llm.RetryPolicy(attempts=2, wait_jitter=0),
     ) as client:
-        request = client._requester.request(
-            client.base_url + "/chat/completions",
-            {"model": MODEL, "messages": messages, "system": "Be brief.", "stop": "END"},
-        )
-
-        async def read(exchange: Any) -> Any:
-            reply = client._provider.parse_chat(await exchange.read_json(), None)
-            return exchange.finish_reply(reply)
-
-        await client._requester.call(request, read, client._retry)
+        await client.chat(messages, system="Be brief.", stop="END")
     call = only(otel.finished(f"chat {MODEL}"))
     attributes = call.attributes or {}
     assert attributes["gen_ai.request.stop_sequences"] == ("END",)
@@ -543,6 +581,8 @@ async def test_content_tools_cache_and_waits_asked_by_the_server(
         {"type": "tool_call", "id": "call_1", "name": "lookup", "arguments": '{"q": "rivers"}'}
     ]
     assert output["finish_reason"] == "tool_calls"
+    # What is not a message (the providers refuse it before) is left out.
+    assert input_messages({"messages": ["not a message"]}) == {"gen_ai.input.messages": "[]"}
     (event,) = call.events
     assert dict(event.attributes or {}) == {
         "error.type": "RateLimitError",

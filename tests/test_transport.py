@@ -43,7 +43,7 @@ from test_client_fanout import *  # noqa: F403
 from test_errors import *  # noqa: F403
 from test_retry import *  # noqa: F403
 from test_streaming import *  # noqa: F403
-from trio_llm import _client
+from trio_llm import _endpoints
 from trio_llm._http import HTTPResponse, TrioTransport, _connection, _head, _parsers
 from trio_llm.testing import FakeLLMConfig, open_fake_llm
 
@@ -61,7 +61,7 @@ async def test_break_while_the_reader_waits(
     autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Leaving while the reader is blocked on a full channel closes everything cleanly."""
-    monkeypatch.setattr(_client, "TrioTransport", _httpx2_transport)
+    monkeypatch.setattr(_endpoints, "TrioTransport", _httpx2_transport)
     await _streaming_suite.test_break_while_the_reader_waits(autojump_clock)
 
 
@@ -78,7 +78,7 @@ def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Set the response parser (``_parsers.PARSER``), or make httpx2's transport the default."""
     name: str = request.param
     if name == "httpx2":
-        monkeypatch.setattr(_client, "TrioTransport", _httpx2_transport)
+        monkeypatch.setattr(_endpoints, "TrioTransport", _httpx2_transport)
         return name
     if name == _parsers.HTTPTOOLS and not _parsers.HAVE_HTTPTOOLS:
         pytest.skip("httptools is not installed")

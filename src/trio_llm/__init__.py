@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from ._cache import ResponseCache as ResponseCache
+    from ._cache_sqlite import SQLiteCache as SQLiteCache
+    from ._cache_sqlite import open_sqlite_cache as open_sqlite_cache
     from ._client import ChatItem as ChatItem
     from ._client import Client as Client
     from ._client import ClientStatistics as ClientStatistics
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
     from ._config import RetryPolicy as RetryPolicy
     from ._config import Timeouts as Timeouts
     from ._cost import Price as Price
+    from ._endpoints import Endpoint as Endpoint
     from ._errors import APIConnectionError as APIConnectionError
     from ._errors import APIResponseError as APIResponseError
     from ._errors import APIStatusError as APIStatusError
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from ._errors import AuthenticationError as AuthenticationError
     from ._errors import BadRequestError as BadRequestError
     from ._errors import BatchInputError as BatchInputError
+    from ._errors import CacheError as CacheError
     from ._errors import ConfigurationError as ConfigurationError
     from ._errors import ConflictError as ConflictError
     from ._errors import LLMError as LLMError
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
     from ._mapreduce import map_reduce as map_reduce
     from ._prompt import Prompt as Prompt
     from ._ratelimit import RateLimit as RateLimit
+    from ._routing import EndpointStatistics as EndpointStatistics
     from ._streaming import ChatStream as ChatStream
     from ._streaming import MultiChatStream as MultiChatStream
     from ._streaming import StreamItem as StreamItem
@@ -63,6 +69,9 @@ if TYPE_CHECKING:
 
 # Each public name, and the private module that defines it.
 _EXPORTS = {
+    "ResponseCache": "._cache",
+    "SQLiteCache": "._cache_sqlite",
+    "open_sqlite_cache": "._cache_sqlite",
     "ChatItem": "._client",
     "Client": "._client",
     "ClientStatistics": "._client",
@@ -70,6 +79,7 @@ _EXPORTS = {
     "RetryPolicy": "._config",
     "Timeouts": "._config",
     "Price": "._cost",
+    "Endpoint": "._endpoints",
     "APIConnectionError": "._errors",
     "APIResponseError": "._errors",
     "APIStatusError": "._errors",
@@ -77,6 +87,7 @@ _EXPORTS = {
     "AuthenticationError": "._errors",
     "BadRequestError": "._errors",
     "BatchInputError": "._errors",
+    "CacheError": "._errors",
     "ConfigurationError": "._errors",
     "ConflictError": "._errors",
     "LLMError": "._errors",
@@ -96,6 +107,7 @@ _EXPORTS = {
     "map_reduce": "._mapreduce",
     "Prompt": "._prompt",
     "RateLimit": "._ratelimit",
+    "EndpointStatistics": "._routing",
     "ChatStream": "._streaming",
     "MultiChatStream": "._streaming",
     "StreamItem": "._streaming",
@@ -135,6 +147,7 @@ __all__ = [
     "BadRequestError",
     "BatchInputError",
     "BatchSummary",
+    "CacheError",
     "ChatChunk",
     "ChatItem",
     "ChatResponse",
@@ -145,6 +158,8 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "EmbeddingResponse",
+    "Endpoint",
+    "EndpointStatistics",
     "LLMError",
     "MapReduceResult",
     "MultiChatStream",
@@ -154,9 +169,11 @@ __all__ = [
     "Prompt",
     "RateLimit",
     "RateLimitError",
+    "ResponseCache",
     "Result",
     "RetryDeadlineExceeded",
     "RetryPolicy",
+    "SQLiteCache",
     "ServerError",
     "StreamError",
     "StreamItem",
@@ -174,5 +191,6 @@ __all__ = [
     "map_concurrently",
     "map_reduce",
     "open_client",
+    "open_sqlite_cache",
     "run_batch",
 ]

@@ -5,9 +5,9 @@ subcommands, argparse gives usage errors and ``--help`` for free, and it adds no
 dependency to a library whose users mostly import it.
 
 This module assembles the command and holds ``chat`` and ``fake-server``; ``batch`` and
-``serve`` live in their packages' ``_command.py``, and what the commands share (exit
-codes, argument types, connection flags, the client) in ``_cli_options.py``. Commands
-import ``_cli_options``, never this module.
+``serve`` live in their packages' ``_command.py``, ``cache`` in ``_cli_cache.py``, and
+what the commands share (exit codes, argument types, connection flags, the client) in
+``_cli_options.py``. Commands import ``_cli_options``, never this module.
 
 Every expected failure ends here as one line on stderr and a documented exit status
 (``docs/batch.md``, ``docs/serving.md``); a traceback is printed only with ``--debug``,
@@ -29,6 +29,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._cli_cache import add_cache_option, add_cache_parser, run_cache_command
 from ._cli_options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(commands)
     add_serve_parser(commands)
     _add_fake_server_parser(commands)
+    add_cache_parser(commands)
     for command in commands.choices.values():
         # Also after the command's name; SUPPRESS keeps the top-level value when absent.
         if "--debug" not in command._option_string_actions:
@@ -101,6 +103,13 @@ def _add_chat_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--stream",
         action="store_true",
         help="print the reply as it is generated (with --json: the aggregated response)",
+    )
+    add_cache_option(chat)
+    chat.add_argument(
+        "--schema",
+        metavar="FILE",
+        help="a JSON Schema file: ask for a reply matching it, repair a bad one (twice at "
+        "most), and print the validated JSON value",
     )
     add_connection_options(chat)
 
@@ -160,6 +169,33 @@ def _add_fake_server_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _read_schema(path: str) -> Any:
+    """Return the JSON Schema in the file ``path`` (a usage error if it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            schema = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--schema {path}: {exc}", status=EXIT_USAGE) from None
+    if not isinstance(schema, dict):
+        raise CommandError(f"--schema {path}: a JSON Schema is an object", status=EXIT_USAGE)
+    return schema
+
+
+async def _structured(args: argparse.Namespace, messages: Any, params: dict[str, Any]) -> int:
+    from ._structured import chat_structured  # jsonschema and cattrs load only when needed
+
+    if args.stream:
+        raise CommandError("--schema and --stream cannot be combined", status=EXIT_USAGE)
+    schema = _read_schema(args.schema)
+    async with open_cli_client(args) as client:
+        try:
+            value = await chat_structured(client, messages, schema, **params)
+        except ValueError as exc:  # raised before anything is sent
+            raise CommandError(f"--schema {args.schema}: {exc}", status=EXIT_USAGE) from None
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
 async def _chat(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages: list[dict[str, str]] = []
@@ -171,6 +207,8 @@ async def _chat(args: argparse.Namespace) -> int:
         params["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         params["temperature"] = args.temperature
+    if args.schema is not None:
+        return await _structured(args, messages, params)
     pace: dict[str, Any] = {}
     if args.stream:
         pace = {
@@ -246,6 +284,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return run_batch_command(args)
     if args.command == "serve":
         return run_serve_command(args)
+    if args.command == "cache":
+        return run_cache_command(args)
     return trio.run(_chat, args)
 
 

@@ -19,12 +19,13 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
-from ._client import Client, _is_loopback, _resolve_base_url, open_client
+from ._client import Client, open_client
 from ._config import RetryPolicy
 from ._cost import Price, Prices, parse_price
+from ._endpoints import Endpoint, is_loopback, resolve_base_url
 from ._errors import ConfigurationError
 from ._ratelimit import RateLimit
 from .providers._registry import provider_named
@@ -40,9 +41,11 @@ __all__ = [
     "CommandError",
     "Parser",
     "add_connection_options",
+    "add_endpoints_option",
     "add_price_option",
     "api_key_from_env",
     "cannot_listen",
+    "cli_endpoints",
     "cli_prices",
     "non_negative_float",
     "open_cli_client",
@@ -204,8 +207,8 @@ def api_key_from_env(variable: str | None, *, provider: str, base_url: str | Non
         return value
     state = "is not set" if value is None else "is empty"
     # Only the host is shown: a URL may carry credentials of its own.
-    host = urlsplit(_resolve_base_url(base_url, adapter)).hostname or ""
-    if _is_loopback(host):
+    host = urlsplit(resolve_base_url(base_url, adapter)).hostname or ""
+    if is_loopback(host):
         return None
     raise ConfigurationError(
         f"no API key for {host}: ${name} {state}; set it, or pass --api-key-env NAME "
@@ -261,6 +264,43 @@ def cli_prices(texts: list[str] | None) -> Prices | None:
     return by_model
 
 
+def add_endpoints_option(group: argparse._ActionsContainer) -> None:
+    """Add ``--endpoints FILE.toml`` (read by :func:`cli_endpoints`)."""
+    group.add_argument(
+        "--endpoints",
+        metavar="FILE.toml",
+        help="several endpoints instead of one URL, from a TOML file with one [[endpoint]] "
+        "table each (base_url, model, priority, weight, api_key_env, ...): balanced by load, "
+        "with failover and fallbacks (docs: Several endpoints)",
+    )
+
+
+def cli_endpoints(args: argparse.Namespace, *, url_flag: str) -> list[Endpoint] | None:
+    """Return the endpoints of ``--endpoints`` (``None`` without it).
+
+    Raises:
+        ConfigurationError: the file is not a valid endpoints file, or ``url_flag`` (the
+            command's flag for one URL), ``--api-key-env`` or ``--simulate`` was given too.
+    """
+    path = getattr(args, "endpoints", None)
+    if not path:
+        return None
+    if getattr(args, url_flag.strip("-").replace("-", "_"), None):
+        raise ConfigurationError(f"give --endpoints or {url_flag}, not both")
+    if getattr(args, "api_key_env", None):
+        raise ConfigurationError(
+            "--api-key-env is for one URL: with --endpoints, give each [[endpoint]] its "
+            "api_key_env in the file"
+        )
+    if getattr(args, "simulate", False):
+        raise ConfigurationError(
+            "--simulate answers from the built-in fake server: drop --endpoints"
+        )
+    from ._endpoints_config import load_endpoints  # (tomllib, only when asked for)
+
+    return load_endpoints(path)
+
+
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     """Add the flags that :func:`open_cli_client` reads, as the group "server"."""
     group = parser.add_argument_group("server")
@@ -278,6 +318,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         "https://api.openai.com/v1; for anthropic, the root without /v1: "
         "$ANTHROPIC_BASE_URL or https://api.anthropic.com)",
     )
+    add_endpoints_option(group)
     group.add_argument(
         "--api-key-env",
         metavar="NAME",
@@ -331,16 +372,36 @@ async def open_cli_client(
 ) -> AsyncIterator[Client]:
     """Open the client the connection flags describe (or the in-process fake server's).
 
-    ``simulate_*`` pace the fake server of ``--simulate``, so a demo looks like a model.
+    With ``--endpoints``, the file's endpoints; ``--model`` (or its default) goes to
+    those that name no model. ``simulate_*`` pace the fake server of ``--simulate``, so
+    a demo looks like a model.
     Leaving the block, cancelled or not, closes the client and stops that server.
 
+    A ``--cache PATH`` the command has (``add_cache_option``) opens that response cache.
+
     Raises:
-        ConfigurationError: no usable API key (see :func:`api_key_from_env`), or a
-            setting ``open_client`` refuses.
+        ConfigurationError: no usable API key (see :func:`api_key_from_env`), a bad
+            ``--endpoints`` file, or a setting ``open_client`` refuses.
+        CacheError: the ``--cache`` file cannot be used.
     """
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODELS[args.provider]
     retry = RetryPolicy(attempts=args.max_attempts, deadline=args.deadline)
-    prices = cli_prices(args.price)
+    shared: dict[str, Any] = {  # what each way of opening the client below shares
+        "model": model,
+        "max_concurrency": args.concurrency,
+        "retry": retry,
+        "rate_limit": rate_limit,
+        "cache": getattr(args, "cache", None),
+        "prices": cli_prices(args.price),
+    }
+    endpoints = cli_endpoints(args, url_flag="--base-url")
+    if endpoints is not None:
+        async with open_client(
+            endpoints=endpoints,
+            **shared,
+        ) as client:
+            yield client
+        return
     if args.simulate:
         from .testing import FakeLLMConfig, open_fake_llm
 
@@ -366,11 +427,7 @@ async def open_cli_client(
                 provider=args.provider,
                 base_url=base_url,
                 api_key="",
-                model=model,
-                max_concurrency=args.concurrency,
-                retry=retry,
-                rate_limit=rate_limit,
-                prices=prices,
+                **shared,
             ) as client:
                 yield client
         return
@@ -379,10 +436,6 @@ async def open_cli_client(
         provider=args.provider,
         base_url=args.base_url,
         api_key=api_key,
-        model=model,
-        max_concurrency=args.concurrency,
-        retry=retry,
-        rate_limit=rate_limit,
-        prices=prices,
+        **shared,
     ) as client:
         yield client

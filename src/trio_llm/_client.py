@@ -1,10 +1,8 @@
-"""The client: one pooled HTTP client, one concurrency limit, shared by every task."""
+"""The client: its endpoints' connection pools and one concurrency limit, shared by every task."""
 
 from __future__ import annotations
 
 import enum
-import ipaddress
-import os
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -16,24 +14,30 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, final
-from urllib.parse import urlsplit
 
 import attrs
 import httpx2
 import trio
 
 from ._attempt import Exchange, Requester
+from ._cache import CachedReply, CacheSetting, open_cache_hook
 from ._config import RetryPolicy, Timeouts
-from ._cost import Pricer, Prices
+from ._cost import Prices
+from ._endpoints import Endpoint, open_router, resolve_base_url
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
-from ._http import TrioTransport
 from ._ratelimit import RateLimit, RateLimiter
-from ._sending import direct_transport_for, environment_proxy_for
+from ._routing import (
+    CHAT,
+    EMBEDDINGS,
+    STREAM,
+    EndpointStatistics,
+    set_chat_endpoint,
+    set_embeddings_endpoint,
+)
 from ._streaming import ChatStream, MultiChatStream, open_chat_stream, open_stream_many
 from ._types import ChatResponse, EmbeddingResponse, Result
-from ._version import __version__
-from .providers._base import Messages, Provider
+from .providers._base import Messages
 from .providers._registry import provider_named
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
@@ -58,17 +62,6 @@ _ADAPTIVE: Final = RateLimit()
 #: (``{"messages": [...], **body_fields}``, or ``{"prompt": "...", ...}``).
 ChatItem = str | Sequence[Mapping[str, Any]] | Mapping[str, Any]
 
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
 
 @final
 @attrs.frozen(kw_only=True)
@@ -80,7 +73,7 @@ class ClientStatistics:
         waiting: requests waiting for a concurrency slot or for rate-limit capacity now.
         max_concurrency: the concurrency limit.
         sent: HTTP attempts started.
-        succeeded: calls that returned a result.
+        succeeded: calls the server answered (replies from the cache are ``cache_hits``).
         failed: calls that raised an error (cancelled calls count in neither).
         retried: retry attempts made (attempts after the first of a call).
         rate_limited: 429 responses received.
@@ -88,9 +81,14 @@ class ClientStatistics:
         completion_tokens: completion tokens reported by the server's ``usage``.
         cost: what the calls that returned a result cost, in USD (streams included), by
             the models' list prices or the client's ``prices``; ``None`` when some had no
-            known price (see ``unpriced``): a total is never guessed.
+            known price (see ``unpriced``): a total is never guessed. Replies from the
+            response cache cost nothing (``reply.cost == 0.0``).
         unpriced: calls that returned a result whose cost is unknown (their model has no
             price, or the reply reported no usage).
+        cache_hits: calls answered from the client's response cache: no request sent,
+            no capacity taken, no tokens counted.
+        endpoints: one :class:`EndpointStatistics` per endpoint, in the order given
+            (one for a client opened with ``base_url=``).
     """
 
     in_flight: int
@@ -103,6 +101,8 @@ class ClientStatistics:
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
+    cache_hits: int = 0
+    endpoints: tuple[EndpointStatistics, ...] = ()
     cost: float | None = 0.0
     unpriced: int = 0
 
@@ -115,33 +115,36 @@ class Client:
     """
 
     def __init__(
-        self,
-        *,
-        requester: Requester,
-        base_url: str,
-        model: str | None,
-        retry: RetryPolicy | None,
+        self, *, requester: Requester, model: str | None, retry: RetryPolicy | None
     ) -> None:
         self._requester = requester
-        # The transport, when requests skip httpx2's client layer.
-        self._direct = requester.direct
+        self._router = router = requester.router
+        primary = router.primary
+        # The first endpoint's transport, when its requests skip httpx2's client layer.
+        self._direct = primary.direct
         self._retry = retry
-        self._base_url = base_url
+        self._base_url = primary.endpoint.base_url
         self._model = model
-        self._provider = provider = requester.provider
-        self._chat_url = base_url + provider.chat_path
-        self._embeddings_url = base_url + provider.embeddings_path
+        self._provider = primary.provider
 
     def __repr__(self) -> str:
+        routes = self._router.routes
+        where = (
+            f"base_url={redact_url(self._base_url)!r}"
+            if len(routes) == 1
+            else f"endpoints={[route.name for route in routes]!r}"
+        )
         return (
-            f"<trio_llm.Client provider={self._provider.name!r} "
-            f"base_url={redact_url(self._base_url)!r} "
+            f"<trio_llm.Client provider={self._provider.name!r} {where} "
             f"model={self._model!r} max_concurrency={self.max_concurrency}>"
         )
 
     @property
     def base_url(self) -> str:
-        """The API's base URL, e.g. ``https://api.openai.com/v1``."""
+        """The API's base URL, e.g. ``https://api.openai.com/v1``.
+
+        With several endpoints: the first one's of the lowest priority.
+        """
         return self._base_url
 
     @property
@@ -156,13 +159,14 @@ class Client:
 
     @property
     def _rate(self) -> RateLimiter | None:
-        return self._requester.rate
+        return self._router.primary.rate
 
     def statistics(self) -> ClientStatistics:
-        """Return a snapshot of the client's counters."""
+        """Return a snapshot of the client's counters, and of each endpoint's."""
         requester = self._requester
         limiter = requester.limiter.statistics()
-        rate_waiting = requester.rate.statistics().waiting if requester.rate is not None else 0
+        routes = self._router.routes
+        rate_waiting = sum(r.rate.statistics().waiting for r in routes if r.rate is not None)
         return ClientStatistics(
             in_flight=limiter.borrowed_tokens,
             waiting=limiter.tasks_waiting + rate_waiting,
@@ -174,6 +178,8 @@ class Client:
             rate_limited=requester.rate_limited,
             prompt_tokens=requester.prompt_tokens,
             completion_tokens=requester.completion_tokens,
+            cache_hits=requester.cache_hits,
+            endpoints=self._router.statistics(),
             cost=None if requester.unpriced else requester.cost,
             unpriced=requester.unpriced,
         )
@@ -181,9 +187,10 @@ class Client:
     def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
         return self._retry if retry is CLIENT_DEFAULT else retry
 
-    def _resolve_model(self, model: str | None) -> str:
+    def _resolve_model(self, model: str | None) -> str | None:
+        """The call's model, else the client's (``None`` if every endpoint names its own)."""
         resolved = model or self._model
-        if not resolved:
+        if not resolved and self._router.needs_model:
             raise ConfigurationError("no model given: pass model= to this call or to open_client()")
         return resolved
 
@@ -193,6 +200,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> ChatResponse:
         """Send one chat request and return the reply.
@@ -203,6 +211,8 @@ class Client:
             model: the model; defaults to the client's.
             retry: this call's :class:`RetryPolicy` (default: the client's); ``None``
                 makes one attempt with no deadline.
+            cache: ``False``: this call neither reads nor fills the client's response
+                cache (``open_client(cache=...)``).
             **params: any other field of the request body (``temperature``,
                 ``max_tokens``, ``tools``, ``response_format``, ...), passed unchanged.
 
@@ -218,20 +228,25 @@ class Client:
         or the wait for the next attempt ends; nothing is retried after it.
         """
         requester = self._requester
-        # Encoded at once: a request in flight holds only bytes.
+        # Encoded at once: a request in flight holds only bytes (and, when its endpoints
+        # differ in provider or model, what to build another endpoint's body from).
         request = requester.request(
-            self._chat_url,
-            self._provider.chat_body(prompt_or_messages, self._resolve_model(model), params),
+            CHAT, prompt_or_messages, self._resolve_model(model), params, cache=cache
         )
-        return await requester.call(request, self._read_chat, self._policy(retry))
+        return await requester.call(
+            request, self._read_chat, self._policy(retry), CachedReply.chat_response
+        )
 
-    async def _read_chat(self, exchange: Exchange) -> ChatResponse:
+    @staticmethod
+    async def _read_chat(exchange: Exchange) -> ChatResponse:
         payload = await exchange.read_json()
+        route = exchange.route
         try:
-            reply = self._provider.parse_chat(payload, exchange.request_id)
+            reply = route.provider.parse_chat(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
-        exchange.finish_reply(reply)
+        set_chat_endpoint(reply, route.name)
+        exchange.finish(reply, payload)
         return reply
 
     async def embed(
@@ -240,6 +255,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> EmbeddingResponse:
         """Embed one text or a list of texts; vectors come back in input order.
@@ -248,6 +264,7 @@ class Client:
             texts: a string or a sequence of strings.
             model: the model; defaults to the client's.
             retry: this call's :class:`RetryPolicy`, as for :meth:`chat`.
+            cache: ``False``: skip the client's response cache, as for :meth:`chat`.
             **params: other request fields (``dimensions``, ``encoding_format``, ...).
                 ``encoding_format="base64"`` is decoded transparently.
 
@@ -258,18 +275,22 @@ class Client:
         """
         requester = self._requester
         request = requester.request(
-            self._embeddings_url,
-            self._provider.embeddings_body(texts, self._resolve_model(model), params),
+            EMBEDDINGS, texts, self._resolve_model(model), params, cache=cache
         )
-        return await requester.call(request, self._read_embeddings, self._policy(retry))
+        return await requester.call(
+            request, self._read_embeddings, self._policy(retry), CachedReply.embedding_response
+        )
 
-    async def _read_embeddings(self, exchange: Exchange) -> EmbeddingResponse:
+    @staticmethod
+    async def _read_embeddings(exchange: Exchange) -> EmbeddingResponse:
         payload = await exchange.read_json()
+        route = exchange.route
         try:
-            reply = self._provider.parse_embeddings(payload, exchange.request_id)
+            reply = route.provider.parse_embeddings(payload, exchange.request_id)
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
-        exchange.finish_reply(reply)
+        set_embeddings_endpoint(reply, route.name)
+        exchange.finish(reply, payload)
         return reply
 
     def _chat_item(
@@ -356,6 +377,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> AbstractAsyncContextManager[ChatStream]:
         """Stream one chat reply: ``async with client.stream(prompt) as stream:``.
@@ -365,13 +387,16 @@ class Client:
         first event are retried under ``retry`` (default: the client's) and raised from
         ``async with``; later ones raise :class:`StreamError` from the loop. Other
         arguments as for :meth:`chat`; ``stream_options.include_usage`` is set unless
-        given.
+        given. With the client's cache, a reply stored before (streamed or not) is
+        replayed as a stream, and a reply streamed to its end is stored.
 
         Cancellation: leaving the block early (break, an exception, a cancel scope)
         closes the response and its connection at once and releases the slot.
         """
-        body = self._provider.stream_body(prompt_or_messages, self._resolve_model(model), params)
-        return open_chat_stream(self._requester, self._chat_url, body, self._policy(retry))
+        requester = self._requester
+        resolved = self._resolve_model(model)
+        request = requester.request(STREAM, prompt_or_messages, resolved, params, cache=cache)
+        return open_chat_stream(requester, request, self._policy(retry))
 
     def stream_many(
         self,
@@ -379,6 +404,7 @@ class Client:
         *,
         model: str | None = None,
         retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
+        cache: bool = True,
         **params: Any,
     ) -> AbstractAsyncContextManager[MultiChatStream]:
         """Stream several replies at once: ``async for index, item in streams``.
@@ -392,24 +418,11 @@ class Client:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of prompts, not one string")
         resolved = self._resolve_model(model)
-        stream_body = self._provider.stream_body
-        bodies = [stream_body(prompt, resolved, params) for prompt in prompts]
-        return open_stream_many(self._requester, self._chat_url, bodies, self._policy(retry))
-
-
-def _resolve_base_url(base_url: str | None, provider: Provider) -> str:
-    url = base_url or os.environ.get(provider.base_url_env) or provider.default_base_url
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
-        shown = redact_url(url)
-        raise ConfigurationError(f"base_url {shown!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ConfigurationError(
-            f"base_url must be an http:// or https:// URL, not {redact_url(url)!r}"
-        )
-    return url.rstrip("/")
+        requester = self._requester
+        requests = [
+            requester.request(STREAM, prompt, resolved, params, cache=cache) for prompt in prompts
+        ]
+        return open_stream_many(requester, requests, self._policy(retry))
 
 
 def _check_size(name: str, value: object, *, optional: bool = False) -> None:
@@ -424,44 +437,24 @@ def _check_size(name: str, value: object, *, optional: bool = False) -> None:
         raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
 
 
-def _default_headers(
-    adapter: Provider, url: str, api_key: str | None, extra: Mapping[str, str] | None
-) -> dict[str, str]:
-    """Return the headers of every request: ours, the provider's key, the caller's.
+def _endpoints_of(
+    endpoints: Sequence[Endpoint] | None, base_url: str | None, api_key: str | None, provider: str
+) -> Sequence[Endpoint]:
+    """The client's endpoints: those given, or the one ``base_url`` (or the default) names.
 
     Raises:
-        ConfigurationError: no API key for a server that is not on a loopback address.
+        ConfigurationError: ``endpoints`` with ``base_url`` or ``api_key``; a bad URL.
     """
-    key = api_key if api_key is not None else os.environ.get(adapter.api_key_env)
-    if not key and not _is_loopback(urlsplit(url).hostname or ""):
+    if endpoints is None:
+        url = resolve_base_url(base_url, provider_named(provider))
+        return [Endpoint(url, api_key=api_key, provider=provider)]
+    if base_url is not None:
+        raise ConfigurationError("open_client: pass base_url= or endpoints=, not both")
+    if api_key is not None:
         raise ConfigurationError(
-            f"no API key for {redact_url(url)}: pass api_key= or set ${adapter.api_key_env}"
+            "open_client: with endpoints=, give each Endpoint its api_key or api_key_env"
         )
-    headers = {
-        "user-agent": f"trio-llm/{__version__}",
-        "content-type": "application/json",
-        "accept": "application/json",
-    }
-    headers.update(adapter.auth_headers(key))
-    if extra:
-        headers.update(extra)
-    return headers
-
-
-def _transport(
-    transport: httpx2.AsyncBaseTransport | None, url: str, max_concurrency: int
-) -> tuple[httpx2.AsyncBaseTransport | None, httpx2.Limits]:
-    """Return the client's transport (the caller's, else ours) and its pool limits.
-
-    Ours unless a proxy from the environment applies to ``url`` (then httpx2's, through
-    it): its cost per request stays flat however many are in flight (docs/performance.md).
-    """
-    limits = httpx2.Limits(
-        max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-    )
-    if transport is None and not environment_proxy_for(url):
-        transport = TrioTransport(limits=limits)
-    return transport, limits
+    return list(endpoints)
 
 
 @asynccontextmanager
@@ -471,6 +464,7 @@ async def open_client(
     api_key: str | None = None,
     model: str | None = None,
     provider: str = "openai",
+    endpoints: Sequence[Endpoint] | None = None,
     max_concurrency: int = 64,
     rate_limit: RateLimit | None = _ADAPTIVE,
     retry: RetryPolicy | _ClientDefault | None = CLIENT_DEFAULT,
@@ -479,68 +473,68 @@ async def open_client(
     headers: Mapping[str, str] | None = None,
     max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     prices: Prices | None = None,
+    cache: CacheSetting | None = None,
 ) -> AsyncIterator[Client]:
-    """Open a client: a connection pool and the limits every task using it shares.
+    """Open a client: connection pools and the limits every task using it shares.
 
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``. Default:
             ``$OPENAI_BASE_URL``, else ``https://api.openai.com/v1``; for Anthropic
             ``$ANTHROPIC_BASE_URL``, else ``https://api.anthropic.com`` (no ``/v1``).
         api_key: the API key. Default: ``$OPENAI_API_KEY`` (``$ANTHROPIC_API_KEY`` for
-            Anthropic). Required unless the server is on a loopback address (local
-            servers often need none).
-        model: the model used by calls that name none.
+            Anthropic); required unless the server is on a loopback address.
+        model: the model of calls that name none (for endpoints that name none).
         provider: the wire format; ``"openai"`` (any OpenAI-compatible server) or
             ``"anthropic"`` (the Messages API: same calls and result types, requests and
             replies translated; ``embed`` raises :class:`ConfigurationError`).
-        max_concurrency: requests in flight at once, across all tasks (and pool size).
+        endpoints: several :class:`Endpoint` instead of one ``base_url`` (replicas,
+            fallbacks): each attempt goes to one by priority, load per weight and
+            health; a failed one fails over at once. Exclusive with ``base_url`` and
+            ``api_key``; ``provider`` then applies to none (each has its own).
+        max_concurrency: requests in flight at once, across all tasks and endpoints
+            (and each endpoint's pool size, unless it sets its own).
         rate_limit: requests and tokens per minute for all the client's calls together
-            (:class:`RateLimit`). The default, ``RateLimit()``, sets no limit of its own
-            but adopts the server's from its ``x-ratelimit-*`` headers; ``None`` turns
-            rate limiting off entirely. A 429 with ``retry-after`` pauses every task.
-        retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
-            attempts within 120 s); ``None`` disables retries. Calls may override it.
+            (:class:`RateLimit`); with several endpoints, for each endpoint that sets
+            none. The default, ``RateLimit()``, sets no limit of its own but adopts the
+            server's from its ``x-ratelimit-*`` headers; ``None`` turns rate limiting
+            off entirely. A 429 with ``retry-after`` pauses every task sent there.
+        retry: the :class:`RetryPolicy` of every call, which may override it (default:
+            ``RetryPolicy()``: 6 attempts within 120 s, on any endpoints); ``None``: no retries.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
-        transport: the HTTP transport. Default: a :class:`TrioTransport` with one
-            connection per concurrency slot. Any ``httpx2.AsyncBaseTransport`` works:
-            ``httpx2.AsyncHTTPTransport(...)`` (HTTP/2, proxies), ``MockTransport``.
+        transport: the HTTP transport of every endpoint (default: a :class:`TrioTransport`
+            each, a connection per concurrency slot); any ``httpx2.AsyncBaseTransport``.
         headers: extra headers sent with every request (e.g. ``OpenAI-Organization``).
         max_response_bytes: the largest reply body (default 64 MiB) and stream event
-            (at most 16 MiB) accepted; a larger one fails the call at once with
-            :class:`APIResponseError`. ``None``: no limit.
-        prices: a :class:`Price` for every model, or prices by model name; the others
-            cost genai-prices' list price for the provider and model (``reply.cost``).
+            (at most 16 MiB): larger fails the call, :class:`APIResponseError`; ``None``: no limit.
+        prices: a :class:`Price` for every model, or by model name; the others cost the
+            list price of the answering endpoint's provider and model (``reply.cost``).
+        cache: a response cache: an SQLite file's path (created if missing; a corrupt
+            or newer one raises :class:`CacheError`) or any :class:`ResponseCache`.
 
     Raises:
         ConfigurationError: a bad setting, or no API key for a non-loopback server.
 
-    Leaving the block closes every connection: open the client outside the nursery
-    whose tasks use it, so that their calls have finished by then.
+    Leaving the block closes every connection: open it outside the nursery of its tasks.
     """
-    adapter = provider_named(provider)
     _check_size("max_concurrency", max_concurrency)
     _check_size("max_response_bytes", max_response_bytes, optional=True)
-    url = _resolve_base_url(base_url, adapter)
+    chosen = _endpoints_of(endpoints, base_url, api_key, provider)
     timeouts = timeouts or Timeouts()
-    transport, limits = _transport(transport, url, max_concurrency)
-    headers = _default_headers(adapter, url, api_key, headers)
-    http = httpx2.AsyncClient(
-        headers=headers, timeout=timeouts.to_httpx(), limits=limits, transport=transport
-    )
-    requester = Requester(
-        http=http,
-        direct=direct_transport_for(transport, url),
-        provider=adapter,
-        rate=RateLimiter(rate_limit) if rate_limit is not None else None,
+    policy = RetryPolicy() if retry is CLIENT_DEFAULT else retry
+    async with open_router(
+        chosen,
         max_concurrency=max_concurrency,
         timeouts=timeouts,
-        max_response_bytes=max_response_bytes,
-        pricer=Pricer(adapter.name, prices),
-    )
-    async with http:
-        yield Client(
-            requester=requester,
-            base_url=url,
-            model=model,
-            retry=RetryPolicy() if retry is CLIENT_DEFAULT else retry,
+        rate_limit=rate_limit,
+        transport=transport,
+        headers=headers,
+    ) as router:
+        requester = Requester(
+            router=router,
+            max_concurrency=max_concurrency,
+            timeouts=timeouts,
+            max_response_bytes=max_response_bytes,
+            prices=prices,
         )
+        async with open_cache_hook(cache) as requester.cache:
+            yield Client(requester=requester, model=model, retry=policy)

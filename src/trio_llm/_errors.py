@@ -11,6 +11,8 @@ The tree::
     ├── StreamError                 a streamed reply failed after its first event
     ├── BatchInputError             a batch file has an invalid line (path, line, reason)
     ├── StructuredOutputError       a reply still did not match its schema after repairs
+    ├── CacheError                  a response cache cannot be used (corrupt, newer format)
+    │   └── CacheMissError          a replay-only cache has no reply for a request
     └── APIStatusError              the server answered with a 4xx or 5xx status
         ├── BadRequestError         400
         ├── AuthenticationError     401
@@ -46,6 +48,8 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchInputError",
+    "CacheError",
+    "CacheMissError",
     "ConfigurationError",
     "ConflictError",
     "LLMError",
@@ -195,6 +199,36 @@ class StructuredOutputError(LLMError):
         super().__init__(message)
         self.raw_text = raw_text
         self.errors = errors
+
+
+class CacheError(LLMError):
+    """A response cache cannot be used: its file is corrupt, of a newer format, or unopenable.
+
+    Raised when the cache is opened, before any request, never in the middle of a job.
+
+    Attributes:
+        path: the cache file, when the cache is one.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@final
+class CacheMissError(CacheError):
+    """A replay-only cache has no recorded reply for a request (nothing was sent).
+
+    Raised by :func:`trio_llm.testing.open_replay_client` when a test makes a request
+    that was not recorded.
+
+    Attributes:
+        key: the request's cache key.
+    """
+
+    def __init__(self, message: str, *, key: str, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.key = key
 
 
 class APIStatusError(LLMError):

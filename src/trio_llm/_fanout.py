@@ -38,6 +38,7 @@ __all__ = [
     "as_completed",
     "capture_errors",
     "map_concurrently",
+    "open_owning_nursery",
     "open_task_channel",
 ]
 
@@ -315,21 +316,36 @@ async def open_task_channel(
     Cancellation: the tasks are cancelled and the channel closed; buffered items dropped.
     """
     send, receive = trio.open_memory_channel[T](buffer)
+    with receive:
+        async with open_owning_nursery() as nursery:
+            fill(nursery, send)
+            yield receive
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_owning_nursery() -> AsyncIterator[trio.Nursery]:
+    """Open a nursery for the tasks of an ``async with`` block that it owns.
+
+    For context managers whose tasks serve their block (a channel's feeders, a cache's
+    writer): the block's own exception comes out as raised, not wrapped in the
+    ``ExceptionGroup`` of one that strict exception groups make of it, unless a task
+    failed at the same moment (then both come in a group); a task's failure comes out as
+    the nursery's group, never unwrapped. The ``yield`` stands for the block's body
+    (ASYNC119 exempts context managers for this reason).
+    """
     body_error: BaseException | None = None
     try:
-        with receive:
-            async with trio.open_nursery() as nursery:
-                fill(nursery, send)
-                try:
-                    yield receive
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            except BaseException as exc:
+                body_error = exc
+                raise
     except BaseException as exc:
-        # With strict exception groups the nursery wraps the body's own exception: give it
-        # back as raised when it is the group's only one (the tasks' Cancelled are
-        # absorbed). Duck-typed: ``BaseExceptionGroup`` is a builtin only from 3.11.
+        # The nursery wraps the body's own exception: give it back as raised when it is
+        # the group's only one (the tasks' Cancelled are absorbed). Duck-typed:
+        # ``BaseExceptionGroup`` is a builtin only from 3.11.
         inner = getattr(exc, "exceptions", None)
         if (
             body_error is not None

@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["dumps", "loads"]
+__all__ = ["canonical", "dumps", "loads"]
 
 try:
     import orjson
@@ -91,6 +91,19 @@ if orjson is not None:
         # in RSS); a request body lives as long as its request, so it is copied to size.
         return memoryview(encoded).tobytes()
 
+    _SORTED = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+    def canonical(value: Any) -> bytes:
+        """Encode ``value`` in one canonical form: compact UTF-8 JSON, keys sorted.
+
+        For hashing (the response cache's keys): equal values give equal bytes, whatever
+        the order of their keys. Non-string keys are written as strings, then sorted.
+
+        Raises:
+            TypeError: ``value`` holds something JSON cannot represent.
+        """
+        return _orjson_dumps(value, option=_SORTED)
+
 else:  # pragma: no cover - exercised only where orjson is missing
 
     def loads(data: str | bytes) -> Any:
@@ -104,3 +117,13 @@ else:  # pragma: no cover - exercised only where orjson is missing
             TypeError: ``value`` holds something JSON cannot represent.
         """
         return _std_dumps(value)
+
+    def canonical(value: Any) -> bytes:
+        """Encode ``value`` as compact UTF-8 JSON with sorted keys (see above).
+
+        Raises:
+            TypeError: ``value`` holds something JSON cannot represent, or keys of types
+                that do not sort together.
+        """
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "surrogatepass")

@@ -12,7 +12,6 @@ import string
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, final, overload
 
-from ._structured import chat_structured
 from ._types import ChatResponse, Result
 
 if TYPE_CHECKING:
@@ -172,12 +171,18 @@ class Prompt:
     ) -> Any:
         """Fill in ``values`` and ask for a reply matching ``schema``; see :func:`chat_structured`.
 
+        ``schema`` is a pydantic model, an attrs class, a dataclass, a ``TypedDict`` or a
+        JSON Schema dict.
+
         Raises:
             ValueError: a field is missing or unknown.
             StructuredOutputError: the reply did not match ``schema`` after the repairs.
 
         Cancellation: the request in flight is cancelled; nothing is returned.
         """
+        # Imported here: jsonschema and cattrs load only for structured calls.
+        from ._structured import chat_structured
+
         return await chat_structured(
             client, self.messages(**values), schema, max_repairs=max_repairs, **self.params
         )

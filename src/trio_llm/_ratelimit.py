@@ -359,6 +359,10 @@ class RateLimiter:
             raise trio.WouldBlock
         return self._take(tokens)
 
+    def ready(self, tokens: int) -> bool:
+        """Whether :meth:`acquire_nowait` of ``tokens`` would succeed now (nothing taken)."""
+        return not self._queue and self._delay(trio.current_time(), tokens) <= 0
+
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until one request and ``tokens`` tokens are available, and take them.
 

@@ -1,7 +1,10 @@
 """Retries through stamina, inside a trio cancel scope that enforces the deadline.
 
 The deadline is one cancel scope around the whole call, every attempt and wait included.
-The first attempt runs bare: stamina costs ~16-30 us per call even when nothing fails, so
+A client with several endpoints fails over here: after a retryable failure, when another
+endpoint can take the call at once, the next attempt goes there without waiting (an
+attempt like any other: the policy's attempts and deadline bound them all). The first
+attempt runs bare: stamina costs ~16-30 us per call even when nothing fails, so
 it is entered only after a retryable failure, which becomes the outcome of its first
 attempt. The policy, the waits and stamina's instrumentation are the same either way.
 """
@@ -64,6 +67,15 @@ class Call(Protocol):
     #: The trio time the call's deadline scope fires (``inf``: none), set by the loop: the
     #: attempts need no phase timeout that could only end after it.
     deadline_at: float
+
+    @property
+    def endpoint(self) -> str:
+        """The name of the endpoint the latest attempt went to."""
+        ...
+
+    def can_fail_over(self) -> bool:
+        """Whether another endpoint (one that has not failed the call) can take it now."""
+        ...
 
 
 class Stats(Protocol):
@@ -173,7 +185,6 @@ async def _retry(
     ``deadline_at`` is the trio time the deadline's scope fires: a wait that would end
     past it is not started.
     """
-    label = call.label
     progress.last_error = first_error
     pending: LLMError | None = first_error
     past_deadline: list[float] = []
@@ -185,6 +196,12 @@ async def _retry(
         attempts = progress.attempts
         if attempts >= policy.attempts:
             return False
+        if call.can_fail_over():
+            # Another endpoint can take it now: no wait (the failed one's pause or
+            # cooldown keeps the traffic away from it meanwhile).
+            stats.count_retry(exc)
+            _log(call, attempts, policy, exc, "failing over to another endpoint at once")
+            return 0.0
         requested = exc.retry_after if isinstance(exc, APIStatusError) else None
         shortest = (
             requested
@@ -195,21 +212,12 @@ async def _retry(
             past_deadline.append(shortest)
             return False
         stats.count_retry(exc)
-        if logger.isEnabledFor(logging.INFO):
-            why = (
-                f"server asked for {requested:g} s"
-                if requested is not None
-                else f"backoff of at least {shortest:g} s"
-            )
-            logger.info(
-                "retrying %s: attempt %d of %d failed with %s: %s; waiting (%s)",
-                label,
-                attempts,
-                policy.attempts,
-                type(exc).__name__,
-                exc,
-                why,
-            )
+        why = (
+            f"server asked for {requested:g} s"
+            if requested is not None
+            else f"backoff of at least {shortest:g} s"
+        )
+        _log(call, attempts, policy, exc, f"waiting ({why})")
         return requested if requested is not None else True
 
     try:
@@ -230,7 +238,7 @@ async def _retry(
     except LLMError as exc:
         if past_deadline:
             raise RetryDeadlineExceeded(
-                f"{label}: not retried after attempt {progress.attempts}: the wait "
+                f"{call.label}: not retried after attempt {progress.attempts}: the wait "
                 f"({past_deadline[0]:g} s) would pass the {policy.deadline:g} s deadline; "
                 f"last error: {type(exc).__name__}: {exc}",
                 deadline=policy.deadline or math.inf,
@@ -239,3 +247,23 @@ async def _retry(
             ) from exc
         raise
     raise AssertionError("unreachable: stamina raises the last attempt's error")  # pragma: no cover
+
+
+def _log(call: Call, attempts: int, policy: RetryPolicy, error: LLMError, then: str) -> None:
+    """Log a retry decided after attempt ``attempts`` failed with ``error``.
+
+    The record's ``endpoint`` attribute names the endpoint that failed.
+    """
+    if logger.isEnabledFor(logging.INFO):
+        endpoint = call.endpoint
+        logger.info(
+            "retrying %s: attempt %d of %d failed at endpoint %s with %s: %s; %s",
+            call.label,
+            attempts,
+            policy.attempts,
+            endpoint,
+            type(error).__name__,
+            error,
+            then,
+            extra={"endpoint": endpoint},
+        )

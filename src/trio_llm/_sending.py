@@ -5,25 +5,29 @@
 - :class:`HttpxResponse`: an ``httpx2.Response`` seen as trio-llm's own
   :class:`~trio_llm._http.HTTPResponse`, for clients on any other transport.
 - :func:`stream_decoder`: a decompressor for a stream a server compressed anyway.
+- :class:`PhaseLimits`: the phase timeouts a request is sent under, before a deadline.
 """
 
 from __future__ import annotations
 
+import math
 import urllib.request
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol, final
 from urllib.parse import urlsplit
 
 import httpx2
 import trio
 
+from ._config import Timeouts
 from ._errors import APIResponseError
 from ._http import BodyTooLarge, TrioTransport
 
 __all__ = [
     "Decompressor",
     "HttpxResponse",
+    "PhaseLimits",
     "direct_transport_for",
     "environment_proxy_for",
     "stream_decoder",
@@ -136,3 +140,51 @@ def stream_decoder(encoding: str | None) -> Decompressor | None:
         status_code=200,
         request_id=None,
     )
+
+
+@final
+class PhaseLimits:
+    """The phase timeouts of a client's requests, and those a call's deadline leaves.
+
+    ``default`` holds every phase limit of the client's :class:`~trio_llm.Timeouts`.
+    """
+
+    __slots__ = ("_by_phases", "_clock", "_phases", "_timeouts", "default")
+
+    def __init__(self, timeouts: Timeouts, clock: Callable[[], float]) -> None:
+        self._timeouts = timeouts
+        self._clock = clock  # the run's clock (trio time)
+        self.default = timeouts.to_httpx()
+        self._by_phases: dict[tuple[bool, ...], httpx2.Timeout] = {}
+        # The phase limits as numbers, read per attempt by before() (None: inf).
+        inf = math.inf
+        self._phases: tuple[float, float, float, float] = (
+            inf if timeouts.connect is None else timeouts.connect,
+            inf if timeouts.read is None else timeouts.read,
+            inf if timeouts.write is None else timeouts.write,
+            inf if timeouts.pool is None else timeouts.pool,
+        )
+
+    def before(self, deadline_at: float) -> httpx2.Timeout:
+        """The phase timeouts that can still fire before the call's deadline.
+
+        A phase limit that would end at or after the trio time ``deadline_at`` (the
+        call's own deadline scope, which is never moved later) is left out: the
+        transport then makes no cancel scope for it, which saves CPU and memory on every
+        request in flight. With the defaults (read 120 s, a 120 s deadline) that is the
+        read timeout, the one every request waits under.
+        """
+        left = deadline_at - self._clock()
+        connect, read, write, pool = self._phases  # (None as inf: never kept)
+        key = (connect < left, read < left, write < left, pool < left)
+        limits = self._by_phases.get(key)
+        if limits is None:
+            phases = self._timeouts
+            limits = httpx2.Timeout(
+                connect=phases.connect if key[0] else None,
+                read=phases.read if key[1] else None,
+                write=phases.write if key[2] else None,
+                pool=phases.pool if key[3] else None,
+            )
+            self._by_phases[key] = limits
+        return limits

@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Final, final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
 from . import _json
 from ._aggregate import Aggregate
-from ._attempt import Exchange, Requester
+from ._attempt import Exchange, Request, Requester
 from ._config import RetryPolicy
 from ._errors import LLMError, StreamError
+from ._routing import set_chat_endpoint
 from ._sse import DEFAULT_MAX_EVENT_SIZE as MAX_EVENT_SIZE
 from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder
-from ._types import ChatChunk, ChatResponse, JSONObject
+from ._types import ChatChunk, ChatResponse
 from .providers._base import Provider, StreamTranslator
+
+if TYPE_CHECKING:
+    from ._cache import CachedReply
+    from ._cache_replay import ReplayReader
 
 __all__ = ["BUFFER", "StreamReader", "open_reader", "start_stream"]
 
@@ -164,7 +170,9 @@ class StreamReader:
         except StreamError as exc:
             exchange.fail(exc)
             raise
-        self.response = exchange.finish_reply(self._aggregate.to_response(exchange.request_id))
+        response = self._aggregate.to_response(exchange.request_id)
+        set_chat_endpoint(response, exchange.route.name)
+        self.response = exchange.finish(response, response.raw)
 
     async def _pump(self, channel: trio.MemorySendChannel[Any], index: int | None) -> None:
         idle = self._idle
@@ -333,13 +341,20 @@ def _starts_reply(event: ServerSentEvent, provider: Provider, exchange: Exchange
 
 
 async def start_stream(
-    requester: Requester, url: str, body: JSONObject, retry: RetryPolicy | None
-) -> StreamReader:
-    """Start one stream under ``retry``: attempts up to the first event."""
-    request = requester.request(url, body, stream=True)
+    requester: Requester,
+    request: Request,
+    retry: RetryPolicy | None,
+    replay: Callable[[CachedReply, Provider], ReplayReader] | None = None,
+) -> StreamReader | ReplayReader:
+    """Start one stream under ``retry``: attempts up to the first event.
+
+    ``request`` is a :data:`~trio_llm._routing.STREAM` request of ``requester``. With
+    ``replay`` and a request with a cache key, a hit in the client's response cache is
+    replayed, with no attempt, and a reply streamed to its end is stored.
+    """
     idle = requester.timeouts.stream_idle
 
-    async def first_event(exchange: Exchange) -> StreamReader:
-        return await open_reader(exchange, requester.provider, idle)
+    async def first_event(exchange: Exchange) -> StreamReader | ReplayReader:
+        return await open_reader(exchange, exchange.provider, idle)
 
-    return await requester.call(request, first_event, retry)
+    return await requester.call(request, first_event, retry, replay)

@@ -26,13 +26,16 @@ from typing import Any, TypeAlias, final
 import attrs
 import trio
 
-from ._attempt import Requester
+from ._attempt import Request, Requester
+from ._cache import CachedReply
+from ._cache_replay import ReplayReader
 from ._config import RetryPolicy
 from ._errors import LLMError
 from ._fanout import Worker, Workers, open_task_channel
 from ._stream_reader import BUFFER as _BUFFER
 from ._stream_reader import StreamReader, start_stream
-from ._types import ChatChunk, ChatResponse, JSONObject, Result
+from ._types import ChatChunk, ChatResponse, Result
+from .providers._base import Provider
 
 __all__ = [
     "ChatStream",
@@ -74,7 +77,9 @@ class ChatStream:
     __slots__ = ("_delivered", "_exchange", "_receive")
 
     def __init__(
-        self, receive: trio.MemoryReceiveChannel[ChatChunk], exchange: StreamReader
+        self,
+        receive: trio.MemoryReceiveChannel[ChatChunk],
+        exchange: StreamReader | ReplayReader,
     ) -> None:
         self._receive = receive
         self._exchange = exchange
@@ -138,11 +143,16 @@ class ChatStream:
         )
 
 
+def _replay(entry: CachedReply, provider: Provider) -> ReplayReader:
+    """Replay a reply from the client's response cache as a stream (a request with a key)."""
+    return ReplayReader(entry.chat_response(provider))
+
+
 @asynccontextmanager
 async def open_chat_stream(
-    requester: Requester, url: str, body: JSONObject, retry: RetryPolicy | None
+    requester: Requester, request: Request, retry: RetryPolicy | None
 ) -> AsyncIterator[ChatStream]:
-    """Send a streamed chat request (``body``); yield its chunks as a :class:`ChatStream`.
+    """Send a streamed chat request; yield its chunks as a :class:`ChatStream`.
 
     The request goes through the client's lifecycle (``requester``): it waits for the rate
     limit and a concurrency slot, and holds the slot until the block is left. A reader
@@ -151,10 +161,10 @@ async def open_chat_stream(
 
     Args:
         requester: the client's request lifecycle.
-        url: the chat endpoint.
-        body: the request body, ``"stream": true`` and the provider's usage option set.
+        request: the streamed request (``requester.request(STREAM, ...)``).
         retry: the policy of the attempts up to the first event (its deadline bounds
-            them, not the stream); ``None`` makes one attempt.
+            them, not the stream; a failure before it may go to another endpoint);
+            ``None`` makes one attempt.
 
     Raises:
         APIStatusError: from ``async with``: the server answered with an error status,
@@ -170,8 +180,8 @@ async def open_chat_stream(
     never returned to the pool half-read, and the concurrency slot released. A cancelled
     stream counts as neither succeeded nor failed.
     """
-    reader = await start_stream(requester, url, body, retry)
-    del body
+    reader = await start_stream(requester, request, retry, _replay)
+    del request
 
     def fill(nursery: trio.Nursery, send: trio.MemorySendChannel[ChatChunk]) -> None:
         reader.prime(send)
@@ -247,14 +257,13 @@ class MultiChatStream:
 
 async def _stream_one(
     requester: Requester,
-    url: str,
-    body: JSONObject,
+    request: Request,
     index: int,
     channel: trio.MemorySendChannel[Any],
     retry: RetryPolicy | None,
 ) -> Result[ChatResponse]:
     try:
-        reader = await start_stream(requester, url, body, retry)
+        reader = await start_stream(requester, request, retry, _replay)
         try:
             await reader.pump(channel, index)
             await reader.drain()
@@ -268,7 +277,7 @@ async def _stream_one(
 
 @asynccontextmanager
 async def open_stream_many(
-    requester: Requester, url: str, bodies: Sequence[JSONObject], retry: RetryPolicy | None
+    requester: Requester, requests: Sequence[Request], retry: RetryPolicy | None
 ) -> AsyncIterator[MultiChatStream]:
     """Stream several chat replies at once, multiplexed into one :class:`MultiChatStream`.
 
@@ -280,29 +289,28 @@ async def open_stream_many(
 
     Args:
         requester: the client's request lifecycle.
-        url: the chat endpoint.
-        bodies: one streamed request body per reply.
+        requests: one streamed request per reply.
         retry: each stream's policy up to its first event, as for
             :func:`open_chat_stream`.
 
     Cancellation: leaving the block early, by ``break``, an exception or a cancelled
     scope, closes every open stream and starts no more.
     """
-    results: list[Result[ChatResponse] | None] = [None] * len(bodies)
+    results: list[Result[ChatResponse] | None] = [None] * len(requests)
     limit = int(requester.limiter.total_tokens)
 
     def fill(nursery: trio.Nursery, send: trio.MemorySendChannel[StreamItem]) -> None:
-        def new_worker() -> Worker[JSONObject]:
+        def new_worker() -> Worker[Request]:
             clone = send.clone()
 
-            async def stream(index: int, body: JSONObject) -> None:
-                result = await _stream_one(requester, url, body, index, clone, retry)
+            async def stream(index: int, request: Request) -> None:
+                result = await _stream_one(requester, request, index, clone, retry)
                 results[index] = result
                 await clone.send((index, result))
 
             return stream, clone
 
-        Workers(new_worker, limit).start(nursery, bodies, spawner=send)
+        Workers(new_worker, limit).start(nursery, requests, spawner=send)
 
     async with open_task_channel(fill, _BUFFER) as receive:
         yield MultiChatStream(receive, results)

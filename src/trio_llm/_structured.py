@@ -1,29 +1,37 @@
-"""Structured output: ask for JSON matching a schema, validate it, repair a bounded number of times.
+"""Structured output: ask for JSON matching a schema, check it, repair a bounded number of times.
 
-:func:`chat_structured` sends ``response_format={"type": "json_schema", ...}`` built from an
-attrs class (or taken from a JSON Schema dict), parses the reply, validates it, and builds
-the attrs instance. A reply that is not valid JSON or does not match is answered with the
-error as a new user message, at most ``max_repairs`` times; then
-:class:`~trio_llm.StructuredOutputError` carries the last raw text.
+:func:`chat_structured` sends ``response_format={"type": "json_schema", ...}`` (the
+provider adapter translates it: Anthropic gets a forced tool call) and checks the reply
+with a well-kept library for each kind of schema:
 
-The schema subset is the one OpenAI's strict mode accepts: ``object`` (every property
-required, no others), ``array``, ``string``, ``integer``, ``number``, ``boolean``,
-``null``, ``enum``, ``const`` and ``anyOf``. Validation is done here, without a
-JSON Schema library, for exactly that subset; other keywords are sent but not checked.
+- a pydantic v2 model: ``model_validate_json`` (pydantic stays optional: see ``_schemas``);
+- an attrs class, a dataclass or a ``TypedDict``: the schema from ``json_schema_for``,
+  checked with ``jsonschema`` (Draft 2020-12, with format checks), then built with
+  ``cattrs`` (which runs the class's own validators too);
+- a JSON Schema dict: checked with ``jsonschema``; the result is the decoded value.
+
+A reply that does not parse or match is answered with the library's own messages (the
+path and the reason of each problem) as a new user message, at most ``max_repairs``
+times; then :class:`~trio_llm.StructuredOutputError` carries the last raw text and the
+problems of every attempt.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, overload
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
+import cattrs
+import jsonschema
+from cattrs.strategies import configure_union_passthrough
+from cattrs.v import format_exception
 
 from ._errors import StructuredOutputError
+from ._schemas import is_record, json_schema_for, pydantic_model
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -32,182 +40,166 @@ __all__ = ["chat_structured", "json_schema_for"]
 
 T = TypeVar("T")
 
-_SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "null": (type(None),),
-    "array": (list,),
-    "object": (dict,),
-}
+# Problems reported per reply: a long array of wrong items must not flood the next prompt.
+_MAX_PROBLEMS = 10
+
+_converter = cattrs.Converter()
+# Unions of JSON scalars (int | str, ...) pass through as decoded; validated before.
+configure_union_passthrough(int | float | str | bool | None, _converter)
 
 
 class _Invalid(Exception):
-    """A reply does not match the schema: ``path`` says where."""
+    """A reply does not parse or match its schema: one message per problem."""
 
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path or '$'}: {problem}")
+    def __init__(self, problems: Sequence[str]) -> None:
+        shown = list(problems[:_MAX_PROBLEMS])
+        if len(problems) > _MAX_PROBLEMS:
+            shown.append(f"... and {len(problems) - _MAX_PROBLEMS} more")
+        super().__init__("; ".join(shown))
+        self.problems = shown
 
 
-def _hints(cls: type) -> dict[str, Any]:
+@attrs.frozen
+class _Target:
+    """What a structured call asks for and how its replies are checked and built."""
+
+    name: str
+    json_schema: dict[str, Any]
+    load: Callable[[str], Any]  # raises _Invalid
+
+
+def _decode(text: str) -> Any:
     try:
-        return typing.get_type_hints(cls)
-    except NameError as exc:
-        # attrs.resolve_types() may have resolved them with names get_type_hints cannot see.
-        resolved = {field.name: field.type for field in attrs.fields(cls)}
-        if not any(tp is None or isinstance(tp, str) for tp in resolved.values()):
-            return resolved
-        raise TypeError(
-            f"cannot resolve the annotations of {cls.__qualname__} ({exc}); define it at "
-            "module level or call attrs.resolve_types() on it first"
-        ) from exc
+        return json.loads(text)
+    except ValueError as exc:
+        raise _Invalid([f"$: not valid JSON ({exc})"]) from None
 
 
-def _is_union(origin: object) -> bool:
-    return origin is Union or origin is types.UnionType
+def _checker(json_schema: Mapping[str, Any], *, given: bool) -> Callable[[str], Any]:
+    """Return a function decoding a reply and validating it against ``json_schema``.
+
+    Draft 2020-12, with format checks. A schema the caller ``given`` is checked against
+    the metaschema first (it costs milliseconds, once: targets are cached); the ones
+    built here are valid by construction.
+
+    Raises:
+        ValueError: ``json_schema`` is not a valid JSON Schema.
+    """
+    if given:
+        try:
+            jsonschema.Draft202012Validator.check_schema(json_schema)
+        except jsonschema.SchemaError as exc:
+            where = exc.json_path.replace("$", "schema", 1)
+            raise ValueError(f"not a valid JSON Schema: {where}: {exc.message}") from None
+    validator = jsonschema.Draft202012Validator(
+        json_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+    def check(text: str) -> Any:
+        value = _decode(text)
+        problems = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(value)]
+        if problems:
+            raise _Invalid(problems)
+        return value
+
+    return check
 
 
-def _schema_for_type(tp: Any, seen: tuple[type, ...]) -> dict[str, Any]:
-    if tp is type(None) or tp is None:
-        return {"type": "null"}
-    if isinstance(tp, type) and attrs.has(tp):
-        return _schema_for_class(tp, seen)
-    if tp in _SCALARS:
-        return {"type": _SCALARS[tp]}
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (list, Sequence) or (origin is tuple and len(args) == 2 and args[1] is ...):
-        return {"type": "array", "items": _schema_for_type(args[0] if args else Any, seen)}
-    if origin is Literal:
-        kinds = {_SCALARS.get(type(a)) for a in args}
-        schema: dict[str, Any] = {"enum": list(args)}
-        if len(kinds) == 1 and None not in kinds:
-            schema["type"] = kinds.pop()
-        return schema
-    if _is_union(origin):
-        return {"anyOf": [_schema_for_type(a, seen) for a in args]}
-    raise TypeError(
-        f"no JSON Schema for type {tp!r}: use str, int, float, bool, list[...], "
-        "Literal[...], Optional[...] or a nested attrs class"
+def _cattrs_problem(exc: BaseException, tp: type | None) -> str:
+    """cattrs' description of a problem, with the exception's own reason when it has one."""
+    described = format_exception(exc, tp)
+    reason = str(exc)
+    return f"{described} ({reason})" if reason and reason not in described else described
+
+
+def _record_loader(cls: type, json_schema: Mapping[str, Any]) -> Callable[[str], Any]:
+    check = _checker(json_schema, given=False)
+
+    def load(text: str) -> Any:
+        value = check(text)
+        try:
+            return _converter.structure(value, cls)
+        except Exception as exc:  # what the class (its validators) refused, wrapped by cattrs
+            messages = cattrs.transform_error(exc, format_exception=_cattrs_problem)
+            # cattrs words each as "<problem> @ <path>"; put the path first, as jsonschema's.
+            split = (message.rpartition(" @ ") for message in messages)
+            raise _Invalid([f"{path}: {problem}" for problem, _, path in split]) from None
+
+    return load
+
+
+def _location(loc: Sequence[int | str]) -> str:
+    return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def _model_loader(model: Any) -> Callable[[str], Any]:
+    import pydantic  # imported already (model is a pydantic class): this costs nothing
+
+    def load(text: str) -> Any:
+        try:
+            return model.model_validate_json(text)
+        except pydantic.ValidationError as exc:
+            raise _Invalid(
+                [f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+            ) from None
+
+    return load
+
+
+def _name(name: str) -> str:
+    """A ``json_schema`` name as OpenAI accepts it: ``[A-Za-z0-9_-]``, at most 64."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "response"
+
+
+def _target(schema: object) -> _Target:
+    """Return how to ask for and check ``schema`` (cached: checking a JSON Schema costs ms).
+
+    Raises:
+        TypeError: ``schema`` is not a kind of schema that is supported.
+        ValueError: a JSON Schema dict is not a valid JSON Schema.
+    """
+    if isinstance(schema, Mapping):
+        try:
+            text = json.dumps(schema)  # the cache key; the key order is kept, as sent
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"a JSON Schema dict must be JSON: {exc}") from None
+        return _dict_target(text)
+    if isinstance(schema, type):
+        return _class_target(schema)
+    raise _unsupported(schema)
+
+
+@functools.lru_cache(maxsize=256)
+def _dict_target(text: str) -> _Target:
+    json_schema = json.loads(text)
+    name = _name(str(json_schema.get("title") or "response"))
+    return _Target(name, json_schema, _checker(json_schema, given=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _class_target(cls: type) -> _Target:
+    model = pydantic_model(cls)
+    if model is not None:
+        return _Target(_name(cls.__name__), json_schema_for(cls), _model_loader(model))
+    if is_record(cls):
+        json_schema = json_schema_for(cls)
+        return _Target(_name(cls.__name__), json_schema, _record_loader(cls, json_schema))
+    raise _unsupported(cls)
+
+
+def _unsupported(schema: object) -> TypeError:
+    return TypeError(
+        "schema must be a pydantic model, an attrs class, a dataclass, a TypedDict or a "
+        f"JSON Schema dict, not {schema!r}"
     )
 
 
-def _schema_for_class(cls: type, seen: tuple[type, ...]) -> dict[str, Any]:
-    if cls in seen:
-        raise TypeError(f"{cls.__qualname__} refers to itself; recursive schemas are not supported")
-    hints = _hints(cls)
-    properties = {
-        field.name: _schema_for_type(hints[field.name], (*seen, cls))
-        for field in attrs.fields(cls)
-        if field.init
-    }
-    return {
-        "type": "object",
-        "properties": properties,
-        # OpenAI's strict mode wants every property listed and no others allowed.
-        "required": list(properties),
-        "additionalProperties": False,
-    }
-
-
-def json_schema_for(cls: type) -> dict[str, Any]:
-    """Return the JSON Schema (OpenAI strict-mode subset) of an attrs class.
-
-    Fields may be ``str``, ``int``, ``float``, ``bool``, ``list[...]``, ``Literal[...]``,
-    ``X | None`` (``Optional``) or nested attrs classes.
-
-    Raises:
-        TypeError: ``cls`` is not an attrs class, or a field has a type with no schema.
-    """
-    if not (isinstance(cls, type) and attrs.has(cls)):
-        raise TypeError(f"expected an attrs class, got {cls!r}")
-    return _schema_for_class(cls, ())
-
-
-def _validate(value: Any, schema: Mapping[str, Any], path: str) -> None:
-    """Check ``value`` against the strict-mode subset of JSON Schema; raise :class:`_Invalid`."""
-    if "const" in schema and value != schema["const"]:
-        raise _Invalid(path, f"expected {schema['const']!r}, got {value!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise _Invalid(path, f"expected one of {schema['enum']!r}, got {value!r}")
-    options = schema.get("anyOf")
-    if isinstance(options, list):
-        problems = []
-        for option in options:
-            try:
-                _validate(value, option, path)
-                break
-            except _Invalid as exc:
-                problems.append(str(exc))
-        else:
-            raise _Invalid(path, "matches none of the allowed shapes: " + "; ".join(problems))
-    kind = schema.get("type")
-    if kind is not None:
-        kinds = kind if isinstance(kind, list) else [kind]
-        allowed = tuple(t for k in kinds for t in _JSON_TYPES.get(k, (object,)))
-        # bool is an int subclass in Python, but not a JSON number.
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise _Invalid(path, f"expected {' or '.join(kinds)}, got {json.dumps(value)[:60]}")
-    if isinstance(value, dict):
-        properties = schema.get("properties") or {}
-        missing = [name for name in schema.get("required") or () if name not in value]
-        if missing:
-            raise _Invalid(path, f"missing required field(s) {', '.join(missing)}")
-        if schema.get("additionalProperties") is False:
-            extra = sorted(set(value) - set(properties))
-            if extra:
-                raise _Invalid(path, f"unexpected field(s) {', '.join(extra)}")
-        for name, sub in properties.items():
-            if name in value:
-                _validate(value[name], sub, f"{path}.{name}" if path else name)
-    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
-        for index, item in enumerate(value):
-            _validate(item, schema["items"], f"{path}[{index}]")
-
-
-def _structure(value: Any, tp: Any) -> Any:
-    """Build attrs instances from already-validated JSON, following the type hints."""
-    if isinstance(tp, type) and attrs.has(tp) and isinstance(value, dict):
-        hints = _hints(tp)
-        return tp(**{name: _structure(item, hints[name]) for name, item in value.items()})
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if isinstance(value, list) and args:
-        if origin is tuple:
-            return tuple(_structure(item, args[0]) for item in value)
-        return [_structure(item, args[0]) for item in value]
-    if _is_union(origin):
-        # Pick the member the value validates against (validated before, so one does).
-        for member in args:
-            try:
-                _validate(value, _schema_for_type(member, ()), "")
-            except _Invalid:
-                continue
-            return _structure(value, member)
-    return value
-
-
-def _response_format(schema: type | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    if isinstance(schema, Mapping):
-        json_schema = dict(schema)
-        name = str(json_schema.get("title") or "response")
-    else:
-        json_schema = json_schema_for(schema)
-        name = schema.__name__
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64], json_schema
-
-
-def _parse(text: str, json_schema: Mapping[str, Any]) -> Any:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise _Invalid("", f"not valid JSON ({exc})") from None
-    _validate(value, json_schema, "")
-    return value
+def _repair_request(target: _Target, problem: _Invalid) -> str:
+    listed = "\n".join(f"- {line}" for line in problem.problems)
+    return (
+        f"That reply does not match the {target.name} schema:\n{listed}\n"
+        "Reply again with the whole corrected JSON value, and nothing else."
+    )
 
 
 @overload
@@ -243,35 +235,38 @@ async def chat_structured(
     """Ask for a reply matching ``schema``; return it parsed, validated and built.
 
     Sends ``response_format={"type": "json_schema", "json_schema": {"name": ...,
-    "schema": ..., "strict": True}}``. If the reply is not valid JSON or does not match
-    the schema, the reply and the problem are sent back (as an assistant message and a
-    user message) and the model asked again, at most ``max_repairs`` times.
+    "schema": ..., "strict": True}}`` (through the Anthropic provider, a forced tool call
+    whose input is the reply). If the reply is not valid JSON or does not match the
+    schema, the reply and the problems (each with its path, as the validating library
+    words it) are sent back, as an assistant message and a user message, and the model
+    asked again, at most ``max_repairs`` times.
 
     Args:
         client: the client to call.
         prompt_or_messages: a prompt string or a list of messages, as for ``client.chat``.
-        schema: an attrs class (the result is an instance of it) or a JSON Schema dict
-            (the result is the decoded JSON value).
+        schema: a pydantic v2 model (the result is an instance, from
+            ``model_validate_json``); an attrs class, a dataclass or a ``TypedDict`` (an
+            instance, or a dict for a ``TypedDict``, built with cattrs); or a JSON Schema
+            dict, sent as given (the result is the decoded JSON value).
         max_repairs: how many times a bad reply is sent back for repair (0: none).
         **params: other ``client.chat`` arguments (``model``, ``temperature``, ...).
 
     Raises:
         StructuredOutputError: the last reply still did not parse or match the schema
-            (``raw_text`` holds it, ``errors`` every problem found).
-        TypeError: ``schema`` is not an attrs class or a mapping, or a field type has no
-            JSON Schema.
+            (``raw_text`` holds it, ``errors`` the problems of every attempt).
+        TypeError: ``schema`` is none of the kinds above, or a field type has no JSON
+            Schema.
+        ValueError: a JSON Schema dict is not valid, or ``max_repairs`` is negative.
         LLMError: any error ``client.chat`` raises.
 
     Cancellation: the request in flight is cancelled; nothing is returned.
     """
     if max_repairs < 0:
         raise ValueError(f"max_repairs must be at least 0, got {max_repairs}")
-    if not isinstance(schema, Mapping) and not (isinstance(schema, type) and attrs.has(schema)):
-        raise TypeError(f"schema must be an attrs class or a JSON Schema dict, not {schema!r}")
-    name, json_schema = _response_format(schema)
+    target = _target(schema)
     response_format = {
         "type": "json_schema",
-        "json_schema": {"name": name, "schema": json_schema, "strict": True},
+        "json_schema": {"name": target.name, "schema": target.json_schema, "strict": True},
     }
     if isinstance(prompt_or_messages, str):
         messages: list[Mapping[str, Any]] = [{"role": "user", "content": prompt_or_messages}]
@@ -283,22 +278,16 @@ async def chat_structured(
         reply = await client.chat(messages, response_format=response_format, **params)
         text = reply.text
         try:
-            value = _parse(text, json_schema)
+            return target.load(text)
         except _Invalid as exc:
             errors.append(str(exc))
             messages = [
                 *messages,
                 {"role": "assistant", "content": text},
-                {
-                    "role": "user",
-                    "content": f"That reply is invalid: {exc}. Reply again with only a JSON "
-                    f"value that matches the schema {json.dumps(json_schema)}.",
-                },
+                {"role": "user", "content": _repair_request(target, exc)},
             ]
-            continue
-        return value if isinstance(schema, Mapping) else _structure(value, schema)
     raise StructuredOutputError(
-        f"no valid {name} after {max_repairs + 1} attempt(s); last problem: {errors[-1]}",
+        f"no valid {target.name} after {max_repairs + 1} attempt(s); last problem: {errors[-1]}",
         raw_text=text,
         errors=errors,
     )

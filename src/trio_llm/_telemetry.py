@@ -15,7 +15,8 @@ What is recorded, by the OpenTelemetry semantic conventions for generative AI:
   the usage, ``gen_ai.response.time_to_first_chunk`` for streams, ``trio_llm.cost_usd``,
   ``error.type`` on failure, and an event ``retry`` per retry decided;
 * under it, one span per HTTP attempt (the HTTP conventions: ``POST``, ``server.address``,
-  ``http.response.status_code``, ``http.request.resend_count`` for retries), so retries
+  ``http.response.status_code``, ``http.request.resend_count`` for retries; and
+  ``trio_llm.endpoint``, the name of the endpoint it was sent to), so retries, failovers
   and the waits between them show as separate spans and gaps;
 * the histograms ``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage`` and,
   for streams, ``gen_ai.client.operation.time_to_first_chunk``.
@@ -35,7 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import urlsplit
@@ -44,15 +45,17 @@ from . import _json
 from ._config import RetryPolicy
 from ._errors import APIStatusError, LLMError
 from ._retry import Stats, call_with_retries
-from ._types import ChatResponse, Choice, EmbeddingResponse
+from ._telemetry_content import capture_content, input_messages, output_message
+from ._types import ChatResponse, EmbeddingResponse
 from ._version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Histogram, Meter
     from opentelemetry.trace import Span, Tracer
 
-    from ._attempt import Exchange
+    from ._exchange import Exchange
     from ._request import Request
+    from ._routing import Route
 
 __all__ = ["CallTrace", "Instruments", "instruments"]
 
@@ -61,8 +64,6 @@ T = TypeVar("T")
 _modules = sys.modules
 _now = time.perf_counter
 
-#: Read per call; "true" records prompts and replies.
-CAPTURE_CONTENT_ENV: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 # The semantic conventions' advised bucket boundaries.
 _SECONDS_BUCKETS: Final = (
@@ -282,6 +283,7 @@ class CallTrace:
         "_metric_attributes",
         "_pending",
         "_request",
+        "_route",
         "_span",
         "_started",
         "_streaming",
@@ -300,12 +302,15 @@ class CallTrace:
         self._request = request
         model = body.get("model")
         model = model if isinstance(model, str) else ""
+        # The endpoint the call most likely goes to; sending() says where it went.
+        self._route = route = request.route
         host, port = instruments.server(request.url)
         common: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": provider,
             "gen_ai.request.model": model,
             "server.address": host,
+            "trio_llm.endpoint": route.name,
         }
         if port is not None:
             common["server.port"] = port
@@ -330,8 +335,8 @@ class CallTrace:
                 stop = [stop]
             if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
                 attributes["gen_ai.request.stop_sequences"] = stop
-            if _capture_content():
-                attributes.update(_input_messages(body))
+            if capture_content():
+                attributes.update(input_messages(body))
             self._pending = (tracer, f"{operation} {model}".strip(), attributes)
 
     async def run(
@@ -391,14 +396,8 @@ class CallTrace:
             return await send(request, read)
         from opentelemetry.trace import SpanKind, use_span
 
-        host, port = self._instruments.server(request.url)
-        attributes: dict[str, Any] = {
-            "http.request.method": "POST",
-            "server.address": host,
-            "url.full": request.shown_url,
-        }
-        if port is not None:
-            attributes["server.port"] = port
+        # The endpoint is not chosen yet: sending() sets its attributes.
+        attributes: dict[str, Any] = {"http.request.method": "POST"}
         if self._attempts > 1:
             attributes["http.request.resend_count"] = self._attempts - 1
         span = self._attempt_span = tracer.start_span(
@@ -428,6 +427,41 @@ class CallTrace:
             self._attempt_span = None
             span.end()
         return result
+
+    def sending(self, route: Route) -> dict[str, str]:
+        """Record that the attempt goes to ``route``; return its headers (``traceparent``).
+
+        The attempt's span gets the endpoint's name (``trio_llm.endpoint``), address and
+        URL; the call's span and metrics the latest endpoint's, when it is not the one
+        the call was first addressed to (a failover, say).
+        """
+        request = self._request
+        host, port = self._instruments.server(request.url)
+        if route is not self._route:
+            self._route = route
+            common = self._metric_attributes
+            common["gen_ai.provider.name"] = route.provider.name
+            common["gen_ai.request.model"] = request.model
+            common["server.address"] = host
+            common["trio_llm.endpoint"] = route.name
+            if port is None:
+                common.pop("server.port", None)
+            else:
+                common["server.port"] = port
+            if self._span is not None:
+                self._span.set_attributes(common)
+        span = self._attempt_span
+        if span is None:
+            return {}
+        attributes: dict[str, Any] = {
+            "server.address": host,
+            "trio_llm.endpoint": route.name,
+            "url.full": request.shown_url,
+        }
+        if port is not None:
+            attributes["server.port"] = port
+        span.set_attributes(attributes)
+        return self.headers()
 
     def headers(self) -> dict[str, str]:
         """Return the headers that carry the current span to the server (``traceparent``)."""
@@ -487,9 +521,9 @@ class CallTrace:
             attributes["gen_ai.response.finish_reasons"] = [
                 choice.finish_reason for choice in reply.choices if choice.finish_reason
             ]
-            if _capture_content():
+            if capture_content():
                 attributes["gen_ai.output.messages"] = _json.dumps(
-                    [_output_message(choice) for choice in reply.choices]
+                    [output_message(choice) for choice in reply.choices]
                 ).decode()
         span.set_attributes(attributes)
 
@@ -532,68 +566,3 @@ def _fail_span(span: Span, error: BaseException, error_type: str) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
     if isinstance(error, Exception):
         span.record_exception(error)
-
-
-def _capture_content() -> bool:
-    return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in ("true", "1", "yes")
-
-
-def _parts(content: object) -> list[dict[str, Any]]:
-    """The semantic conventions' message parts of an OpenAI or Anthropic ``content``."""
-    if isinstance(content, str):
-        return [{"type": "text", "content": content}]
-    parts: list[dict[str, Any]] = []
-    if isinstance(content, Sequence):
-        for part in content:
-            if not isinstance(part, Mapping):
-                continue
-            if isinstance(part.get("text"), str):
-                parts.append({"type": "text", "content": part["text"]})
-            else:
-                parts.append({"type": str(part.get("type", "unknown"))})
-    return parts
-
-
-def _input_messages(body: Mapping[str, Any]) -> dict[str, str]:
-    """``gen_ai.input.messages`` (and ``gen_ai.system_instructions``) of a request body."""
-    attributes: dict[str, str] = {}
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        converted = []
-        for message in messages:
-            if not isinstance(message, Mapping):
-                continue
-            parts = _parts(message.get("content"))
-            for call in message.get("tool_calls") or ():
-                if isinstance(call, Mapping):
-                    function = call.get("function") or {}
-                    parts.append(
-                        {
-                            "type": "tool_call",
-                            "id": call.get("id"),
-                            "name": function.get("name"),
-                            "arguments": function.get("arguments"),
-                        }
-                    )
-            converted.append({"role": str(message.get("role", "user")), "parts": parts})
-        attributes["gen_ai.input.messages"] = _json.dumps(converted).decode()
-    system = body.get("system")
-    if system is not None:
-        attributes["gen_ai.system_instructions"] = _json.dumps(_parts(system)).decode()
-    return attributes
-
-
-def _output_message(choice: Choice) -> dict[str, Any]:
-    parts = _parts(choice.text) if choice.text else []
-    for call in choice.message.get("tool_calls") or ():
-        if isinstance(call, Mapping):
-            function = call.get("function") or {}
-            parts.append(
-                {
-                    "type": "tool_call",
-                    "id": call.get("id"),
-                    "name": function.get("name"),
-                    "arguments": function.get("arguments"),
-                }
-            )
-    return {"role": "assistant", "parts": parts, "finish_reason": choice.finish_reason or ""}

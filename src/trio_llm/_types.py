@@ -128,7 +128,13 @@ class ChatResponse:
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
         cost: what the call cost in USD (the model's list price, or the client's
-            ``prices``), ``None`` when unknown (see ``docs/howto-cost.md``).
+            ``prices``), ``None`` when unknown (see ``docs/howto-cost.md``); ``0.0`` for
+            a reply from the client's response cache: nothing was spent. Not compared.
+        cached: ``True`` for a reply from the client's response cache, ``False`` for one
+            from the server. Not compared: a cached reply equals the one it replays.
+        endpoint: the name of the endpoint that answered (:attr:`Endpoint.name`; for a
+            client opened with ``base_url=``, its host and port; for a cached reply, the
+            one that answered the stored reply). Not compared by ``==``.
     """
 
     id: str
@@ -140,7 +146,9 @@ class ChatResponse:
     choices: tuple[Choice, ...]
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
-    cost: float | None = None
+    cost: float | None = attrs.field(default=None, eq=False)
+    cached: bool = attrs.field(default=False, eq=False)
+    endpoint: str | None = attrs.field(default=None, eq=False)
 
     @property
     def tool_calls(self) -> list[JSONObject]:
@@ -258,7 +266,10 @@ class EmbeddingResponse:
         usage: token counts.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
-        cost: what the call cost in USD, ``None`` when unknown (as ``ChatResponse.cost``).
+        cost: what the call cost in USD, ``None`` when unknown, ``0.0`` from the cache
+            (as ``ChatResponse.cost``; not compared).
+        cached: ``True`` for a reply from the client's response cache (not compared).
+        endpoint: the name of the endpoint that answered, as for :class:`ChatResponse`.
     """
 
     vectors: list[list[float]] = attrs.field(repr=lambda v: f"<{len(v)} vectors>")
@@ -266,7 +277,9 @@ class EmbeddingResponse:
     usage: Usage
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
-    cost: float | None = None
+    cost: float | None = attrs.field(default=None, eq=False)
+    cached: bool = attrs.field(default=False, eq=False)
+    endpoint: str | None = attrs.field(default=None, eq=False)
 
     @classmethod
     def from_json(cls, payload: JSONObject, *, request_id: str | None = None) -> EmbeddingResponse:
@@ -302,7 +315,7 @@ _COST_SETTERS = {
 def set_cost(reply: ChatResponse | EmbeddingResponse, cost: float) -> None:
     """Give a reply its cost, once priced; only before anyone else holds the reply.
 
-    The request lifecycle prices a reply right after parsing it (``Exchange.finish_reply``);
+    The request lifecycle prices a reply right after parsing it (``Exchange.finish``);
     setting the slot there, as ``ChatChunk.from_json`` builds its chunks, spares copying
     every field of every reply with ``attrs.evolve``.
     """

@@ -6,8 +6,10 @@ requests, lets those in flight finish, and stops (``BatchSummary.over_budget``).
 bound is the most its tokens can cost at the model's price (:meth:`Pricer.bound`): its
 prompt counted as UTF-8 bytes (never fewer than its tokens), its completion as
 ``max_completion_tokens`` or ``max_tokens`` (times ``n``) or, when the line sets neither,
-:data:`DEFAULT_COMPLETION_TOKENS`. A reply replaces its bound with its real cost; a failed
-line gives its bound back (an error reply is not billed).
+:data:`DEFAULT_COMPLETION_TOKENS`. With several endpoints, the bound is the largest of the
+endpoints' (each priced by its provider, for the model it would be sent), wherever the
+line goes. A reply replaces its bound with its real cost (``0.0`` from the response
+cache); a failed line gives its bound back (an error reply is not billed).
 
 So the spend stays within the budget whenever the bounds hold. They do not when a model
 writes more than :data:`DEFAULT_COMPLETION_TOKENS` for a line that sets no limit (a
@@ -18,12 +20,15 @@ such request can overshoot by what it cost beyond its bound.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final, final
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, final
 
 from .._cost import Pricer, format_usd
 from .._errors import ConfigurationError
 from .._estimate import token_bounds
+
+if TYPE_CHECKING:
+    from .._client import Client
 
 __all__ = ["DEFAULT_COMPLETION_TOKENS", "Budget"]
 
@@ -43,13 +48,23 @@ class Budget:
             fit); from then on no request is sent.
     """
 
-    __slots__ = ("_default_model", "_pricer", "in_flight", "max_cost", "refused", "spent")
+    __slots__ = ("_default_model", "_targets", "in_flight", "max_cost", "refused", "spent")
 
-    def __init__(self, max_cost: float, pricer: Pricer, default_model: str | None) -> None:
+    def __init__(
+        self,
+        max_cost: float,
+        targets: Sequence[tuple[Pricer, str | None]],
+        default_model: str | None,
+    ) -> None:
+        """A budget of ``max_cost`` USD for lines sent to ``targets``.
+
+        ``targets``: each endpoint's prices (its provider's) and its own model, if it
+        names one (it then replaces the line's).
+        """
         if not max_cost > 0:
             raise ValueError(f"max_cost must be a number of USD > 0, not {max_cost!r}")
         self.max_cost = max_cost
-        self._pricer = pricer
+        self._targets = targets
         self._default_model = default_model
         self.spent = 0.0
         self.in_flight = 0.0
@@ -65,13 +80,14 @@ class Budget:
             ConfigurationError: naming the first model with no price.
         """
         for name in sorted(models):
-            model = name or self._default_model or ""
-            if not self._pricer.knows(model):
-                raise ConfigurationError(
-                    f"--max-cost needs a price for every model, and {model!r} has none "
-                    f"(genai-prices has no {self._pricer.provider} price for it): give it one "
-                    "with --price input=USD,output=USD (per million tokens)"
-                )
+            for pricer, own in self._targets:
+                model = own or name or self._default_model or ""
+                if not pricer.knows(model):
+                    raise ConfigurationError(
+                        f"--max-cost needs a price for every model, and {model!r} has none "
+                        f"(genai-prices has no {pricer.provider} price for it): give it one "
+                        "with --price input=USD,output=USD (per million tokens)"
+                    )
 
     def reserve(self, body: Mapping[str, Any]) -> float | None:
         """Commit the bound of the request ``body`` if it fits; ``None`` if it does not.
@@ -80,11 +96,15 @@ class Budget:
         """
         if self.refused is not None:
             return None
-        model = body.get("model") or self._default_model or ""
+        named = body.get("model") or self._default_model or ""
         prompt, completion = token_bounds(body, default_completion=DEFAULT_COMPLETION_TOKENS)
-        bound = self._pricer.bound(model, prompt, completion)
-        if bound is None:  # checked up front; a price cannot go missing since
-            raise ConfigurationError(f"no price for model {model!r}")  # pragma: no cover
+        bound = 0.0
+        for pricer, own in self._targets:
+            model = own or named
+            found = pricer.bound(model, prompt, completion)
+            if found is None:  # checked up front; a price cannot go missing since
+                raise ConfigurationError(f"no price for model {model!r}")  # pragma: no cover
+            bound = max(bound, found)
         if self.spent + self.in_flight + bound > self.max_cost:
             self.refused = bound
             return None
@@ -99,6 +119,16 @@ class Budget:
     def release(self, bound: float) -> None:
         """Give back the bound of a request that failed (an error reply costs nothing)."""
         self.in_flight -= bound
+
+    @classmethod
+    def for_client(cls, max_cost: float, client: Client) -> Budget:
+        """A budget for the lines ``client`` sends, to any of its endpoints."""
+        requester = client._requester
+        targets = [
+            (requester.pricers[route.provider.name], route.model)
+            for route in requester.router.routes
+        ]
+        return cls(max_cost, targets, client.model)
 
     def describe(self) -> str:
         """Say in one line what was spent, of what, and why the run stopped."""

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import trio
 
+from .._cli_cache import add_cache_option
 from .._cli_options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -107,6 +108,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="the answers (created, or appended to when resuming)",
     )
     add_connection_options(batch)
+    add_cache_option(batch)
     limits = batch.add_argument_group("rate limits (default: adopt the server's headers)")
     limits.add_argument(
         "--rpm", metavar="N", type=positive_float, help="requests per minute, at most"
@@ -196,6 +198,8 @@ def _resume_command(args: argparse.Namespace) -> str:
     defaults = {
         "provider": "openai",
         "base_url": None,
+        "cache": None,
+        "endpoints": None,
         "api_key_env": None,
         "model": None,
         "concurrency": 64,

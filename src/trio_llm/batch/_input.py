@@ -1,16 +1,9 @@
-"""Reading and checking batch input files, one streaming pass at a time.
+"""Checking a batch input file: one streaming pass finds every problem and plans the run.
 
-A line is a request in the OpenAI Batch API format::
+Lines are parsed and checked by ``_parse`` (:func:`parse_line`); blank lines are ignored;
+line numbers count every physical line, from 1.
 
-    {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-    {"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {...}}
-
-``"url": "/v1/messages"`` takes an Anthropic Messages body (for a client opened with
-``provider="anthropic"``). Or the short form ``{"custom_id": "c", "prompt": "...", ...}``:
-one user message, with any other field (``model``, ``max_tokens``, ``temperature``, ...)
-going to the body. Blank lines are ignored; line numbers count every physical line, from 1.
-
-:func:`check_input` is the first pass: it parses every line, finds every problem (with
+:func:`check_input` is the first pass: it reads every line, finds every problem (with
 its line number) and duplicate ``custom_id``, and marks which lines the run must handle,
 before anything is sent. The run's own pass re-reads the file and parses only those.
 """
@@ -18,20 +11,30 @@ before anything is sent. The run's own pass re-reads the file and parses only th
 from __future__ import annotations
 
 import bisect
-import json
-import os
-import re
-from collections.abc import Iterator, Mapping
-from types import MappingProxyType
-from typing import IO, Any, Final, final
+from collections.abc import Mapping
+from typing import IO, Final, final
 
 import attrs
 import trio
 
 from .._errors import BatchInputError
-from ..providers._base import Provider
-from ..providers._registry import PROVIDER_NAMES, provider_named
-from ._keys import AnsweredKeys, HashSet, key_hash
+from ._keys import FAILED, OK, SEEN, AnsweredKeys, key_hash
+from ._lines import Bits, chunks, estimate_lines, file_identity, read_lines
+from ._parse import (
+    CHAT_URL,
+    EMBEDDINGS_URL,
+    MESSAGES_URL,
+    NO_URL_REFUSED,
+    Invalid,
+    Request,
+    checked_line,
+    duplicate_line,
+    fast_custom_id,
+    parse_line,
+    unsendable_urls,
+    wrong_provider,
+)
+from ._progress import ScanProgress
 
 __all__ = [
     "CHAT_URL",
@@ -43,334 +46,17 @@ __all__ = [
     "Request",
     "check_input",
     "duplicate_line",
+    "file_identity",
     "parse_line",
     "read_lines",
     "unsendable_urls",
     "wrong_provider",
 ]
 
-CHAT_URL: Final = "/v1/chat/completions"
-EMBEDDINGS_URL: Final = "/v1/embeddings"
-MESSAGES_URL: Final = "/v1/messages"  # Anthropic's Messages API
-_URLS: Final = (CHAT_URL, EMBEDDINGS_URL, MESSAGES_URL)
-
-# Keyword arguments of Client.chat/embed other than body fields: a body field of that
-# name could not be passed through unchanged, so such a line is refused up front.
-_RESERVED_FIELDS: Final = frozenset({"retry", "prompt_or_messages", "texts"})
-
 # How many problems an error message lists; the count covers them all.
 _LISTED_PROBLEMS: Final = 10
 # Lines parsed between two checkpoints, so a long pass never starves other tasks.
 _LINES_PER_CHECKPOINT: Final = 2048
-
-
-@final
-@attrs.frozen(kw_only=True)
-class Request:
-    """A valid input line: one request to send.
-
-    Attributes:
-        line: its line number (from 1).
-        custom_id: its ``custom_id``.
-        url: :data:`CHAT_URL`, :data:`EMBEDDINGS_URL` or :data:`MESSAGES_URL`.
-        body: the request body, as in the file (the short form's built from its fields).
-    """
-
-    line: int
-    custom_id: str
-    url: str
-    body: dict[str, Any]
-
-
-@final
-@attrs.frozen(kw_only=True)
-class Invalid:
-    """An invalid input line.
-
-    Attributes:
-        line: its line number (from 1).
-        custom_id: its ``custom_id`` if it has a usable one (a non-empty string).
-        code: a machine-readable reason (``invalid_json``, ``missing_custom_id``,
-            ``duplicate_custom_id``, ``invalid_url``, ...).
-        reason: what is wrong, for people.
-    """
-
-    line: int
-    custom_id: str | None
-    code: str
-    reason: str
-
-    @property
-    def keyed_by_line(self) -> bool:
-        """Whether its output line is found by line number (``custom_id`` null).
-
-        A line with no usable ``custom_id``, or repeating one an earlier line owns, has
-        no ``custom_id`` of its own to be recorded under.
-        """
-        return self.custom_id is None or self.code == "duplicate_custom_id"
-
-
-def duplicate_line(line: int, custom_id: str, first_line: int) -> Invalid:
-    """Return the :class:`Invalid` of a line repeating the ``custom_id`` of ``first_line``."""
-    return Invalid(
-        line=line,
-        custom_id=custom_id,
-        code="duplicate_custom_id",
-        reason=f"duplicate custom_id {custom_id!r} (first on line {first_line})",
-    )
-
-
-def _json_type(value: object, *, empty: bool = False) -> str:
-    """Name ``value``'s JSON type for a message; with ``empty``, say an empty one is."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "an empty string" if empty and not value else "a string"
-    if isinstance(value, list):
-        return "an empty array" if empty and not value else "an array"
-    return "an object"
-
-
-def _check_messages(messages: object) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        shown = _json_type(messages, empty=True)
-        return f"body.messages must be a non-empty array of messages, not {shown}"
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"body.messages[{position}] must be an object, not {_json_type(message)}"
-        if not isinstance(message.get("role"), str):
-            return f"body.messages[{position}] needs a string 'role'"
-    return None
-
-
-def _check_embedding_input(value: object) -> str | None:
-    if isinstance(value, str) and value:
-        return None
-    if isinstance(value, list) and value:
-        if all(isinstance(item, str) for item in value):
-            return None
-        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-            return None  # one text as token ids
-        if all(
-            isinstance(item, list) and item and all(isinstance(t, int) for t in item)
-            for item in value
-        ):
-            return None  # several texts as token ids
-    return (
-        "body.input must be a non-empty string or array of strings (or of token ids), "
-        f"not {_json_type(value, empty=True)}"
-    )
-
-
-def _check_body(url: str, body: dict[str, Any], default_model: str | None) -> str | None:
-    """Return what is wrong with ``body`` for ``url``, or ``None``."""
-    reserved = _RESERVED_FIELDS.intersection(body)
-    if reserved:
-        return f"body field {sorted(reserved)[0]!r} cannot be passed through by trio-llm"
-    if "model" in body:
-        model = body["model"]
-        if not isinstance(model, str) or not model:
-            return f"body.model must be a non-empty string, not {_json_type(model, empty=True)}"
-    elif not default_model:
-        return "no model: set body.model, or give a default model (--model)"
-    if body.get("stream") is True:
-        return "body.stream: streamed replies are not supported in a batch"
-    if url in (CHAT_URL, MESSAGES_URL):
-        return _check_messages(body.get("messages"))
-    return _check_embedding_input(body.get("input"))
-
-
-# A \ud800-\udfff escape: valid JSON, but alone (not as half of a pair) it decodes to a
-# string that cannot be encoded as UTF-8, so it could not be sent.
-_LONE_SURROGATE: Final = re.compile(r"\\u[dD][89a-fA-F]")
-
-# No url refused by the client (the default of ``unsendable``).
-_NO_URL_REFUSED: Final[Mapping[str, str]] = MappingProxyType({})
-
-
-def wrong_provider(url: str) -> str:
-    """Say which providers a client needs to send ``url`` lines."""
-    names = [name for name in PROVIDER_NAMES if provider_named(name).accepts_batch_url(url)]
-    needed = " or ".join(f"provider={name!r}" for name in names)
-    return f"{url} lines need a client opened with {needed}"
-
-
-def unsendable_urls(provider: Provider) -> dict[str, str]:
-    """Map each url ``provider`` cannot send to why (a line with that url is invalid)."""
-    return {
-        url: f"{wrong_provider(url)}; this one is provider={provider.name!r} (see --provider)"
-        for url in _URLS
-        if not provider.accepts_batch_url(url)
-    }
-
-
-def _encodable(body: dict[str, Any]) -> bool:
-    try:
-        json.dumps(body, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def parse_line(
-    raw: bytes,
-    line: int,
-    *,
-    default_model: str | None,
-    unsendable: Mapping[str, str] = _NO_URL_REFUSED,
-) -> Request | Invalid:
-    """Parse and check one input line (duplicates are :func:`check_input`'s business).
-
-    Args:
-        raw: the line's bytes (UTF-8 JSON; surrounding whitespace is ignored).
-        line: its line number, for messages.
-        default_model: the model used when a body names none (``None``: a body must).
-        unsendable: url -> why the client cannot send lines with that url (its provider
-            does not speak that API); such lines are invalid.
-    """
-    # Runs once per line, twice per run: the checks of a valid line stay inline or in
-    # one call each; only the failures build their messages in helpers.
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError as exc:
-        return _not_utf8(raw, line, exc)
-    if line == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors write
-        text = text[1:]
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return _not_json(text, line, exc)
-    if not isinstance(payload, dict):
-        return _anonymous(
-            line, "invalid_json", f"expected a JSON object, got {_json_type(payload)}"
-        )
-    if "custom_id" not in payload:
-        return _anonymous(line, "missing_custom_id", "no custom_id")
-    custom_id = payload["custom_id"]
-    if not isinstance(custom_id, str) or not custom_id:
-        return _anonymous(
-            line,
-            "invalid_custom_id",
-            f"custom_id must be a non-empty string, not {_json_type(custom_id, empty=True)}",
-        )
-    if "prompt" in payload:
-        problem = _short_form_problem(payload, line, custom_id)
-        if problem is not None:
-            return problem
-        body = {k: v for k, v in payload.items() if k not in ("custom_id", "prompt")}
-        body["messages"] = [{"role": "user", "content": payload["prompt"]}]
-        url = CHAT_URL
-    else:
-        problem = _batch_form_problem(payload, line, custom_id)
-        if problem is not None:
-            return problem
-        url = payload["url"]
-        body = payload["body"]
-    refused = unsendable.get(url)
-    if refused is not None:
-        return Invalid(line=line, custom_id=custom_id, code="invalid_url", reason=refused)
-    reason = _check_body(url, body, default_model)
-    if reason is not None:
-        return Invalid(line=line, custom_id=custom_id, code="invalid_body", reason=reason)
-    if "\\u" in text and _LONE_SURROGATE.search(text) and not _encodable(body):
-        return Invalid(
-            line=line,
-            custom_id=custom_id,
-            code="invalid_body",
-            reason="the body holds a lone surrogate escape (\\ud800-\\udfff): not UTF-8",
-        )
-    return Request(line=line, custom_id=custom_id, url=url, body=body)
-
-
-def _anonymous(line: int, code: str, reason: str) -> Invalid:
-    """Return the :class:`Invalid` of a line with no usable ``custom_id``."""
-    return Invalid(line=line, custom_id=None, code=code, reason=reason)
-
-
-def _not_utf8(raw: bytes, line: int, exc: UnicodeDecodeError) -> Invalid:
-    reason = f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
-    return _anonymous(line, "invalid_json", reason)
-
-
-def _not_json(text: str, line: int, exc: json.JSONDecodeError) -> Invalid:
-    # Positions count characters of the line, whose newline is no part of the JSON.
-    at_end = exc.pos >= len(text.rstrip())
-    where = "at the end of the line" if at_end else f"column {exc.pos + 1}"
-    return _anonymous(line, "invalid_json", f"invalid JSON: {exc.msg} ({where})")
-
-
-# The fields of the Batch API form, which the short form (``prompt``) must not mix in.
-_BATCH_FORM_FIELDS: Final = frozenset({"method", "url", "body"})
-
-
-def _short_form_problem(payload: dict[str, Any], line: int, custom_id: str) -> Invalid | None:
-    """Return what is wrong with the envelope of a ``prompt`` line, or ``None``."""
-    if not _BATCH_FORM_FIELDS.isdisjoint(payload):
-        reason = "a line has either 'prompt' (short form) or 'method', 'url' and 'body'"
-        return Invalid(line=line, custom_id=custom_id, code="invalid_request", reason=reason)
-    prompt = payload["prompt"]
-    if not isinstance(prompt, str) or not prompt:
-        reason = f"prompt must be a non-empty string, not {_json_type(prompt, empty=True)}"
-        return Invalid(line=line, custom_id=custom_id, code="invalid_prompt", reason=reason)
-    if "messages" in payload:
-        reason = "a line has either 'prompt' or 'messages'"
-        return Invalid(line=line, custom_id=custom_id, code="invalid_request", reason=reason)
-    return None
-
-
-def _batch_form_problem(payload: dict[str, Any], line: int, custom_id: str) -> Invalid | None:
-    """Return what is wrong with the envelope of a Batch API line, or ``None``.
-
-    ``None`` means its ``url`` is one of :data:`_URLS` and its ``body`` an object.
-    """
-    method = payload.get("method")
-    if method != "POST":
-        shown = "missing" if "method" not in payload else f"{method!r}"
-        reason = f'method must be "POST" ({shown})'
-        return Invalid(line=line, custom_id=custom_id, code="invalid_method", reason=reason)
-    url = payload.get("url")
-    if url not in _URLS:
-        shown = "missing" if "url" not in payload else f"{url!r}"
-        reason = f"unsupported url {shown}; supported: {', '.join(_URLS)}"
-        return Invalid(line=line, custom_id=custom_id, code="invalid_url", reason=reason)
-    body = payload.get("body")
-    if not isinstance(body, dict):
-        reason = f"body must be a JSON object, not {_json_type(body)}"
-        return Invalid(line=line, custom_id=custom_id, code="invalid_body", reason=reason)
-    return None
-
-
-def read_lines(file: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line number, bytes)`` for each non-blank line of ``file``, from its start."""
-    file.seek(0)
-    for number, raw in enumerate(file, 1):
-        if raw and not raw.isspace():
-            yield number, raw
-
-
-@final
-class Bits:
-    """A growable bit per line number: 1 bit a line (125 KB for a million lines)."""
-
-    __slots__ = ("_bytes",)
-
-    def __init__(self) -> None:
-        self._bytes = bytearray()
-
-    def set(self, index: int) -> None:
-        """Set bit ``index``."""
-        byte = index >> 3
-        if byte >= len(self._bytes):
-            self._bytes.extend(bytes(byte - len(self._bytes) + 4096))
-        self._bytes[byte] |= 1 << (index & 7)
-
-    def __getitem__(self, index: int) -> bool:
-        byte = index >> 3
-        return byte < len(self._bytes) and bool(self._bytes[byte] & (1 << (index & 7)))
 
 
 @final
@@ -391,6 +77,8 @@ class InputPlan:
         identity: the input file's (device, inode, size, mtime), to notice a change.
         unsendable: url -> why the client cannot send it (such lines are invalid).
         models: the models the lines to send name (``""``: the client's default).
+        scan_elapsed: seconds the passes before sending took (scanning OUTPUT, then
+            this check), as the run measured them.
     """
 
     path: str
@@ -402,14 +90,9 @@ class InputPlan:
     handle: Bits = attrs.Factory(Bits)
     duplicates: dict[int, tuple[str, int]] = attrs.Factory(dict)
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)
-    unsendable: Mapping[str, str] = _NO_URL_REFUSED
+    unsendable: Mapping[str, str] = NO_URL_REFUSED
+    scan_elapsed: float = 0.0
     models: set[str] = attrs.Factory(set)
-
-
-def file_identity(file: IO[bytes]) -> tuple[int, int, int, int]:
-    """Return ``file``'s (device, inode, size, mtime in ns)."""
-    status = os.fstat(file.fileno())
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 async def _locate_duplicates(
@@ -417,6 +100,7 @@ async def _locate_duplicates(
     suspects: dict[int, int],
     default_model: str | None,
     unsendable: Mapping[str, str],
+    progress: ScanProgress,
 ) -> tuple[dict[int, tuple[str, int]], list[Request | Invalid]]:
     """Confirm suspected duplicates exactly, in a second pass over the file.
 
@@ -431,11 +115,18 @@ async def _locate_duplicates(
     first_line: dict[str, int] = {}
     duplicates: dict[int, tuple[str, int]] = {}
     collided: list[Request | Invalid] = []
+    read = 0
     for number, raw in read_lines(file):
+        read += len(raw)
         if number % _LINES_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
-        parsed = parse_line(raw, number, default_model=default_model, unsendable=unsendable)
-        custom_id = parsed.custom_id
+            progress.advance(read)
+            read = 0
+        custom_id = fast_custom_id(raw)[0]
+        if custom_id is None:  # the line may still have one orjson cannot read
+            custom_id = parse_line(
+                raw, number, default_model=default_model, unsendable=unsendable
+            ).custom_id
         if custom_id is None or key_hash(custom_id) not in wanted:
             continue
         first = first_line.setdefault(custom_id, number)
@@ -443,7 +134,10 @@ async def _locate_duplicates(
             if first < number:
                 duplicates[number] = (custom_id, first)
             else:
-                collided.append(parsed)
+                collided.append(
+                    parse_line(raw, number, default_model=default_model, unsendable=unsendable)
+                )
+    progress.advance(read)
     return duplicates, collided
 
 
@@ -466,45 +160,50 @@ class _Planner:
     kept for the error message, and all are counted.
     """
 
-    __slots__ = ("_answered_ok", "_failed", "_failed_lines", "plan", "problem_count", "problems")
+    __slots__ = ("_failed_lines", "_keys", "failed_flag", "plan", "problem_count", "problems")
 
     def __init__(self, plan: InputPlan, answered: AnsweredKeys, *, retry_failed: bool) -> None:
         self.plan = plan
-        self._answered_ok = answered.ok
+        self._keys = answered.keys
         # With retry_failed, lines answered with an error count as unanswered: their error
         # lines are removed before the run.
-        self._failed = HashSet() if retry_failed else answered.failed
+        self.failed_flag = 0 if retry_failed else FAILED
         self._failed_lines: set[int] = set() if retry_failed else answered.failed_lines
         self.problems: list[Invalid] = []
         self.problem_count = 0
 
+    def answered(self, flags: int) -> bool:
+        """Count a line whose ``custom_id`` has ``flags`` if OUTPUT answers it; say if so."""
+        if flags & OK:
+            self.plan.answered_ok += 1
+            return True
+        if flags & self.failed_flag:
+            self.plan.answered_failed += 1
+            return True
+        return False
+
     def add(self, item: Request | Invalid) -> None:
-        """Plan ``item``'s line."""
+        """Plan ``item``'s line, answered or not."""
+        if isinstance(item, Invalid) and item.keyed_by_line:
+            if item.line in self._failed_lines:
+                self.plan.answered_failed += 1
+                return
+        elif item.custom_id is None:  # pragma: no cover - keyed_by_line covers it
+            raise AssertionError(item)
+        elif self.answered(self._keys.flags(item.custom_id)):
+            return  # (an invalid line: answered before it was changed)
+        self.handle(item)
+
+    def handle(self, item: Request | Invalid) -> None:
+        """Plan the line of ``item``, which OUTPUT does not answer: to send, or to record."""
         plan = self.plan
         if isinstance(item, Invalid):
-            if item.keyed_by_line:
-                if item.line in self._failed_lines:
-                    plan.answered_failed += 1
-                    return
-            elif item.custom_id is None:  # pragma: no cover - keyed_by_line covers it
-                raise AssertionError(item)
-            elif item.custom_id in self._answered_ok:  # answered before the line was changed
-                plan.answered_ok += 1
-                return
-            elif item.custom_id in self._failed:
-                plan.answered_failed += 1
-                return
             self._add_problem(item)
             plan.to_record += 1
-            plan.handle.set(item.line)
-        elif item.custom_id in self._answered_ok:
-            plan.answered_ok += 1
-        elif item.custom_id in self._failed:
-            plan.answered_failed += 1
         else:
             plan.to_send += 1
-            plan.handle.set(item.line)
             plan.models.add(item.body.get("model") or "")
+        plan.handle.set(item.line)
 
     def _add_problem(self, item: Invalid) -> None:
         problems = self.problems
@@ -536,49 +235,111 @@ async def check_input(
     default_model: str | None,
     skip_invalid: bool,
     retry_failed: bool,
-    unsendable: Mapping[str, str] = _NO_URL_REFUSED,
+    unsendable: Mapping[str, str] = NO_URL_REFUSED,
+    progress: ScanProgress | None = None,
 ) -> InputPlan:
     """Run the first pass over the input: check every line, plan the run.
 
     Args:
         file: the input, open in binary mode.
         path: its name, for messages.
-        answered: what OUTPUT already answers (lines found there are not handled again).
+        answered: what OUTPUT already answers (lines found there are not handled again);
+            the ids of the input's lines are added to its table (flagged ``SEEN``).
         default_model: the model for bodies that name none.
         skip_invalid: plan to record invalid lines as error lines instead of failing.
         retry_failed: plan to handle again the lines OUTPUT answers with an error.
         unsendable: url -> why the client cannot send it (see :func:`parse_line`).
+        progress: told of each block read.
 
     Raises:
         BatchInputError: some lines are invalid (and not recorded in OUTPUT already), and
             ``skip_invalid`` is false.
 
-    Memory: a 64-bit hash per ``custom_id`` (see ``_keys``) and a bit per line.
+    Memory: a 64-bit hash and a byte per ``custom_id`` (see ``_keys``), a bit per line.
+
+    Cancellation: nothing is planned; ``answered`` keeps some of the input's ids flagged
+    ``SEEN``, which the next check clears.
     """
+    progress = progress or ScanProgress()
+    progress.phase(f"checking {path}")
     plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable)
     planner = _Planner(plan, answered, retry_failed=retry_failed)
-    plan_line = planner.add
-    seen = HashSet()
-    suspects: dict[int, int] = {}
-    for number, raw in read_lines(file):
-        if number % _LINES_PER_CHECKPOINT == 0:
-            await trio.lowlevel.checkpoint()
-        plan.total += 1
-        item = parse_line(raw, number, default_model=default_model, unsendable=unsendable)
-        if item.custom_id is not None and not seen.add(item.custom_id):
-            # Maybe a duplicate: decided exactly once the whole file has been read.
-            suspects[number] = key_hash(item.custom_id)
-            continue
-        plan_line(item)
-    del seen  # its memory is given back before the run starts
+    answered.keys.clear(SEEN)  # from an earlier check with the same keys, if any
+    answered.keys.reserve(estimate_lines(file))  # (when resuming, it has room already)
+    suspects = await _check_lines(file, planner, answered, default_model, progress)
     if suspects:
+        progress.phase(f"confirming duplicates in {path}", more=plan.identity[2])
         plan.duplicates, collided = await _locate_duplicates(
-            file, suspects, default_model, unsendable
+            file, suspects, default_model, unsendable, progress
         )
         for number, (custom_id, first_line) in plan.duplicates.items():
-            plan_line(duplicate_line(number, custom_id, first_line))
+            planner.add(duplicate_line(number, custom_id, first_line))
         for item in collided:
-            plan_line(item)
+            planner.add(item)
     if planner.problem_count and not skip_invalid:
         raise planner.error()
     return plan
+
+
+async def _check_lines(
+    file: IO[bytes],
+    planner: _Planner,
+    answered: AnsweredKeys,
+    default_model: str | None,
+    progress: ScanProgress,
+) -> dict[int, int]:
+    """Check and plan each line of ``file``; return the suspected duplicates.
+
+    Only the lines OUTPUT does not answer are checked in full: for the others, only the
+    ``custom_id`` matters (an answered line is not handled again, valid or not). Each
+    line is read with orjson first; the standard library has the last word where orjson
+    refuses a line, or a check fails (see :func:`fast_custom_id`).
+
+    Returns:
+        line -> hash of its ``custom_id``, for each line whose ``custom_id`` hash an
+        earlier line had: maybe a duplicate, decided once the whole file is read.
+    """
+    plan = planner.plan
+    unsendable = plan.unsendable
+    mark, failed_flag = answered.keys.mark, planner.failed_flag
+    suspects: dict[int, int] = {}
+    number = total = answered_ok = answered_failed = 0
+    for chunk in chunks(file):
+        await trio.lowlevel.checkpoint()
+        progress.advance(len(chunk))
+        lines = chunk.split(b"\n")
+        last = lines[-1]  # b"" after a newline, else the file's last line, which has none
+        if not last:
+            lines.pop()
+        for raw in lines:
+            number += 1
+            if not raw or raw.isspace():
+                continue
+            total += 1
+            # parse_line reads each line with its newline, as the file iteration gave it
+            ending = b"" if raw is last else b"\n"
+            custom_id, payload = fast_custom_id(raw)
+            item: Request | Invalid | None = None
+            if custom_id is None:
+                item = parse_line(
+                    raw + ending, number, default_model=default_model, unsendable=unsendable
+                )
+                custom_id = item.custom_id
+                if custom_id is None:
+                    planner.add(item)
+                    continue
+            before = mark(custom_id, SEEN)
+            if before & SEEN:  # maybe a duplicate: decided once the whole file is read
+                suspects[number] = key_hash(custom_id)
+            elif before & OK:
+                answered_ok += 1
+            elif before & failed_flag:
+                answered_failed += 1
+            else:
+                if item is None:
+                    item = checked_line(payload, raw, ending, number, default_model, unsendable)
+                planner.handle(item)
+    plan.total += total
+    plan.answered_ok += answered_ok
+    plan.answered_failed += answered_failed
+    return suspects

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import secrets
@@ -58,8 +57,10 @@ from .._errors import (
     RetryDeadlineExceeded,
     StreamError,
 )
-from ._keys import AnsweredKeys
+from ._keys import FAILED, OK, AnsweredKeys
+from ._lines import chunks, estimate_lines, fast_loads
 from ._locked import lock, open_locked, remove_if_empty, sync_directory
+from ._progress import ScanProgress
 
 __all__ = [
     "OutputFile",
@@ -222,7 +223,7 @@ class OutputScan:
 def _record_key(raw: bytes) -> tuple[str | None, dict[str, Any] | None, str | None]:
     """Parse an output line: ``(custom_id, error, problem)``; ``problem`` if it is not one."""
     try:
-        record = json.loads(raw)
+        record = _json.loads(raw)  # orjson where it can, json's verdict where it cannot
     except ValueError as exc:
         return None, None, f"invalid JSON: {exc}"
     if not isinstance(record, dict) or "custom_id" not in record:
@@ -286,6 +287,10 @@ class OutputFile:
         finally:
             output.close()
 
+    def size(self) -> int:
+        """Return the file's size now, in bytes."""
+        return os.fstat(self._file.fileno()).st_size
+
     def close(self) -> None:
         """Flush to disk and close (which releases the lock); idempotent."""
         if not self._file.closed:
@@ -294,53 +299,105 @@ class OutputFile:
             finally:
                 self._file.close()
 
-    async def scan(self) -> OutputScan:
+    async def scan(self, *, progress: ScanProgress | None = None) -> OutputScan:
         """Read what the file answers already (the first pass over OUTPUT).
+
+        The table of answered ids is sized up front for the lines the file holds (see
+        :func:`~._lines.estimate_lines`). Lines are read with orjson where it can (see
+        :func:`_record_key`); the file's lines are read in blocks of a megabyte.
+
+        Args:
+            progress: told of each block read.
 
         Raises:
             BatchInputError: a complete line is not a batch output line (the wrong file?).
+
+        Cancellation: the file is only read; :meth:`prepare` then needs a new scan.
         """
-        scan = OutputScan()
-        answered = scan.answered
-        offset = 0
-        with open(self.path, "rb", buffering=1 << 20) as reader:  # noqa: ASYNC230 - see top
-            for number, raw in enumerate(reader, 1):
-                if number % _LINES_PER_CHECKPOINT == 0:
-                    await trio.lowlevel.checkpoint()
-                complete = raw.endswith(b"\n")
-                if complete and raw.isspace():
-                    offset += len(raw)
-                    continue
-                custom_id, error, problem = _record_key(raw)
-                if not complete:  # the last line, cut short (or only missing its newline)
-                    scan.tail = len(raw)
-                    scan.tail_complete = problem is None
-                    if problem is not None:
-                        break
-                elif problem is not None:
-                    raise BatchInputError(
-                        f"{self.path}:{number}: not a batch output line ({problem}); "
-                        "is this the right output file? Nothing was sent",
-                        path=self.path,
-                        line=number,
-                        reason=f"not a batch output line: {problem}",
-                    )
-                else:
-                    offset += len(raw)
-                scan.lines += 1
-                if error is not None:
-                    scan.failed += 1
-                if custom_id is None:
-                    line = error.get("line") if error is not None else None
-                    if isinstance(line, int):
-                        answered.failed_lines.add(line)
-                    continue
-                if custom_id in answered.ok or custom_id in answered.failed:
-                    scan.repeated += 1
-                (answered.ok if error is None else answered.failed).add(custom_id)
-        scan.end = offset
+        progress = progress or ScanProgress()
+        progress.phase(f"scanning {self.path}")
+        with open(self.path, "rb", buffering=0) as reader:  # noqa: ASYNC230 - see top
+            scan = OutputScan(answered=AnsweredKeys(estimate_lines(reader)))
+            number = 0
+            for chunk in chunks(reader):
+                await trio.lowlevel.checkpoint()
+                progress.advance(len(chunk))
+                scan.end += len(chunk)
+                lines = chunk.split(b"\n")
+                last = lines.pop()  # b"" but after the file's last byte, if not a newline
+                number = self._count_lines(scan, lines, number)
+                if last:
+                    scan.end -= len(last)
+                    scan.tail = len(last)
+                    scan.tail_complete = _record_key(last)[2] is None
+                    if scan.tail_complete:  # only its newline is missing
+                        self._count(scan, last, number + 1)
         self._scan = scan
         return scan
+
+    def _count_lines(self, scan: OutputScan, lines: list[bytes], number: int) -> int:
+        """Count the complete ``lines`` after line ``number`` into ``scan``; return the last's.
+
+        The lines a run writes are read with orjson and looked at here; any other (blank,
+        keyless, refused by orjson, not a batch output line) is left to :meth:`_count`.
+
+        Raises:
+            BatchInputError: one is not a batch output line.
+        """
+        mark, loads = scan.answered.keys.mark, fast_loads
+        counted = failed = repeated = 0
+        for raw in lines:
+            number += 1
+            try:
+                record = loads(raw)
+            except ValueError:
+                record = None
+            if type(record) is dict:
+                custom_id, error = record.get("custom_id"), record.get("error")
+                if type(custom_id) is str:
+                    if error is None and type(record.get("response")) is dict:
+                        counted += 1
+                        repeated += bool(mark(custom_id, OK) & (OK | FAILED))
+                        continue
+                    if type(error) is dict:
+                        counted += 1
+                        failed += 1
+                        repeated += bool(mark(custom_id, FAILED) & (OK | FAILED))
+                        continue
+            elif not raw or raw.isspace():
+                continue
+            self._count(scan, raw, number)
+        scan.lines += counted
+        scan.failed += failed
+        scan.repeated += repeated
+        return number
+
+    def _count(self, scan: OutputScan, raw: bytes, number: int) -> None:
+        """Count the output line ``raw`` (line ``number``) into ``scan``.
+
+        Raises:
+            BatchInputError: it is not a batch output line.
+        """
+        custom_id, error, problem = _record_key(raw)
+        if problem is not None:
+            # Said as of the line with its newline, as it is in the file.
+            problem = _record_key(raw + b"\n")[2]
+            raise BatchInputError(
+                f"{self.path}:{number}: not a batch output line ({problem}); "
+                "is this the right output file? Nothing was sent",
+                path=self.path,
+                line=number,
+                reason=f"not a batch output line: {problem}",
+            )
+        scan.lines += 1
+        if error is not None:
+            scan.failed += 1
+        if custom_id is None:
+            line = error.get("line") if error is not None else None
+            if isinstance(line, int):
+                scan.answered.failed_lines.add(line)
+        elif scan.answered.keys.mark(custom_id, OK if error is None else FAILED) & (OK | FAILED):
+            scan.repeated += 1
 
     async def prepare(self, *, retry_failed: bool) -> list[str]:
         """Repair the file before the run appends to it; return what was done, for people.

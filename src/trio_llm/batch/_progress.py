@@ -31,13 +31,17 @@ if TYPE_CHECKING:
     from ._summary import BatchSummary
 
 __all__ = [
+    "SCAN_SHOWN_AFTER",
     "Counters",
     "Reporter",
+    "ScanProgress",
     "Snapshot",
     "Watched",
     "cost_text",
     "format_duration",
+    "format_size",
     "open_reporter",
+    "open_scan_progress",
     "print_summary",
     "retry_reason",
 ]
@@ -46,6 +50,9 @@ _RATE_WINDOW: Final = 10.0  # seconds of history behind the rate and the ETA
 # Seconds the reason for retries stays on the progress line after the last retry: long
 # enough to read, short enough not to blame a cause that has gone away.
 _REASON_SHOWN_FOR: Final = 10.0
+#: Seconds the passes before sending run before their progress shows (a small file's
+#: scan takes less, and would only flash a bar).
+SCAN_SHOWN_AFTER: Final = 0.5
 
 
 @attrs.define(kw_only=True, slots=True)
@@ -284,6 +291,110 @@ class _PlainReporter(Reporter):
         self._report()
 
 
+def format_size(size: int, *, like: int | None = None) -> str:
+    """Format a number of bytes: ``3.71 GB``, ``12.5 MB``, ``900 kB``.
+
+    With ``like``, in the unit ``like`` would be written in (``0.52 GB`` beside ``3.71 GB``).
+    """
+    scale = size if like is None else like
+    if scale >= 10**9:
+        return f"{size / 10**9:.2f} GB"
+    if scale >= 10**6:
+        return f"{size / 10**6:.1f} MB"
+    return f"{size / 10**3:.0f} kB"
+
+
+class ScanProgress:
+    """Progress of the passes before the first request: scanning OUTPUT, checking INPUT.
+
+    The passes tell it each block they read (:meth:`advance`, a megabyte at a time:
+    nothing per line). This base class shows nothing, and measures how long the passes
+    take: leaving its ``with`` block sets :attr:`elapsed`. On a terminal a bar appears
+    once they have taken ``SCAN_SHOWN_AFTER`` seconds (a small file's would only flash);
+    elsewhere a line every ``interval`` seconds.
+
+    Attributes:
+        total: the bytes the passes are to read.
+        done: the bytes read so far.
+        what: what the pass going on does (``scanning out.jsonl``).
+        elapsed: seconds the passes took (set on leaving the ``with`` block).
+    """
+
+    def __init__(self, total: int = 0) -> None:
+        self.total = total
+        self.done = 0
+        self.what = ""
+        self.elapsed = 0.0
+        self._phases: list[str] = []
+        self._started = trio.current_time()
+
+    def __enter__(self) -> ScanProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.elapsed = trio.current_time() - self._started
+        self._stop(done=exc_info[0] is None)
+
+    def phase(self, what: str, *, more: int = 0) -> None:
+        """Start a pass: ``what`` it does (``scanning out.jsonl``), ``more`` bytes to read."""
+        self.what = what
+        self.total += more
+        self._phases.append(what)
+
+    def advance(self, size: int) -> None:
+        """Count ``size`` more bytes read."""
+        self.done += size
+
+    def _stop(self, *, done: bool) -> None:
+        """Stop showing progress; if ``done`` (not failed), say how long it took if shown."""
+
+    def _done_text(self) -> str:
+        phases = ", ".join(self._phases)
+        return f"{phases}: done in {self.elapsed:.1f} s ({format_size(self.done)})"
+
+    def _percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+
+class _PlainScanProgress(ScanProgress):
+    """A line every ``interval`` seconds, and one at the end if any was printed."""
+
+    def __init__(self, total: int, *, interval: float) -> None:
+        super().__init__(total)
+        self._interval = interval
+        self._next = self._started + interval
+        self._shown = False
+
+    def advance(self, size: int) -> None:
+        self.done += size
+        now = trio.current_time()
+        if now >= self._next:
+            self._next = now + self._interval
+            self._shown = True
+            print(
+                f"trio-llm batch: {self.what}: {self._percent():.0f}% of "
+                f"{format_size(self.total)} read in {now - self._started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _stop(self, *, done: bool) -> None:
+        if self._shown and done:
+            print(f"trio-llm batch: {self._done_text()}", file=sys.stderr, flush=True)
+
+
+def open_scan_progress(total: int, *, enabled: bool, interval: float) -> ScanProgress:
+    """Return the progress of the passes before sending: none, a bar, or plain lines."""
+    if not enabled:
+        return ScanProgress(total)
+    console = _stderr_console()
+    if console.is_interactive:
+        from ._terminal import TerminalScanProgress
+
+        return TerminalScanProgress(total, console=console)
+    return _PlainScanProgress(total, interval=interval)
+
+
 def _stderr_console() -> Console:
     from rich.console import Console
 
@@ -321,6 +432,8 @@ def print_summary(summary: BatchSummary) -> None:
         detail = f" ({summary.skipped_failed:,} with an error)" if summary.skipped_failed else ""
         table.add_row("answered before this run", f"{summary.skipped:,}{detail}")
     table.add_row("answered OK", f"{summary.succeeded:,}")
+    if summary.cache_hits:
+        table.add_row("  of which from the cache", f"{summary.cache_hits:,}")
     table.add_row("failed", f"{summary.failed:,}")
     if summary.invalid:
         table.add_row("invalid lines recorded", f"{summary.invalid:,}")
@@ -338,6 +451,8 @@ def print_summary(summary: BatchSummary) -> None:
         cost += f" (budget {format_usd(summary.max_cost)})"
     table.add_row("cost", cost)
     handled = summary.succeeded + summary.failed + summary.invalid
-    rate = handled / summary.elapsed if summary.elapsed > 0 else 0.0
+    sending = summary.elapsed - summary.scan_elapsed
+    rate = handled / sending if sending > 0 else 0.0
     table.add_row("elapsed", f"{summary.elapsed:,.1f} s ({rate:,.1f} lines/s)")
+    table.add_row("of which scanning the files", f"{summary.scan_elapsed:,.1f} s")
     _stderr_console().print(table)

@@ -51,13 +51,14 @@ from ._input import (
     duplicate_line,
     file_identity,
     parse_line,
-    read_lines,
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
+from ._keys import AnsweredKeys
+from ._lines import marked_lines
 from ._locked import names
 from ._output import OutputFile, answer_record, error_record, failure_record
-from ._progress import Counters, Reporter, Watched, open_reporter
+from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
 from ._summary import BatchSummary
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
@@ -122,11 +123,9 @@ class _Run:
         handle = plan.handle
         unsendable = plan.unsendable
         with _naming(plan.path):
-            for number, raw in read_lines(self._input):
+            for number, raw in marked_lines(self._input, handle):
                 if self._stopping:
                     return
-                if not handle[number]:
-                    continue
                 duplicate = plan.duplicates.get(number)
                 if duplicate is not None:
                     yield duplicate_line(number, *duplicate)
@@ -175,10 +174,11 @@ class _Run:
             counters.completion_tokens += usage.completion_tokens
             counters.add_cost(cost)
 
-    async def _send(
-        self, item: Request
-    ) -> tuple[dict[str, Any], str | None, Usage, float | None]:
-        """Send one request; return its reply's body, request id, usage and cost."""
+    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage, float | None]:
+        """Send one request; return its reply's body, request id, the tokens and USD it spent.
+
+        A reply from the client's response cache spent none (its ``cost`` is ``0.0``).
+        """
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -186,9 +186,11 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, chat.usage, chat.cost
+                usage = Usage() if chat.cached else chat.usage
+                return chat.raw, chat.request_id, usage, chat.cost
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, vectors.usage, vectors.cost
+            usage = Usage() if vectors.cached else vectors.usage
+            return vectors.raw, vectors.request_id, usage, vectors.cost
         finally:
             self._sending -= 1
 
@@ -308,6 +310,8 @@ class _Run:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            cache_hits=after.cache_hits - before.cache_hits,
+            scan_elapsed=plan.scan_elapsed,
             cost=None if counters.unpriced else counters.cost,
             max_cost=None if self._budget is None else self._budget.max_cost,
             over_budget=self._budget is not None and self._budget.refused is not None,
@@ -412,7 +416,7 @@ async def run_batch(
     line written is whole, and a later run sends the unanswered lines only.
     """
     _check_settings(concurrency=concurrency, max_consecutive_failures=max_consecutive_failures)
-    budget = None if max_cost is None else Budget(max_cost, client._requester.pricer, client.model)
+    budget = None if max_cost is None else Budget.for_client(max_cost, client)
     started = trio.current_time()
     before = client.statistics()
     async with _open_run(
@@ -466,17 +470,22 @@ async def _open_run(
         if names(output_path, input_file):
             raise ConfigurationError(f"the output file {output_path} is the input file")
         with _naming(output_path), OutputFile.open(output_path) as output:
-            scan = await output.scan()
-            with _naming(input_path):
-                plan = await check_input(
-                    input_file,
-                    input_path,
-                    scan.answered,
-                    default_model=client.model,
-                    skip_invalid=skip_invalid,
-                    retry_failed=retry_failed,
-                    unsendable=unsendable_urls(client._provider),
-                )
+            size = os.fstat(input_file.fileno()).st_size + output.size()
+            with open_scan_progress(size, enabled=progress, interval=progress_interval) as scanning:
+                scan = await output.scan(progress=scanning)
+                with _naming(input_path):
+                    plan = await check_input(
+                        input_file,
+                        input_path,
+                        scan.answered,
+                        default_model=client.model,
+                        skip_invalid=skip_invalid,
+                        retry_failed=retry_failed,
+                        unsendable=unsendable_urls(client._provider),
+                        progress=scanning,
+                    )
+            plan.scan_elapsed = scanning.elapsed
+            scan.answered = AnsweredKeys()  # its table is not needed from here on
             if budget is not None:  # before OUTPUT is changed: a refusal changes nothing
                 budget.check_prices(plan.models)
             notes = await output.prepare(retry_failed=retry_failed)

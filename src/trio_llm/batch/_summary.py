@@ -39,14 +39,19 @@ class BatchSummary:
         completion_tokens: completion tokens of the answers.
         tokens: ``prompt_tokens + completion_tokens``.
         elapsed: seconds the run took, by the trio clock.
+        scan_elapsed: of ``elapsed``, the seconds spent before sending: scanning the
+            output file and checking the input.
         interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
         stopped: why the run stopped sending before the end, in one line, when an error
             showed that no request could succeed (see :func:`run_batch`); ``None`` if
             it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
             https://api.openai.com/v1 (Incorrect API key provided)"``.
         stop_error: the error that stopped the run (``None`` with ``stopped``).
-        cost: what this run's answers cost in USD (see ``reply.cost``); ``None`` when
-            some had no known price.
+        cache_hits: lines of ``succeeded`` answered from the client's response cache
+            (nothing sent; their tokens are not in ``tokens``, nor their cost in ``cost``).
+        cost: what this run's answers cost in USD (see ``reply.cost``): real spend only,
+            replies from the response cache cost nothing; ``None`` when some had no
+            known price.
         max_cost: the run's budget in USD (``run_batch(max_cost=...)``), if it had one.
         over_budget: the run stopped starting requests because the next one might not
             have fitted in ``max_cost``; the lines not sent are ``unanswered``, and a
@@ -71,6 +76,8 @@ class BatchSummary:
     interrupted: bool
     stopped: str | None = None
     stop_error: LLMError | None = None
+    cache_hits: int = 0
+    scan_elapsed: float = 0.0
     cost: float | None = None
     max_cost: float | None = None
     over_budget: bool = False

@@ -14,16 +14,33 @@ that wrapped to the next line would leave the bar behind, stale, above the next 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
-from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+)
 from rich.table import Column
 from rich.text import Text
 
-from ._progress import Reporter, Snapshot, Watched, cost_text, format_duration
+from ._progress import (
+    SCAN_SHOWN_AFTER,
+    Reporter,
+    ScanProgress,
+    Snapshot,
+    Watched,
+    cost_text,
+    format_duration,
+    format_size,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,6 +52,7 @@ __all__ = [
     "ECHO_ROOM",
     "Layout",
     "TerminalReporter",
+    "TerminalScanProgress",
     "bar_cells",
     "fit",
 ]
@@ -235,3 +253,81 @@ class TerminalReporter(Reporter):
     def close(self) -> None:
         self._redraw(final=True)
         self._progress.stop()
+
+
+_SCAN_BAR_MAX: Final = 20  # cells
+_SCAN_TEXT_MIN: Final = 12  # cells of "scanning out.jsonl" kept, however narrow
+_SCAN_CELLS: Final = ("text", "percent", "bytes", "elapsed", "eta")
+
+
+class TerminalScanProgress(ScanProgress):
+    """A bar of the bytes read before sending, redrawn at most 10 times a second.
+
+    It appears once the passes have taken ``SCAN_SHOWN_AFTER`` seconds, and gives way
+    to one line saying how long they took. The line, left to right::
+
+        ⠋ scanning out.jsonl ━━━━━━━━━━━━━━━━━━━━  75% 3.00/4.00 GB 0:03 ETA 0:01
+
+    The text (what is being read) is cut to fit, then the bar narrows; it stays
+    :data:`ECHO_ROOM` cells short of the terminal's width (see the module's notes).
+    """
+
+    def __init__(self, total: int, *, console: Console) -> None:
+        super().__init__(total)
+        self._console = console
+        self._bar = BarColumn(bar_width=_SCAN_BAR_MAX)
+        self._progress = Progress(
+            SpinnerColumn(),
+            _Cell("text"),
+            self._bar,
+            *(_Cell(name) for name in _SCAN_CELLS[1:]),
+            console=console,
+            auto_refresh=False,  # no refresh thread: advance() redraws
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._task: TaskID | None = None
+        self._next = self._started + SCAN_SHOWN_AFTER
+
+    def advance(self, size: int) -> None:
+        self.done += size
+        now = trio.current_time()
+        if now < self._next:
+            return
+        self._next = now + _REFRESH
+        cells = self._cells(now - self._started)
+        if self._task is None:
+            self._task = self._progress.add_task("scan", total=self.total, cells=cells)
+            self._progress.start()
+        self._progress.update(self._task, completed=self.done, total=self.total, cells=cells)
+        self._progress.refresh()
+
+    def _cells(self, elapsed: float) -> dict[str, Text]:
+        """Return the texts of the line after ``elapsed`` seconds, and size the bar."""
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else math.inf
+        done = format_size(self.done, like=self.total)[:-3]  # without its unit
+        cells = {
+            "text": Text(self.what, no_wrap=True),
+            "percent": Text(f"{self._percent():3.0f}%"),
+            "bytes": Text(f"{done}/{format_size(self.total)}"),
+            "elapsed": Text(format_duration(elapsed)),
+            "eta": Text(f"ETA {format_duration(eta)}"),
+        }
+        # The spinner, the other cells, and a space after each column but the last.
+        others = 1 + sum(cells[name].cell_len for name in _SCAN_CELLS[1:]) + len(_SCAN_CELLS) + 1
+        room = self._console.width - ECHO_ROOM - others
+        cells["text"].truncate(max(_SCAN_TEXT_MIN, room - BAR_MIN), overflow="ellipsis")
+        self._bar.bar_width = max(1, min(_SCAN_BAR_MAX, room - cells["text"].cell_len))
+        return cells
+
+    def _stop(self, *, done: bool) -> None:
+        if self._task is None:
+            return
+        self._progress.stop()  # transient: the bar goes
+        self._task = None
+        if done:
+            self._console.print(
+                f"trio-llm batch: {self._done_text()}", highlight=False, soft_wrap=True
+            )

@@ -7,6 +7,12 @@ them into a Messages request, and the reply back into the same :class:`ChatRespo
 names). Anthropic-native fields (content blocks, tools with ``input_schema``, a
 ``system`` keyword) pass through unchanged, as do keywords neither API defines.
 
+``response_format`` (``json_schema``, or ``json_object``: any object) becomes what the
+Messages API offers for structured output: a tool, :data:`OUTPUT_TOOL`, whose
+``input_schema`` is the schema, and a ``tool_choice`` that forces it. The reply's call
+of that tool comes back as the reply's text (its input, as JSON) with finish reason
+``"stop"``, as OpenAI returns structured output; streamed, its input arrives as content.
+
 Streams are translated event by event into OpenAI-shaped ``chat.completion.chunk``
 payloads, so the client aggregates them as it does OpenAI's.
 """
@@ -24,7 +30,7 @@ from ._base import Messages
 from ._headers import parse_count, parse_limit, parse_rfc3339_delay, prefixed
 from ._openai import as_messages
 
-__all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider"]
+__all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "OUTPUT_TOOL", "AnthropicProvider"]
 
 #: The ``anthropic-version`` header sent with every request.
 ANTHROPIC_VERSION: Final = "2023-06-01"
@@ -39,6 +45,10 @@ _FINISH_REASONS: Final = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+
+#: The tool a ``response_format`` is sent as. The name is fixed, so a reply (streamed,
+#: or read back from a batch) says by itself which call is the structured answer.
+OUTPUT_TOOL: Final = "structured_output"
 
 _TOOL_CHOICES: Final = {"auto": "auto", "required": "any", "any": "any", "none": "none"}
 
@@ -213,6 +223,48 @@ def _tool_choice(choice: object) -> object:
     return choice
 
 
+def _output_tool(response_format: object) -> JSONObject | None:
+    """Return the tool a ``response_format`` is sent as (``None`` for plain text)."""
+    if not isinstance(response_format, Mapping):
+        raise TypeError(f"response_format must be an object, not {response_format!r:.80}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        name, schema, description = "JSON object", {"type": "object"}, None
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise TypeError("response_format of type json_schema needs a 'json_schema' object")
+        name = str(spec.get("name") or "response")
+        schema = spec.get("schema") or {"type": "object"}
+        description = spec.get("description")
+    else:
+        raise TypeError(f"unknown response_format type {kind!r}")
+    return {
+        "name": OUTPUT_TOOL,
+        "description": description
+        or f"Give your whole answer, a {name}, as this tool's input, and nothing else.",
+        "input_schema": schema,
+    }
+
+
+def _apply_response_format(body: JSONObject, response_format: object) -> None:
+    """Add the output tool; force it, or any tool when the caller gave tools of their own.
+
+    A ``tool_choice`` the caller gave is kept as given.
+    """
+    tool = _output_tool(response_format)
+    if tool is None:
+        return
+    tools = list(body.get("tools") or ())
+    if any(isinstance(t, Mapping) and t.get("name") == OUTPUT_TOOL for t in tools):
+        raise TypeError(f"a tool named {OUTPUT_TOOL!r} clashes with response_format's tool")
+    body["tools"] = [*tools, tool]
+    if "tool_choice" not in body:
+        body["tool_choice"] = {"type": "any"} if tools else {"type": "tool", "name": OUTPUT_TOOL}
+
+
 def _apply_params(body: JSONObject, params: Mapping[str, Any]) -> None:
     """Merge ``params`` into ``body``, translating the OpenAI names the API spells otherwise."""
     for key, value in params.items():
@@ -233,10 +285,12 @@ def _apply_params(body: JSONObject, params: Mapping[str, Any]) -> None:
                 body["system"] = f"{lifted}\n{value}"
             else:
                 body["system"] = [{"type": "text", "text": lifted}, *value]
-        elif key in ("parallel_tool_calls", "stream_options"):
+        elif key in ("parallel_tool_calls", "stream_options", "response_format"):
             continue  # handled below / OpenAI-only
         else:
             body[key] = value
+    if params.get("response_format") is not None:
+        _apply_response_format(body, params["response_format"])
     if params.get("parallel_tool_calls") is False:
         choice = body.get("tool_choice")
         choice = dict(choice) if isinstance(choice, Mapping) else {"type": "auto"}
@@ -245,16 +299,22 @@ def _apply_params(body: JSONObject, params: Mapping[str, Any]) -> None:
 
 
 def message_to_openai(payload: Mapping[str, Any]) -> tuple[str | None, JSONObject]:
-    """Return the text and an OpenAI-shaped assistant message for a Messages reply."""
+    """Return the text and an OpenAI-shaped assistant message for a Messages reply.
+
+    A call of :data:`OUTPUT_TOOL` is the reply's text: its input, as JSON.
+    """
     texts: list[str] = []
     calls: list[JSONObject] = []
     thinking: list[str] = []
+    output: str | None = None
     for block in payload.get("content") or ():
         if not isinstance(block, Mapping):
             continue
         kind = block.get("type")
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif kind == "tool_use" and block.get("name") == OUTPUT_TOOL:
+            output = json.dumps(block.get("input"), ensure_ascii=False)
         elif kind == "tool_use":
             calls.append(
                 {
@@ -268,13 +328,21 @@ def message_to_openai(payload: Mapping[str, Any]) -> tuple[str | None, JSONObjec
             )
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             thinking.append(block["thinking"])
-    text = "".join(texts) if texts else None
+    text = output if output is not None else "".join(texts) if texts else None
     message: JSONObject = {"role": "assistant", "content": text, "refusal": None}
     if thinking:
         message["reasoning_content"] = "".join(thinking)
     if calls:
         message["tool_calls"] = calls
     return text, message
+
+
+def _answered(payload: Mapping[str, Any]) -> bool:
+    """Whether a Messages reply calls :data:`OUTPUT_TOOL`."""
+    return any(
+        isinstance(block, Mapping) and block.get("name") == OUTPUT_TOOL
+        for block in payload.get("content") or ()
+    )
 
 
 def _rate_limit_level(fields: Mapping[str, str], kind: str) -> RateLimitLevel:
@@ -318,12 +386,13 @@ _ERROR_STATUSES: Final = {
 class _MessageStream:
     """Translate one stream's Messages events into ``chat.completion.chunk`` payloads."""
 
-    __slots__ = ("_head", "_input", "_tools", "done")
+    __slots__ = ("_head", "_input", "_output", "_tools", "done")
 
     def __init__(self) -> None:
         self._head: JSONObject = {"id": "", "object": "chat.completion.chunk", "model": ""}
         self._input: object = None  # message_start's usage
         self._tools: dict[int, int] = {}  # content block index -> tool call index
+        self._output: object = None  # the content block index of the output tool's call
         self.done = False
 
     def _chunk(self, delta: JSONObject, finish: str | None = None) -> JSONObject:
@@ -339,6 +408,8 @@ class _MessageStream:
             if delta_kind == "text_delta":
                 return [self._chunk({"content": delta.get("text", "")})]
             if delta_kind == "input_json_delta":
+                if payload.get("index", 0) == self._output:
+                    return [self._chunk({"content": delta.get("partial_json", "")})]
                 call = {
                     "index": self._tools.get(payload.get("index", 0), 0),
                     "function": {"arguments": delta.get("partial_json", "")},
@@ -357,6 +428,9 @@ class _MessageStream:
         if kind == "content_block_start":
             block = payload.get("content_block")
             if not isinstance(block, Mapping):
+                return []
+            if block.get("type") == "tool_use" and block.get("name") == OUTPUT_TOOL:
+                self._output = payload.get("index", 0)  # its input is the reply's content
                 return []
             if block.get("type") == "tool_use":
                 index = self._tools[payload.get("index", 0)] = len(self._tools)
@@ -377,7 +451,10 @@ class _MessageStream:
             usage = dict(self._input) if isinstance(self._input, Mapping) else {}
             if isinstance(payload.get("usage"), Mapping):
                 usage.update((k, v) for k, v in payload["usage"].items() if v is not None)
-            chunk = self._chunk({}, finish_reason(stop))
+            finish = finish_reason(stop)
+            if finish == "tool_calls" and not self._tools and self._output is not None:
+                finish = "stop"  # only the output tool was called
+            chunk = self._chunk({}, finish)
             chunk["usage"] = _usage(usage)
             return [chunk]
         if kind == "message_stop":
@@ -452,6 +529,8 @@ class AnthropicProvider:
         """Parse a Messages reply; ``raw`` keeps it as sent."""
         text, message = message_to_openai(payload)
         finish = finish_reason(payload.get("stop_reason"))
+        if finish == "tool_calls" and "tool_calls" not in message and _answered(payload):
+            finish = "stop"  # only the output tool was called: the answer is complete
         choice = Choice(index=0, text=text or "", message=message, finish_reason=finish)
         return ChatResponse(
             id=str(payload.get("id", "")),

@@ -14,9 +14,11 @@ import trio
 from .._cli_options import (
     DEFAULT_MODEL,
     EXIT_OK,
+    add_endpoints_option,
     add_price_option,
     api_key_from_env,
     cannot_listen,
+    cli_endpoints,
     cli_prices,
     non_negative_float,
     port_number,
@@ -51,9 +53,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     upstream = parser.add_argument_group("upstream")
-    upstream.add_argument(
-        "--upstream", metavar="URL", required=True, help="the upstream API root, e.g. .../v1"
-    )
+    where = upstream.add_mutually_exclusive_group(required=True)
+    where.add_argument("--upstream", metavar="URL", help="the upstream API root, e.g. .../v1")
+    add_endpoints_option(where)
     upstream.add_argument(
         "--api-key-env",
         metavar="NAME",
@@ -141,11 +143,18 @@ async def _serve(args: argparse.Namespace) -> int:
     require_key = (
         required_env(args.require_key_env, "--require-key-env") if args.require_key_env else None
     )
-    api_key = api_key_from_env(args.api_key_env, provider="openai", base_url=args.upstream)
+    endpoints = cli_endpoints(args, url_flag="--upstream")
+    where: dict[str, Any] = {"endpoints": endpoints}
+    if endpoints is None:
+        where = {
+            "base_url": args.upstream,
+            "api_key": api_key_from_env(
+                args.api_key_env, provider="openai", base_url=args.upstream
+            ),
+        }
     model = args.model or os.environ.get("TRIO_LLM_MODEL") or DEFAULT_MODEL
     async with open_client(
-        base_url=args.upstream,
-        api_key=api_key,
+        **where,
         model=model,
         max_concurrency=args.concurrency,
         retry=RetryPolicy(attempts=args.max_attempts),
@@ -179,9 +188,13 @@ async def _serve(args: argparse.Namespace) -> int:
                     )
                 except OSError as exc:  # raised before listening: the bind failed
                     raise cannot_listen(args.host, args.port, exc) from exc
+                upstream = (
+                    redact_url(client.base_url)
+                    if endpoints is None
+                    else f"{len(endpoints)} endpoints ({', '.join(e.name for e in endpoints)})"
+                )
                 print(
-                    f"trio-llm serve: gateway to {redact_url(client.base_url)} listening on {url} "
-                    "(Ctrl-C to stop)",
+                    f"trio-llm serve: gateway to {upstream} listening on {url} (Ctrl-C to stop)",
                     flush=True,
                 )
     print("trio-llm serve: stopped", file=sys.stderr, flush=True)

@@ -38,6 +38,41 @@ _STAT_HELP: Final = {
 }
 
 
+# Per endpoint of the gateway's client (trio_llm.Endpoint): the record's field, its kind.
+_ENDPOINT_HELP: Final = {
+    "up": ("gauge", "1 if the endpoint takes traffic, 0 while it cools down or is probed."),
+    "in_flight": ("gauge", "Upstream requests in flight to the endpoint."),
+    "sent": ("counter", "Upstream HTTP attempts sent to the endpoint."),
+    "succeeded": ("counter", "Replies the endpoint gave in full."),
+    "failed": ("counter", "Attempts that failed at the endpoint."),
+    "rate_limited": ("counter", "429 responses from the endpoint."),
+    "latency_seconds": ("gauge", "The endpoint's recent latency (exponential average)."),
+}
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _endpoint_lines(client: Client) -> list[str]:
+    """The per-endpoint metrics of ``client.statistics().endpoints``."""
+    lines = []
+    endpoints = client.statistics().endpoints
+    for name, (kind, help_text) in _ENDPOINT_HELP.items():
+        metric = f"trio_llm_endpoint_{name}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        for stats in endpoints:
+            if name == "up":
+                value: object = int(stats.state == "up")
+            elif name == "latency_seconds":
+                value = "NaN" if stats.latency is None else f"{stats.latency:.6f}"
+            else:
+                value = getattr(stats, name)
+            lines.append(f'{metric}{{endpoint="{_label(stats.name)}"}} {value}')
+    return lines
+
+
 @final
 class RequestCounter:
     """Pure ASGI middleware: count responses by route and status for ``/metrics``."""
@@ -64,7 +99,9 @@ class RequestCounter:
 def metrics_text(
     client: Client, counts: Counter[tuple[str, int]], *, logged: int, dropped: int
 ) -> str:
-    """Render the client's statistics and the gateway's counters as Prometheus text.
+    """Render the client's statistics (and its endpoints') and the gateway's counters.
+
+    As Prometheus text.
 
     Args:
         client: the gateway's client (its :meth:`~trio_llm.Client.statistics`).
@@ -84,6 +121,7 @@ def metrics_text(
             "# TYPE trio_llm_client_cost_usd_total counter",
             f"trio_llm_client_cost_usd_total {stats['cost']!r}",
         ]
+    lines += _endpoint_lines(client)
     lines += [
         "# HELP trio_llm_serve_requests_total Gateway responses by route and status.",
         "# TYPE trio_llm_serve_requests_total counter",

@@ -21,18 +21,28 @@ Checks and faults, in order: authentication (401, when ``api_key`` is set), vali
 (400), the server's RPM/TPM limits (429, with ``x-ratelimit-*`` headers), then drawn from a
 ``random.Random(seed)``: an injected ``error_status``, a stall, latency and generation pace,
 a connection cut mid-response. ``GET /v1/models`` is never faulted or rate-limited.
+``invalid_structured_replies`` breaks the schema of structured replies (JSON schema
+response formats, forced tool calls) for the first tries of each conversation, so that
+repair loops can be tested.
+
+For tests against a real model, :func:`open_replay_client` records its replies once in a
+response cache file and replays them after, offline.
 """
 
+from .._errors import CacheMissError as CacheMissError
 from ._config import FakeLLMConfig as FakeLLMConfig
+from ._replay import open_replay_client as open_replay_client
 from ._server import FakeLLMServer as FakeLLMServer
 from ._server import open_fake_llm as open_fake_llm
 from ._server import serve_fake_llm as serve_fake_llm
 from ._stats import FakeLLMStats as FakeLLMStats
 
 __all__ = [
+    "CacheMissError",
     "FakeLLMConfig",
     "FakeLLMServer",
     "FakeLLMStats",
     "open_fake_llm",
+    "open_replay_client",
     "serve_fake_llm",
 ]

@@ -54,18 +54,20 @@ def _tool(payload: dict[str, Any]) -> ToolSpec | None:
     if isinstance(choice, dict) and choice.get("type") == "tool":
         name = choice.get("name")
         if isinstance(name, str):
-            return ToolSpec(name, schemas.get(name))
+            return ToolSpec(name, schemas.get(name), forced=True)
     if schemas:
         name = next(iter(schemas))
         return ToolSpec(name, schemas[name])
     return None
 
 
-def parse_messages(payload: dict[str, Any], seed: int) -> Generation:
+def parse_messages(payload: dict[str, Any], seed: int, invalid_replies: int = 0) -> Generation:
     """Parse a ``POST /v1/messages`` body and answer it.
 
     The conversation's text is the system prompt (if any) followed by the messages' texts,
-    so an OpenAI request with the same system and user texts gets the same reply.
+    so an OpenAI request with the same system and user texts gets the same reply. A
+    forced tool's arguments break its schema while the conversation has fewer than
+    ``invalid_replies`` assistant turns.
 
     Raises:
         BadRequest: A required field is missing or has the wrong type.
@@ -104,6 +106,7 @@ def parse_messages(payload: dict[str, Any], seed: int) -> Generation:
         max_tokens=max_tokens,
         tool=_tool(payload),
         response_format="text",
+        invalid=sum(m["role"] == "assistant" for m in messages) < invalid_replies,
     )
     return Generation(
         model=model,

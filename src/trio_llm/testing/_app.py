@@ -130,8 +130,10 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _prepare(endpoint: str, body: bytes, seed: int) -> _Prepared:
+def _prepare(endpoint: str, body: bytes, seed: int, invalid_replies: int = 0) -> _Prepared:
     """Parse and answer a POST body (pure: depends only on its arguments).
+
+    ``invalid_replies`` is the config's ``invalid_structured_replies``.
 
     Raises:
         BadRequest: The body is not a JSON object, or a field is missing or invalid.
@@ -148,10 +150,10 @@ def _prepare(endpoint: str, body: bytes, seed: int) -> _Prepared:
         rest, tokens = _openai.parse_embeddings(payload, seed)
         return _Prepared(payload["model"], None, rest, tokens, 0)
     if endpoint == MESSAGES:
-        generation = _anthropic.parse_messages(payload, seed)
+        generation = _anthropic.parse_messages(payload, seed, invalid_replies)
         rest = b"" if generation.stream else _anthropic.message_body_rest(generation)
     else:
-        generation = _openai.parse_chat(payload, seed)
+        generation = _openai.parse_chat(payload, seed, invalid_replies)
         rest = b"" if generation.stream else _openai.chat_body_rest(generation, _fingerprint(seed))
     return _Prepared(
         generation.model, generation, rest, generation.prompt_tokens, generation.completion_tokens
@@ -220,7 +222,7 @@ class App:
             return self._ok(config, json.dumps(_openai.model_object(name)).encode())
         prepare = _prepare_cached if len(body) <= _CACHED_BODY_SIZE else _prepare
         try:
-            prepared = prepare(endpoint, body, config.seed)
+            prepared = prepare(endpoint, body, config.seed, config.invalid_structured_replies)
         except BadRequest as exc:
             return self.error(config, exc.status, exc.message, anthropic=anthropic, param=exc.param)
         return self._answer(config, endpoint, prepared)

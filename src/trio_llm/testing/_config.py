@@ -67,6 +67,11 @@ class FakeLLMConfig:
     Faults, drawn per request from ``random.Random(seed)``: ``error_rate`` answers with
     ``error_status``; ``stall_rate`` never answers (until the client or the server goes);
     ``disconnect_rate`` sends half the body (or half the stream's events) and closes.
+
+    Repairs: with ``invalid_structured_replies=N``, a structured reply (``response_format``
+    ``json_schema``, or the arguments of a forced tool call, through either API) breaks its
+    schema while its conversation has fewer than N assistant turns; so a client that sends
+    each bad reply back for repair gets N invalid values, then a valid one. Deterministic.
     """
 
     latency: float = attrs.field(
@@ -119,6 +124,14 @@ class FakeLLMConfig:
         validator=_api_key,
         repr=False,
         metadata={"help": "Require 'Authorization: Bearer KEY' on every request."},
+    )
+    invalid_structured_replies: int = attrs.field(
+        default=0,
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
+        metadata={
+            "help": "Invalid structured replies (json_schema or a forced tool) per "
+            "conversation before valid ones, counted by its assistant turns."
+        },
     )
     models: tuple[str, ...] = attrs.field(
         default=("fake-gpt",),

@@ -83,7 +83,8 @@ def _tool(payload: dict[str, Any]) -> ToolSpec | None:
         elif choice.get("type") == "custom":
             return None
     if wanted is not None:
-        return ToolSpec(wanted, functions.get(wanted))
+        forced = isinstance(choice, dict) and choice.get("type") == "function"
+        return ToolSpec(wanted, functions.get(wanted), forced=forced)
     if functions:
         name = next(iter(functions))
         return ToolSpec(name, functions[name])
@@ -103,8 +104,11 @@ def _response_format(payload: dict[str, Any]) -> tuple[str, object]:
     return "text", None
 
 
-def parse_chat(payload: dict[str, Any], seed: int) -> Generation:
+def parse_chat(payload: dict[str, Any], seed: int, invalid_replies: int = 0) -> Generation:
     """Parse a ``POST /v1/chat/completions`` body and answer it.
+
+    A structured reply (``json_schema``, or a forced tool's arguments) breaks its schema
+    while the conversation has fewer than ``invalid_replies`` assistant turns.
 
     Raises:
         BadRequest: A required field is missing or has the wrong type.
@@ -149,6 +153,7 @@ def parse_chat(payload: dict[str, Any], seed: int) -> Generation:
         tool=_tool(payload),
         response_format=response_format,
         schema=schema,
+        invalid=sum(m["role"] == "assistant" for m in messages) < invalid_replies,
     )
     return Generation(
         model=model,

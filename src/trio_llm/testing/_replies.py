@@ -137,7 +137,9 @@ def call_id(prefix: str, *parts: object) -> str:
 
 
 @lru_cache(maxsize=2048)
-def json_from_schema(schema_json: str, conversation: str, seed: int, salt: str) -> str:
+def json_from_schema(
+    schema_json: str, conversation: str, seed: int, salt: str, invalid: bool = False
+) -> str:
     """Return a JSON text that conforms to the JSON Schema ``schema_json`` (deterministic).
 
     Supports ``type`` (or a list of types), ``properties``/``required``, ``items``/
@@ -145,6 +147,10 @@ def json_from_schema(schema_json: str, conversation: str, seed: int, salt: str) 
     local ``$ref``, numeric bounds and ``multipleOf``, string lengths and common formats.
     ``pattern`` is not honoured. Objects get their required properties, or all of them when
     the schema lists none as required.
+
+    With ``invalid``, the same value with its first leaf (following the first key or item
+    down) replaced by one of another JSON type: a reply that breaks the schema wherever
+    the schema constrains that leaf.
     """
     try:
         schema = json.loads(schema_json)
@@ -152,10 +158,27 @@ def json_from_schema(schema_json: str, conversation: str, seed: int, salt: str) 
         schema = {}
     builder = _SchemaValues(schema, _rng("json", seed, salt, conversation))
     try:
-        return json.dumps(builder.value(schema, 0), allow_nan=False)
+        value = builder.value(schema, 0)
     except (ArithmeticError, ValueError, TypeError, RecursionError):
         # A schema nobody can satisfy (or that is not a schema): any JSON will do.
-        return "{}"
+        value = {}
+    return json.dumps(_broken(value) if invalid else value, allow_nan=False)
+
+
+def _broken(value: Any) -> Any:
+    """Return ``value`` with its first leaf replaced by a value of another JSON type."""
+    if isinstance(value, dict) and value:
+        first = next(iter(value))
+        return {**value, first: _broken(value[first])}
+    if isinstance(value, list) and value:
+        return [_broken(value[0]), *value[1:]]
+    if isinstance(value, str):
+        return 12345
+    if isinstance(value, bool):
+        return "not a boolean"
+    if isinstance(value, (int, float)):
+        return "not a number"
+    return "none"  # null, or an empty object or array
 
 
 _MAX_DEPTH = 8
@@ -393,11 +416,17 @@ class _SchemaValues:
         return text
 
 
-def tool_arguments(parameters: object, conversation: str, seed: int, salt: str) -> str:
-    """Return the JSON arguments of a call to a tool whose parameter schema is ``parameters``."""
+def tool_arguments(
+    parameters: object, conversation: str, seed: int, salt: str, invalid: bool = False
+) -> str:
+    """Return the JSON arguments of a call to a tool whose parameter schema is ``parameters``.
+
+    With ``invalid``, arguments that break the schema (see ``json_from_schema``).
+    """
     if not isinstance(parameters, Mapping) or not parameters:
         return "{}"
-    return json_from_schema(json.dumps(parameters, sort_keys=True), conversation, seed, salt)
+    schema_json = json.dumps(parameters, sort_keys=True)
+    return json_from_schema(schema_json, conversation, seed, salt, invalid)
 
 
 @lru_cache(maxsize=8192)

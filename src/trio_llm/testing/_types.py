@@ -37,10 +37,11 @@ class BadRequest(Exception):
 
 @attrs.frozen
 class ToolSpec:
-    """The tool the fake model will call: its name and its parameter schema."""
+    """The tool the fake model will call: its name, its parameter schema, whether forced."""
 
     name: str
     parameters: object
+    forced: bool = False
 
 
 @attrs.frozen
@@ -109,6 +110,7 @@ def build_choices(
     tool: ToolSpec | None,
     response_format: str,
     schema: object = None,
+    invalid: bool = False,
 ) -> tuple[Choice, ...]:
     """Answer ``conversation`` with ``n`` deterministic choices.
 
@@ -120,11 +122,19 @@ def build_choices(
         tool: Call this tool instead of answering with text.
         response_format: ``"text"``, ``"json_object"`` or ``"json_schema"``.
         schema: The JSON Schema for ``"json_schema"``.
+        invalid: Break the schema of a structured reply (``"json_schema"``, or the
+            arguments of a forced tool).
     """
     choices = []
     for index in range(n):
         if tool is not None:
-            arguments = tool_arguments(tool.parameters, conversation, seed, f"{tool.name}:{index}")
+            arguments = tool_arguments(
+                tool.parameters,
+                conversation,
+                seed,
+                f"{tool.name}:{index}",
+                invalid=invalid and tool.forced,
+            )
             call = ToolCall(
                 call_id("call_", seed, index, tool.name, conversation), tool.name, arguments
             )
@@ -132,7 +142,8 @@ def build_choices(
             continue
         if response_format == "json_schema":
             schema_json = json.dumps(schema if isinstance(schema, dict) else {}, sort_keys=True)
-            pieces = split_tokens(json_from_schema(schema_json, conversation, seed, str(index)))
+            text = json_from_schema(schema_json, conversation, seed, str(index), invalid)
+            pieces = split_tokens(text)
         elif response_format == "json_object":
             pieces = split_tokens(json_object_text(conversation, seed, index))
         else:
