@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -253,6 +254,22 @@ async def test_a_failover_names_each_attempts_endpoint(
     assert attributes["trio_llm.cost_usd"] == reply.cost
     (duration,) = otel.points("gen_ai.client.operation.duration")
     assert dict(duration.attributes)["trio_llm.endpoint"] == "hosted"
+
+
+async def test_a_cache_hit_makes_no_span(
+    otel: Otel, fake_llm: FakeLLMServer, tmp_path: Path
+) -> None:
+    """A traced call that uses the cache: the miss is spanned, the hit sends nothing."""
+    cache = tmp_path / "replies.sqlite"
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model=MODEL, cache=cache) as client:
+        first = await client.chat("Hi")
+        again = await client.chat("Hi")
+    assert (first.cached, again.cached, again.cost) == (False, True, 0.0)
+    call = only(otel.finished(f"chat {MODEL}"))
+    assert dict(call.attributes or {})["trio_llm.cost_usd"] == first.cost
+    assert len(otel.finished("POST")) == 1
+    (duration,) = otel.points("gen_ai.client.operation.duration")
+    assert duration.count == 1
 
 
 async def test_a_failed_call_records_its_error(otel: Otel, fake_llm: FakeLLMServer) -> None:
