@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any, Final, final
 from . import _json
 from ._estimate import estimate_tokens
 from ._routing import STREAM, Route, Router
+from ._telemetry import instruments as _instruments
 
 if TYPE_CHECKING:
     from ._cache import CacheHook
+    from ._telemetry import CallTrace
 
 __all__ = ["Request"]
 
@@ -35,6 +37,8 @@ class Request:
     waiting for now, for the message of a deadline that passes before any response.
     ``cache_key`` is set when the client's cache is to be consulted and filled, for the
     body of the endpoint ``cache_for`` names (:meth:`trio_llm._cache.CacheHook.address`).
+    ``model`` is the model the body sent names (what a reply is priced as when its own
+    model has no price); ``telemetry`` is the call's trace, if OpenTelemetry is configured.
     """
 
     __slots__ = (
@@ -46,10 +50,12 @@ class Request:
         "deadline_at",
         "estimate",
         "kind",
+        "model",
         "route",
         "shown_url",
         "source",
         "stream",
+        "telemetry",
         "url",
         "waiting_for",
     )
@@ -70,6 +76,8 @@ class Request:
         self.avoid: list[Route] | None = None
         self.cache_key: str | None = None
         self.cache_for: tuple[str, str | None] | None = None
+        self.model = ""  # as the body names it (set by for_call and retarget)
+        self.telemetry: CallTrace | None = None
 
     @property
     def label(self) -> str:
@@ -98,7 +106,8 @@ class Request:
     ) -> Request:
         """Build one call's request, encoded once (with its token estimate if ``estimate``).
 
-        With ``cache``, the request gets its cache key from the body built here.
+        With ``cache``, the request gets its cache key from the body built here; with
+        OpenTelemetry configured (:mod:`trio_llm._telemetry`), its trace.
 
         Args:
             router: the client's endpoints.
@@ -117,8 +126,12 @@ class Request:
         request = cls(route, kind, _json.dumps(body), estimate_tokens(body) if estimate else 0)
         if not router.uniform:
             request.source = (source, model, params)
+        request.model = _model_of(body)
         if cache is not None:
             cache.address(request, body)
+        instruments = _instruments()
+        if instruments is not None:
+            request.telemetry = instruments.call(request, body, provider=route.provider.name)
         return request
 
     def retarget(self, route: Route) -> None:
@@ -131,8 +144,15 @@ class Request:
         if route.body_key != self.body_key:
             assert self.source is not None  # kept whenever the endpoints' bodies differ
             source, model, params = self.source
-            self.content = _json.dumps(route.build(kind, source, model, params))
+            body = route.build(kind, source, model, params)
+            self.content = _json.dumps(body)
+            self.model = _model_of(body)
             self.body_key = route.body_key
         self.route = route
         self.url = route.urls[kind] or ""
         self.shown_url = route.shown_urls[kind]
+
+
+def _model_of(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""

@@ -24,7 +24,6 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any, Final, final
 
-import attrs
 import trio
 
 from .._client import Client, ClientStatistics
@@ -35,6 +34,7 @@ from .._errors import (
 )
 from .._fanout import as_completed
 from .._types import Usage
+from ._budget import Budget
 from ._input import (
     CHAT_URL,
     MESSAGES_URL,
@@ -55,88 +55,12 @@ from ._output import OutputFile, answer_record, error_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
 from ._shard import Shard
 from ._stops import brief, is_outage, is_systematic, status_stop
+from ._summary import BatchSummary
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
 
 #: Lines in a row that fail like a dead or failing endpoint before a run stops.
 DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
-
-
-@final
-@attrs.frozen(kw_only=True)
-class BatchSummary:
-    """What a batch run did.
-
-    Every input line ends up in exactly one of ``skipped``, ``succeeded``, ``failed``,
-    ``invalid`` and ``unanswered``.
-
-    Attributes:
-        input_path: the input file.
-        output_path: the output file.
-        total: request lines in the input (blank lines are not counted).
-        succeeded: lines answered successfully by this run.
-        failed: lines answered with an error by this run (an error status that was not
-            retried, or the retries ran out, or the deadline passed).
-        invalid: invalid input lines recorded as error lines by this run
-            (``skip_invalid``).
-        skipped: lines already answered in the output file, not sent again.
-        skipped_failed: of ``skipped``, those answered with an error (kept, since
-            ``retry_failed`` was off).
-        unanswered: lines with no answer yet (the run was interrupted, or stopped):
-            rerun to send them.
-        retries: retry attempts the client made during the run.
-        rate_limited: 429 responses the client received during the run.
-        prompt_tokens: prompt tokens of the answers, as the server reported them.
-        completion_tokens: completion tokens of the answers.
-        tokens: ``prompt_tokens + completion_tokens``.
-        elapsed: seconds the run took, by the trio clock.
-        scan_elapsed: of ``elapsed``, the seconds spent before sending: scanning the
-            output file and checking the input.
-        interrupted: the run was stopped by SIGINT or SIGTERM (``handle_signals``).
-        stopped: why the run stopped sending before the end, in one line, when an error
-            showed that no request could succeed (see :func:`run_batch`); ``None`` if
-            it did not stop so. E.g. ``"every request gets 401 invalid_api_key from
-            https://api.openai.com/v1 (Incorrect API key provided)"``.
-        stop_error: the error that stopped the run (``None`` with ``stopped``).
-        cache_hits: lines of ``succeeded`` answered from the client's response cache
-            (nothing sent; their tokens are not in ``tokens``).
-    """
-
-    input_path: str
-    output_path: str
-    total: int
-    succeeded: int
-    failed: int
-    invalid: int
-    skipped: int
-    skipped_failed: int
-    unanswered: int
-    retries: int
-    rate_limited: int
-    prompt_tokens: int
-    completion_tokens: int
-    tokens: int
-    elapsed: float
-    interrupted: bool
-    stopped: str | None = None
-    stop_error: LLMError | None = None
-    cache_hits: int = 0
-    scan_elapsed: float = 0.0
-
-    @property
-    def complete(self) -> bool:
-        """Whether every input line has its answer in the output file."""
-        return self.unanswered == 0
-
-    @property
-    def errors(self) -> int:
-        """Lines whose answer in the output file is an error."""
-        return self.failed + self.invalid + self.skipped_failed
-
-    @property
-    def all_succeeded(self) -> bool:
-        """Whether every input line is answered, and successfully."""
-        return self.complete and self.errors == 0
 
 
 @final
@@ -153,8 +77,10 @@ class _Run:
         counters: Counters,
         reporter: Reporter,
         max_failures: int | None,
+        budget: Budget | None = None,
     ) -> None:
         self._client = client
+        self._budget = budget
         self._input = input_file
         self._plan = plan
         self._output = output
@@ -210,11 +136,22 @@ class _Run:
             if self._write(line):
                 counters.invalid += 1
             return
+        budget = self._budget
+        bound = 0.0 if budget is None else budget.reserve(item.body)
+        if bound is None:  # over budget: start no more requests (this line stays unsent)
+            self._stopping = True
+            return
         try:
-            body, request_id, usage = await self._send(item)
-        except LLMError as exc:
+            body, request_id, usage, cost = await self._send(item)
+        except BaseException as exc:
+            if budget is not None:
+                budget.release(bound)
+            if not isinstance(exc, LLMError):
+                raise
             self._failed(item.custom_id, exc)
             return
+        if budget is not None:
+            budget.settle(bound, cost)
         # No checkpoint between the reply and this write: a cancellation cannot fall
         # between them, so every reply received is written, whole. A success shows the
         # failures held back were the lines' own: they are written first.
@@ -223,9 +160,13 @@ class _Run:
             counters.succeeded += 1
             counters.prompt_tokens += usage.prompt_tokens
             counters.completion_tokens += usage.completion_tokens
+            counters.add_cost(cost)
 
-    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
-        """Send one request; return its reply's body, request id and the tokens it spent."""
+    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage, float | None]:
+        """Send one request; return its reply's body, request id, the tokens and USD it spent.
+
+        A reply from the client's response cache spent none (its ``cost`` is ``0.0``).
+        """
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -233,9 +174,11 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, Usage() if chat.cached else chat.usage
+                usage = Usage() if chat.cached else chat.usage
+                return chat.raw, chat.request_id, usage, chat.cost
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, Usage() if vectors.cached else vectors.usage
+            usage = Usage() if vectors.cached else vectors.usage
+            return vectors.raw, vectors.request_id, usage, vectors.cost
         finally:
             self._sending -= 1
 
@@ -357,6 +300,9 @@ class _Run:
             stop_error=self.stop_error,
             cache_hits=after.cache_hits - before.cache_hits,
             scan_elapsed=plan.scan_elapsed,
+            cost=None if counters.unpriced else counters.cost,
+            max_cost=None if self._budget is None else self._budget.max_cost,
+            over_budget=self._budget is not None and self._budget.refused is not None,
         )
 
     def stop(self, grace: float) -> None:
@@ -409,6 +355,7 @@ async def run_batch(
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
     shard: tuple[int, int] | None = None,
+    max_cost: float | None = None,
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -418,10 +365,9 @@ async def run_batch(
     already are skipped, so running again after an interruption sends only the rest.
 
     Fails fast: a 401, 403, 404, 405 or 407, or ``max_consecutive_failures`` lines in a
-    row failing with no answer, a 5xx, a 429 or the deadline (after their retries), stop
-    the run: no new request, those in flight cancelled, ``summary.stopped`` says why, and
-    those lines stay unanswered for the rerun. Other statuses (400, 422) are the line's
-    answer. See ``docs/batch.md``.
+    row failing with no answer, a 5xx, a 429 or the deadline (after their retries), stop the
+    run (those in flight cancelled; ``summary.stopped`` says why; those lines stay unanswered
+    for the rerun). Other statuses (400, 422) are the line's answer. See ``docs/batch.md``.
 
     Args:
         input_path: the JSONL file of requests.
@@ -434,8 +380,7 @@ async def run_batch(
             (their error lines are removed first, so each line still ends up once).
         skip_invalid: record invalid input lines as error lines instead of raising.
         progress: show progress on stderr: a bar on a terminal, else a line every
-            ``progress_interval`` seconds.
-        progress_interval: seconds between plain progress lines.
+            ``progress_interval`` seconds (default 10).
         handle_signals: on SIGINT or SIGTERM, start no new request and give those in
             flight ``grace`` seconds to finish and be written; a second signal cancels
             them at once. The summary then says ``interrupted``. Main thread only.
@@ -443,14 +388,15 @@ async def run_batch(
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
         shard: ``(K, N)``: handle only shard K of N (by a stable hash of ``custom_id``,
             see ``docs/several-machines.md``); the summary counts its lines only.
+        max_cost: a budget in USD: a line that might not fit is not sent, and the run ends
+            ``over_budget`` (``docs/howto-cost.md``); every line's model needs a price.
 
-    Returns:
-        What the run did (:class:`BatchSummary`).
+    Returns: what the run did (:class:`BatchSummary`).
 
     Raises:
         BatchInputError: invalid input lines (with ``skip_invalid`` off), or an output
             file that is not batch output; raised before any request is sent.
-        ConfigurationError: another run holds the output file, or it is the input.
+        ConfigurationError: another run holds the output file, or it is the input (or no price).
         OSError: a file cannot be read or written (``filename`` names it); a failed
             write stops the run at once and is raised alone, every line before it whole.
 
@@ -470,6 +416,7 @@ async def run_batch(
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
         shard=part,
+        budget=None if max_cost is None else Budget.for_client(max_cost, client),
     ) as run:
         limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
@@ -498,6 +445,7 @@ async def _open_run(
     progress_interval: float,
     max_failures: int | None,
     shard: Shard | None = None,
+    budget: Budget | None = None,
 ) -> AsyncIterator[_Run]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
 
@@ -527,6 +475,8 @@ async def _open_run(
                     )
             plan.scan_elapsed = scanning.elapsed
             scan.answered = AnsweredKeys()  # its table is not needed from here on
+            if budget is not None:  # before OUTPUT is changed: a refusal changes nothing
+                budget.check_prices(plan.models)
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
             watched = Watched(
@@ -535,6 +485,7 @@ async def _open_run(
                 total=plan.total,
                 answered_before=plan.answered_ok + plan.answered_failed,
                 to_handle=plan.to_send + plan.to_record,
+                budget=budget,
             )
             reporter = open_reporter(watched, enabled=progress, interval=progress_interval)
             for note in notes:
@@ -547,6 +498,7 @@ async def _open_run(
                 counters=counters,
                 reporter=reporter,
                 max_failures=max_failures,
+                budget=budget,
             )
 
 
