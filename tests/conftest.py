@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import sys
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -38,6 +39,30 @@ def _trio_llm_logging_restored() -> Iterator[None]:
     for logger, level in saved:
         logger.setLevel(level)
     logging.getLogger("trio_llm").handlers[:] = handlers
+
+
+@pytest.fixture(autouse=True)
+def _opentelemetry_unset() -> Iterator[None]:
+    """Forget OpenTelemetry providers a test (or a docs example) set: later tests run untraced.
+
+    The API sets its global providers once per process; this undoes it as OpenTelemetry's
+    own test utilities do, through its private globals.
+    """
+    yield
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None and trace._TRACER_PROVIDER is not None:
+        from opentelemetry.util._once import Once
+
+        getattr(trace._TRACER_PROVIDER, "shutdown", lambda: None)()
+        trace._TRACER_PROVIDER_SET_ONCE = Once()
+        trace._TRACER_PROVIDER = None
+    metrics = sys.modules.get("opentelemetry.metrics._internal")
+    if metrics is not None and metrics._METER_PROVIDER is not None:
+        from opentelemetry.util._once import Once
+
+        getattr(metrics._METER_PROVIDER, "shutdown", lambda: None)()
+        metrics._METER_PROVIDER_SET_ONCE = Once()
+        metrics._METER_PROVIDER = None
 
 
 @pytest.fixture

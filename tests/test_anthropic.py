@@ -506,7 +506,9 @@ def test_stop_reasons_and_usage_are_mapped() -> None:
         ],
     }
     parsed = provider.parse_chat(payload, "req_1")
-    assert parsed.usage == trio_llm.Usage(prompt_tokens=13, completion_tokens=2, total_tokens=15)
+    assert parsed.usage == trio_llm.Usage(
+        prompt_tokens=13, completion_tokens=2, total_tokens=15, cache_read_tokens=10
+    )
     assert parsed.text == "ab"
     assert parsed.message["reasoning_content"] == "Hmm."
     assert parsed.request_id == "req_1"

@@ -38,6 +38,7 @@ WIDTHS = {
     "failed": 10,
     "retries": 11,
     "tokens": 15,
+    "cost": 23,  # "• cost $0.0123 of $5.00"
     "reason": 60,
 }
 
@@ -184,7 +185,7 @@ async def test_at_60_columns_the_rate_and_the_percentage_go_too(
 def test_columns_drop_in_order_as_the_terminal_narrows() -> None:
     """Narrowing drops DROPPED_FIRST's columns in order, never the bar or the count."""
     previous: set[str] | None = None
-    for width in range(160, 29, -1):
+    for width in range(200, 29, -1):
         layout = fit(WIDTHS, width)
         shown = set(layout.columns)
         dropped = [name for name in DROPPED_FIRST if name not in shown]
@@ -197,7 +198,7 @@ def test_columns_drop_in_order_as_the_terminal_narrows() -> None:
         assert line - cut + len(shown) - 1 <= width - ECHO_ROOM, width
         previous = shown
     assert previous == {"bar", "count"}
-    assert set(fit(WIDTHS, 160).columns) == {"bar", *WIDTHS}
+    assert set(fit(WIDTHS, 200).columns) == {"bar", *WIDTHS}
 
 
 async def test_ctrl_c_echo_leaves_no_stale_bar_above_the_note(

@@ -254,16 +254,20 @@ def test_the_command_in_process_runs_and_resumes_offline(
             "--shard",
             "--via provider submits the whole job: the provider runs it, no machines to split it",
         ),
+        (
+            "--max-cost",
+            "--via provider submits the whole job at once: no budget can stop it halfway",
+        ),
     ],
 )
 def test_online_only_flags_are_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, why: str
 ) -> None:
-    """--endpoints and --cache with --via provider: exit 2, one line, nothing written."""
+    """--endpoints, --cache, --shard, --max-cost with --via provider: exit 2, one line."""
     source, target = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
     given = tmp_path / "given"
     given.write_text("")
-    value = "1/2" if flag == "--shard" else str(given)
+    value = {"--shard": "1/2", "--max-cost": "5"}.get(flag, str(given))
     argv = ["batch", str(source), "-o", str(target), "--via", "provider", flag, value]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,6 @@ surprises, the job state's file, and the command's messages."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from functools import partial
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 import trio
 
 import trio_llm
+from trio_llm._cli import build_parser
+from trio_llm._cost import Pricer
 from trio_llm.batch import ViaProvider
 from trio_llm.batch._command import _exit_status
 from trio_llm.batch._job import Job, Part, load_job, save_job, state_path
@@ -441,34 +442,7 @@ def _batch(status: str, batch_id: str | None) -> ProviderBatch:
 
 def test_exit_messages_of_provider_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """Interrupted: the batches run on (or nothing runs); cancelled: how to submit the rest."""
-    args = argparse.Namespace(
-        input="in.jsonl",
-        output="out.jsonl",
-        provider="openai",
-        base_url=None,
-        cache=None,
-        endpoints=None,
-        redis=None,
-        limit_name=None,
-        shard=None,
-        api_key_env=None,
-        model=None,
-        concurrency=64,
-        max_attempts=6,
-        deadline=120.0,
-        rpm=None,
-        tpm=None,
-        grace=30.0,
-        max_consecutive_failures=20,
-        progress_interval=10.0,
-        via="provider",
-        poll_interval=None,
-        max_batch_lines=None,
-        max_batch_bytes=None,
-        simulate=False,
-        skip_invalid=False,
-        retry_failed=False,
-    )
+    args = build_parser().parse_args(["batch", "in.jsonl", "-o", "out.jsonl", "--via", "provider"])
     running = (_batch("running", f"batch_{i}") for i in range(5))
     assert _exit_status(_summary(interrupted=True, batches=tuple(running)), args) == 130
     assert _exit_status(_summary(interrupted=True, batches=(_batch("planned", None),)), args) == 130
@@ -585,12 +559,53 @@ async def test_a_job_through_httpx2s_own_transport(
     ]
 
 
-async def test_a_shard_is_refused(tmp_path: Path, fake_llm: FakeLLMServer) -> None:
-    """run_batch(shard=, via="provider"): ValueError before anything is read or sent."""
+@pytest.mark.parametrize(("name", "value"), [("shard", (1, 2)), ("max_cost", 5.0)])
+async def test_a_shard_or_a_budget_is_refused(
+    tmp_path: Path, fake_llm: FakeLLMServer, name: str, value: object
+) -> None:
+    """run_batch(shard= or max_cost=, via="provider"): ValueError before anything is sent."""
     source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
     target = tmp_path / "out.jsonl"
     async with trio_llm.open_client(base_url=fake_llm.base_url, model="m") as client:
-        with pytest.raises(ValueError, match="shard= is for online runs"):
-            await trio_llm.run_batch(source, target, client=client, via="provider", shard=(1, 2))
+        with pytest.raises(ValueError, match=f"{name}= is for online runs"):
+            await trio_llm.run_batch(source, target, client=client, via="provider", **{name: value})
     assert not target.exists()
     assert fake_llm.stats.total_requests == 0
+
+
+async def test_the_summary_prices_the_answers_at_batch_prices(
+    tmp_path: Path, fake_llm: FakeLLMServer
+) -> None:
+    """summary.cost: each answer's usage at the provider's Batch API price (half online)."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    target = tmp_path / "out.jsonl"
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="gpt-4o-mini") as client:
+        summary = await trio_llm.run_batch(
+            source, target, client=client, via=ViaProvider(poll_interval=0.05)
+        )
+    pricer = Pricer("openai")
+    batch = online = 0.0
+    for record in read_output(target):
+        body = record["response"]["body"]
+        usage = trio_llm.Usage(
+            prompt_tokens=body["usage"]["prompt_tokens"],
+            completion_tokens=body["usage"]["completion_tokens"],
+        )
+        batch += pricer.cost(usage, body["model"], batch=True) or 0.0
+        online += pricer.cost(usage, body["model"]) or 0.0
+    assert summary.cost == pytest.approx(batch)
+    assert 0 < batch < online
+
+
+async def test_an_unpriced_model_leaves_the_cost_unknown(
+    tmp_path: Path, fake_llm: FakeLLMServer
+) -> None:
+    """A model with no price: summary.cost is None, as online."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    target = tmp_path / "out.jsonl"
+    async with trio_llm.open_client(base_url=fake_llm.base_url, model="no-such-model") as client:
+        summary = await trio_llm.run_batch(
+            source, target, client=client, via=ViaProvider(poll_interval=0.05)
+        )
+    assert summary.succeeded == 2
+    assert summary.cost is None

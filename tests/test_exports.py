@@ -38,6 +38,7 @@ PUBLIC_API = {
     "LLMError",
     "NotFoundError",
     "PermissionDeniedError",
+    "Price",
     "RateLimitError",
     "RetryDeadlineExceeded",
     "RetryPolicy",

@@ -406,7 +406,11 @@ async def test_anthropic_forced_tool_end_to_end() -> None:
 
 
 def test_pydantic_stays_unimported_when_unused() -> None:
-    """Structured output with an attrs class and a dict schema never imports pydantic."""
+    """Structured output with an attrs class and a dict schema never imports pydantic.
+
+    The client has its own price: genai-prices' table (pricing by list price) is read with
+    pydantic, so it would import pydantic whatever structured output does.
+    """
     script = """
 import sys, attrs, trio, trio_llm
 from trio_llm.testing import open_fake_llm
@@ -418,7 +422,7 @@ class Point:
 
 async def main():
     async with open_fake_llm() as server, trio_llm.open_client(
-        base_url=server.base_url, model="m"
+        base_url=server.base_url, model="m", prices=trio_llm.Price(input=0.1, output=0.2)
     ) as client:
         print(await trio_llm.chat_structured(client, "A point.", Point))
         print(await trio_llm.chat_structured(client, "A point.", trio_llm.json_schema_for(Point)))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._client import open_client as open_client
     from ._config import RetryPolicy as RetryPolicy
     from ._config import Timeouts as Timeouts
+    from ._cost import Price as Price
     from ._endpoints import Endpoint as Endpoint
     from ._errors import APIConnectionError as APIConnectionError
     from ._errors import APIResponseError as APIResponseError
@@ -82,6 +83,7 @@ _EXPORTS = {
     "open_client": "._client",
     "RetryPolicy": "._config",
     "Timeouts": "._config",
+    "Price": "._cost",
     "Endpoint": "._endpoints",
     "APIConnectionError": "._errors",
     "APIResponseError": "._errors",
@@ -169,6 +171,7 @@ __all__ = [
     "MultiChatStream",
     "NotFoundError",
     "PermissionDeniedError",
+    "Price",
     "Prompt",
     "RateLimit",
     "RateLimitError",

@@ -19,16 +19,19 @@ The retry policy repeats whole attempts in one cancel scope, the call's deadline
 decision, and each attempt's outcome is its endpoint's health (:mod:`trio_llm._routing`).
 The response cache hooks in twice (:mod:`trio_llm._cache`): its lookup in
 :meth:`Requester.call`, before the retry loop and the router (a hit is no attempt, at no
-endpoint), and its store in :meth:`Exchange.finish`, which has the reply. Where later
-features hook in: cost where :meth:`Exchange.finish` has the usage; a tracing span from
-:meth:`Requester.attempt` to :meth:`Exchange.aclose`.
+endpoint, and costs nothing), and its store in :meth:`Exchange.finish`, which has the
+reply. :meth:`Exchange.finish` also prices the reply (:mod:`trio_llm._cost`: by the
+provider of the endpoint that answered and the model sent there). A traced call
+(:mod:`trio_llm._telemetry`) has a span around its retry loop and one per attempt, from
+:meth:`Requester.attempt` to its end (:meth:`Exchange.aclose`), told its endpoint when
+it is sent (:meth:`Requester._send`). The open response is an :class:`Exchange`
+(:mod:`trio_llm._exchange`), settled there.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
@@ -37,23 +40,22 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import httpx2
 import trio
 
-from . import _json
 from ._config import RetryPolicy, Timeouts
+from ._cost import Pricer, Prices
 from ._errors import (
-    APIResponseError,
     APIStatusError,
     APITimeoutError,
     LLMError,
     error_from_response,
     error_from_transport,
 )
-from ._http import BodyTooLarge, HTTPResponse
+from ._exchange import Exchange
+from ._http import HTTPResponse
 from ._ratelimit import Reservation
 from ._request import Request
 from ._retry import call_with_retries
 from ._routing import UP, Route, Router, exhausted_reset
-from ._sending import HttpxResponse, PhaseLimits, send_through_httpx, stream_decoder
-from ._types import JSONObject, Usage
+from ._sending import HttpxResponse, PhaseLimits
 from .providers._base import Provider
 
 if TYPE_CHECKING:
@@ -75,219 +77,6 @@ _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
 
 @final
-class Exchange:
-    """One attempt's response, open: its concurrency slot and reservation held.
-
-    Obtained from :meth:`Requester.open_exchange` with a success status. Read it with
-    :meth:`read_json` (a whole reply) or :meth:`receive_some` (a stream), then
-    :meth:`finish` with the reply's usage or :meth:`fail`, and always :meth:`aclose`.
-    """
-
-    __slots__ = (
-        "_decoder",
-        "_requester",
-        "_reservation",
-        "_response",
-        "_slot",
-        "request",
-        "request_id",
-        "route",
-    )
-
-    def __init__(
-        self,
-        requester: Requester,
-        request: Request,
-        response: HTTPResponse | HttpxResponse,
-        reservation: Reservation | None,
-    ) -> None:
-        self._requester = requester
-        self._response = response
-        self._reservation = reservation
-        self._slot = True
-        self.request = request
-        self.route = route = request.route
-        self.request_id = route.provider.request_id(response.headers)
-        # Read part by part on trio-llm's transport, a stream is decoded here (httpx2 does
-        # it for its own responses).
-        self._decoder = (
-            stream_decoder(response.headers.get("content-encoding"))
-            if request.stream and type(response) is HTTPResponse
-            else None
-        )
-
-    @property
-    def status_code(self) -> int:
-        return self._response.status_code
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self._response.headers
-
-    @property
-    def reason_phrase(self) -> str:
-        return self._response.reason_phrase
-
-    @property
-    def provider(self) -> Provider:
-        """The wire format of the endpoint that answered."""
-        return self.route.provider
-
-    @property
-    def endpoint(self) -> str:
-        """The name of the endpoint that answered."""
-        return self.route.name
-
-    @property
-    def max_response_bytes(self) -> int | None:
-        """The largest body (or streamed event) the client accepts."""
-        return self._requester.max_response_bytes
-
-    async def read(self) -> bytes:
-        """Read the whole body; the slot is released once it is read.
-
-        Raises:
-            APIConnectionError: the connection failed (``APITimeoutError``: the read
-                timeout expired) before the end of the body.
-            APIResponseError: the body is larger than the client's ``max_response_bytes``.
-
-        Cancellation: the connection is closed; the exchange is left to :meth:`aclose`.
-        """
-        limit = self._requester.max_response_bytes
-        self.request.waiting_for = "the rest of the response"
-        try:
-            body = await self._response.read(limit)
-        except httpx2.HTTPError as exc:
-            request = self.request
-            raise error_from_transport(exc, method=request.method, url=request.shown_url) from exc
-        except BodyTooLarge as exc:
-            raise self.bad_reply(
-                f"is larger than the {exc.limit:,}-byte limit (open_client's "
-                "max_response_bytes); its connection was closed"
-            ) from None
-        self._release_slot()
-        return body
-
-    async def read_json(self) -> dict[str, Any]:
-        """Read the whole body and decode it as a JSON object.
-
-        Raises:
-            APIResponseError: the body is not a JSON object.
-            APIConnectionError: as for :meth:`read`.
-        """
-        body = await self.read()
-        try:
-            payload = _json.loads(body)
-        except ValueError as exc:
-            raise self.bad_reply(f"is not JSON: {body[:200].decode('utf-8', 'replace')!r}") from exc
-        if not isinstance(payload, dict):
-            raise self.bad_reply("is not a JSON object")
-        return payload
-
-    async def receive_some(self) -> bytes:
-        """Return the next bytes of the body (``b""`` at its end), decoded if compressed.
-
-        Raises:
-            APIConnectionError: the connection failed or the read timeout expired.
-            APIResponseError: a compressed body does not decode.
-
-        Cancellation: nothing was received; the connection is closed.
-        """
-        try:
-            data = await self._response.receive_some()
-            decoder = self._decoder
-            if decoder is None:
-                return data
-            # A server that compresses a stream although asked not to (a proxy, say).
-            while data:
-                decoded = decoder.decompress(data)
-                if decoded:
-                    return decoded
-                data = await self._response.receive_some()
-            return decoder.flush()
-        except httpx2.HTTPError as exc:
-            request = self.request
-            raise error_from_transport(exc, method=request.method, url=request.shown_url) from exc
-        except zlib.error as exc:
-            raise self.bad_reply(f"does not decode as its content-encoding says: {exc}") from exc
-
-    def bad_reply(self, what: str) -> APIResponseError:
-        """Return the error for a success reply whose body ``what`` (e.g. "is not JSON")."""
-        return APIResponseError(
-            f"HTTP {self.status_code} from {self.request.label} {what}",
-            status_code=self.status_code,
-            request_id=self.request_id,
-        )
-
-    def error_event(self, status: int, error: object) -> APIStatusError:
-        """Return the error for an error event that came before any of the reply.
-
-        Built and settled as an error reply of ``status`` carrying ``error`` would be, so
-        it is retried (or not), refunded and counted as that status is.
-        """
-        body = _json.dumps({"error": error})
-        return self._requester.status_error(self, status, body, "error event in the stream")
-
-    def finish(self, usage: Usage, payload: JSONObject | None = None) -> None:
-        """Count the call as succeeded with ``usage``; settle the reservation with it.
-
-        A reply that reports no tokens settles at the estimate. ``payload``, the reply
-        (a streamed one aggregated), is stored in the client's cache if the call uses it.
-        """
-        requester = self._requester
-        if payload is not None and requester.cache is not None:
-            requester.cache.store(self.request, self.request_id, payload, usage)
-        requester.succeeded += 1
-        self.route.succeeded += 1
-        requester.prompt_tokens += usage.prompt_tokens
-        requester.completion_tokens += usage.completion_tokens
-        reservation = self._reservation
-        if reservation is not None:
-            self._reservation = None
-            if usage.total_tokens:
-                reservation.reconcile(usage.total_tokens)
-            else:
-                reservation.keep()
-
-    def settle(self, *, refund: bool) -> None:
-        """Settle the reservation of an error reply: refunded, or charged no tokens."""
-        reservation = self._reservation
-        if reservation is not None:
-            self._reservation = None
-            reservation.refund() if refund else reservation.reconcile(0)
-
-    def fail(self) -> None:
-        """Count the call as failed after its response began (a stream that broke)."""
-        self._requester.failed += 1
-        self.route.failed += 1
-
-    def _release_slot(self) -> None:
-        if self._slot:
-            self._slot = False
-            self._requester.limiter.release()
-            self.route.release()
-
-    async def aclose(self) -> None:
-        """Close the response and release the slot; an unsettled reservation is kept.
-
-        A body not read to its end closes its connection. Never raises; safe in
-        ``finally`` blocks of cancelled scopes.
-        """
-        response = self._response
-        try:
-            if type(response) is HTTPResponse:
-                response.close()
-            else:
-                await response.aclose()
-        finally:
-            if self._reservation is not None:
-                # Answered, usage unknown (left early, failed): the estimate stays charged.
-                self._reservation.keep()
-                self._reservation = None
-            self._release_slot()
-
-
-@final
 class Requester:
     """The lifecycle of a client's requests: routing, limits, sending, settling, statistics.
 
@@ -302,10 +91,12 @@ class Requester:
         "cache",
         "cache_hits",
         "completion_tokens",
+        "cost",
         "failed",
         "last_retry_error",
         "limiter",
         "max_response_bytes",
+        "pricers",
         "prompt_tokens",
         "rate_limited",
         "retried",
@@ -313,6 +104,7 @@ class Requester:
         "sent",
         "succeeded",
         "timeouts",
+        "unpriced",
     )
 
     def __init__(
@@ -322,6 +114,7 @@ class Requester:
         max_concurrency: int,
         timeouts: Timeouts,
         max_response_bytes: int | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self.router = router
         # The run's clock, read directly: trio.current_time() costs twice as much.
@@ -343,6 +136,14 @@ class Requester:
         self.completion_tokens = 0
         self.cache: CacheHook | None = None  # the client's response cache, if it has one
         self.cache_hits = 0
+        # What the replies cost (USD), and the replies with no known price; each
+        # endpoint's provider has its table (the client's ``prices`` override them all).
+        self.pricers = {
+            name: Pricer(name, prices)
+            for name in dict.fromkeys(route.provider.name for route in router.routes)
+        }
+        self.cost = 0.0
+        self.unpriced = 0
 
     def request(
         self,
@@ -382,10 +183,17 @@ class Requester:
         Cancellation: the attempt in flight is abandoned (its connection closed, slot
         released, reservation refunded if nothing was sent); nothing is retried.
         """
-        attempt = partial(self.attempt, request, read)
-        if request.cache_key is None or replay is None or self.cache is None:
-            return call_with_retries(attempt, policy, call=request, stats=self)
-        send = partial(call_with_retries, attempt, policy, call=request, stats=self)
+        trace = request.telemetry
+        if trace is None:
+            attempt = partial(self.attempt, request, read)
+            if request.cache_key is None or replay is None or self.cache is None:
+                return call_with_retries(attempt, policy, call=request, stats=self)
+            send = partial(call_with_retries, attempt, policy, call=request, stats=self)
+        else:  # traced: a span around the retry loop, one per attempt
+            attempt = partial(trace.attempt, self.attempt, request, read)
+            if request.cache_key is None or replay is None or self.cache is None:
+                return trace.run(attempt, policy, self)
+            send = partial(trace.run, attempt, policy, self)
         return self.cache.call(self, request, send, replay)
 
     def count_retry(self, error: LLMError) -> None:
@@ -521,17 +329,33 @@ class Requester:
         """Send ``request`` to ``route``: a coroutine returning the response once its head arrived.
 
         Transport errors become :class:`APIConnectionError` (mapped here, for sending, and
-        in :class:`Exchange` for reading the body).
+        in :class:`Exchange` for reading the body). A traced attempt is told its endpoint
+        here, and sends its span's ``traceparent``.
         """
         direct = route.direct
+        trace = request.telemetry
+        extra = None if trace is None else trace.sending(route)
         if direct is None:
-            return send_through_httpx(route.http, request)
+            return self._send_through_httpx(route.http, request, extra)
         headers = request.headers or (route.stream_headers if request.stream else route.headers)
+        if extra:
+            headers = headers + [(k.encode(), v.encode()) for k, v in extra.items()]
         limits = self._limits
         deadline_at = request.deadline_at
         timeouts = limits.default if deadline_at == _INF else limits.before(deadline_at)
-        method = request.method
-        return direct.open_response(method, request.url, headers, request.content, timeouts)
+        return direct.open_response(request.method, request.url, headers, request.content, timeouts)
+
+    @staticmethod
+    async def _send_through_httpx(
+        http: httpx2.AsyncClient, request: Request, extra: dict[str, str] | None
+    ) -> HttpxResponse:
+        headers: list[tuple[bytes, bytes]] | dict[str, str] | None = request.headers
+        if headers is None:  # (a call of the provider's other APIs has its own: see Request)
+            headers = {**(extra or {}), "accept": "text/event-stream"} if request.stream else extra
+        built = http.build_request(
+            request.method, request.url, content=request.content, headers=headers
+        )
+        return HttpxResponse(await http.send(built, stream=True))
 
     async def _raise_status_error(self, exchange: Exchange) -> None:
         """Read an error reply and raise its error, settled (see :meth:`status_error`)."""

@@ -200,17 +200,20 @@ class CachedReply:
         )
 
     def chat_response(self, provider: Provider) -> ChatResponse:
-        """Return the stored chat reply, marked ``cached``, with the endpoint that answered."""
+        """Return the stored chat reply, marked ``cached``, with the endpoint that answered.
+
+        Its ``cost`` is ``0.0``: a reply from the cache spends nothing.
+        """
         if self.native:
             reply = provider.parse_chat(self.payload, self.request_id)
         else:
             reply = ChatResponse.from_json(self.payload, request_id=self.request_id)
-        return attrs.evolve(reply, cached=True, endpoint=self.endpoint)
+        return attrs.evolve(reply, cached=True, endpoint=self.endpoint, cost=0.0)
 
     def embedding_response(self, provider: Provider) -> EmbeddingResponse:
         """Return the stored embeddings, marked ``cached``, as :meth:`chat_response`."""
         reply = provider.parse_embeddings(self.payload, self.request_id)
-        return attrs.evolve(reply, cached=True, endpoint=self.endpoint)
+        return attrs.evolve(reply, cached=True, endpoint=self.endpoint, cost=0.0)
 
 
 @final

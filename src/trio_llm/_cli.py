@@ -230,7 +230,8 @@ async def _chat(args: argparse.Namespace) -> int:
         else:
             reply = await client.chat(messages, **params)
     if args.json:
-        print(json.dumps(reply.raw, indent=2, ensure_ascii=False))
+        # The reply as the API sent it, plus what it cost (USD; null: no known price).
+        print(json.dumps({**reply.raw, "cost": reply.cost}, indent=2, ensure_ascii=False))
     else:
         print(reply.text)
     return EXIT_OK

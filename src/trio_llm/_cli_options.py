@@ -26,6 +26,7 @@ import attrs
 
 from ._client import Client, open_client
 from ._config import RetryPolicy
+from ._cost import Price, Prices, parse_price
 from ._endpoints import Endpoint, is_loopback, resolve_base_url
 from ._errors import ConfigurationError, redact_url
 from ._ratelimit import SHARED_SCHEMES, RateLimit
@@ -40,15 +41,18 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_OVER_BUDGET",
     "EXIT_USAGE",
     "CommandError",
     "Parser",
     "add_connection_options",
     "add_endpoints_option",
+    "add_price_option",
     "add_shared_limit_options",
     "api_key_from_env",
     "cannot_listen",
     "cli_endpoints",
+    "cli_prices",
     "non_negative_float",
     "open_cli_client",
     "port_number",
@@ -67,6 +71,9 @@ EXIT_USAGE: Final = 2
 #: A batch run stopped on an error that would repeat (a 401, an unreachable server, a full
 #: disk): completed lines are safe and the same command resumes once it is fixed.
 EXIT_STOPPED: Final = 3
+#: A batch run stopped at its budget (``--max-cost``): the lines not sent are left for a
+#: rerun, which starts a new budget.
+EXIT_OVER_BUDGET: Final = 4
 EXIT_INTERRUPTED: Final = 130
 
 DEFAULT_MODEL: Final = "gpt-4o-mini"
@@ -268,6 +275,54 @@ def api_key_from_env(variable: str | None, *, provider: str, base_url: str | Non
     )
 
 
+def price_text(text: str) -> str:
+    """Check a ``--price`` value (an argparse ``type=``); keep its text for the resume line."""
+    try:
+        parse_price(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_price_option(group: argparse._ArgumentGroup) -> None:
+    """Add ``--price`` (read by :func:`cli_prices`) to ``group``."""
+    group.add_argument(
+        "--price",
+        metavar="[model=NAME,]input=USD,output=USD",
+        type=price_text,
+        action="append",
+        help="price per million tokens, for models genai-prices does not know (or to "
+        "override it), e.g. input=0.15,output=0.60 (also cached_input=, cache_write=); "
+        "without model= it prices every model; repeat it with model= for several",
+    )
+
+
+def cli_prices(texts: list[str] | None) -> Prices | None:
+    """Return the ``prices`` of ``open_client`` that the ``--price`` flags give.
+
+    Raises:
+        ConfigurationError: a price for every model given with others, or twice.
+    """
+    if not texts:
+        return None
+    parsed = [parse_price(text) for text in texts]
+    shared = [price for model, price in parsed if model is None]
+    if shared and len(parsed) > 1:
+        raise ConfigurationError(
+            "--price without model= prices every model: give it once and alone, or name "
+            "the model of each price with model=NAME"
+        )
+    if shared:
+        return shared[0]
+    by_model: dict[str, Price] = {}
+    for model, price in parsed:
+        assert model is not None
+        if model in by_model:
+            raise ConfigurationError(f"--price: two prices for model {model!r}")
+        by_model[model] = price
+    return by_model
+
+
 def add_endpoints_option(group: argparse._ActionsContainer) -> None:
     """Add ``--endpoints FILE.toml`` (read by :func:`cli_endpoints`)."""
     group.add_argument(
@@ -378,6 +433,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="answer from the built-in fake LLM server, started in-process (offline; no key)",
     )
+    add_price_option(group)
 
 
 def _simulated_pace(config: FakeLLMConfig) -> str:
@@ -422,6 +478,7 @@ async def open_cli_client(
         "retry": RetryPolicy(attempts=args.max_attempts, deadline=args.deadline),
         "rate_limit": shared_rate_limit(args, rate_limit),
         "cache": getattr(args, "cache", None),
+        "prices": cli_prices(args.price),
     }
     endpoints = cli_endpoints(args, url_flag="--base-url")
     if endpoints is not None:

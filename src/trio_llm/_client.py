@@ -22,6 +22,7 @@ import trio
 from ._attempt import Exchange, Requester
 from ._cache import CachedReply, CacheSetting, open_cache_hook
 from ._config import RetryPolicy, Timeouts
+from ._cost import Prices
 from ._endpoints import Endpoint, open_router, resolve_base_url
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
@@ -81,6 +82,12 @@ class ClientStatistics:
         rate_limited: 429 responses received.
         prompt_tokens: prompt tokens reported by the server's ``usage``.
         completion_tokens: completion tokens reported by the server's ``usage``.
+        cost: what the calls that returned a result cost, in USD (streams included), by
+            the models' list prices or the client's ``prices``; ``None`` when some had no
+            known price (see ``unpriced``): a total is never guessed. Replies from the
+            response cache cost nothing (``reply.cost == 0.0``).
+        unpriced: calls that returned a result whose cost is unknown (their model has no
+            price, or the reply reported no usage).
         cache_hits: calls answered from the client's response cache: no request sent,
             no capacity taken, no tokens counted.
         endpoints: one :class:`EndpointStatistics` per endpoint, in the order given
@@ -99,6 +106,8 @@ class ClientStatistics:
     completion_tokens: int
     cache_hits: int = 0
     endpoints: tuple[EndpointStatistics, ...] = ()
+    cost: float | None = 0.0
+    unpriced: int = 0
 
 
 @final
@@ -174,6 +183,8 @@ class Client:
             completion_tokens=requester.completion_tokens,
             cache_hits=requester.cache_hits,
             endpoints=self._router.statistics(),
+            cost=None if requester.unpriced else requester.cost,
+            unpriced=requester.unpriced,
         )
 
     def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
@@ -270,7 +281,7 @@ class Client:
         except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - defensive
             raise exchange.bad_reply(f"has an unexpected shape: {exc}") from exc
         set_chat_endpoint(reply, route.name)
-        exchange.finish(reply.usage, payload)
+        exchange.finish(reply, payload)
         return reply
 
     async def embed(
@@ -314,7 +325,7 @@ class Client:
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise exchange.bad_reply(f"has an unexpected shape: {exc!r}") from exc
         set_embeddings_endpoint(reply, route.name)
-        exchange.finish(reply.usage, payload)
+        exchange.finish(reply, payload)
         return reply
 
     def _chat_item(
@@ -496,6 +507,7 @@ async def open_client(
     transport: httpx2.AsyncBaseTransport | None = None,
     headers: Mapping[str, str] | None = None,
     max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+    prices: Prices | None = None,
     cache: CacheSetting | None = None,
 ) -> AsyncIterator[Client]:
     """Open a client: connection pools and the limits every task using it shares.
@@ -505,8 +517,7 @@ async def open_client(
             ``$OPENAI_BASE_URL``, else ``https://api.openai.com/v1``; for Anthropic
             ``$ANTHROPIC_BASE_URL``, else ``https://api.anthropic.com`` (no ``/v1``).
         api_key: the API key. Default: ``$OPENAI_API_KEY`` (``$ANTHROPIC_API_KEY`` for
-            Anthropic). Required unless the server is on a loopback address (local
-            servers often need none).
+            Anthropic); required unless the server is on a loopback address.
         model: the model of calls that name none (for endpoints that name none).
         provider: the wire format; ``"openai"`` (any OpenAI-compatible server) or
             ``"anthropic"`` (the Messages API: same calls and result types, requests and
@@ -521,17 +532,16 @@ async def open_client(
             through Redis); with several endpoints, each one's that sets none. Default:
             the server's, from its ``x-ratelimit-*`` headers; ``None``: no limits. A 429
             with ``retry-after`` pauses every task sent there.
-        retry: the :class:`RetryPolicy` of every call (default: ``RetryPolicy()``: 6
-            attempts within 120 s, on any endpoints); ``None`` disables retries (and
-            failover). Calls may override it.
+        retry: the :class:`RetryPolicy` of every call, which may override it (default:
+            ``RetryPolicy()``: 6 attempts within 120 s); ``None``: no retries, no failover.
         timeouts: per-phase I/O limits (:class:`Timeouts`).
-        transport: the HTTP transport, shared by every endpoint (default: a
-            :class:`TrioTransport` each, one connection per concurrency slot). Any
-            ``httpx2.AsyncBaseTransport`` works (``AsyncHTTPTransport``, ``MockTransport``).
+        transport: the HTTP transport of every endpoint (default: a :class:`TrioTransport`
+            each, a connection per concurrency slot); any ``httpx2.AsyncBaseTransport``.
         headers: extra headers sent with every request (e.g. ``OpenAI-Organization``).
-        max_response_bytes: the largest reply body (default 64 MiB) and stream event
-            (at most 16 MiB) accepted; a larger one fails the call at once with
-            :class:`APIResponseError`. ``None``: no limit.
+        max_response_bytes: the largest reply body (default 64 MiB) and stream event (at
+            most 16 MiB); larger fails the call (:class:`APIResponseError`); ``None``: no limit.
+        prices: a :class:`Price` for every model, or by model name; the others cost the
+            list price of the answering endpoint's provider and model (``reply.cost``).
         cache: a response cache: an SQLite file's path (created if missing; a bad one
             raises :class:`CacheError`), a ``redis://`` URL, or a :class:`ResponseCache`.
 
@@ -559,6 +569,7 @@ async def open_client(
             max_concurrency=max_concurrency,
             timeouts=timeouts,
             max_response_bytes=max_response_bytes,
+            prices=prices,
         )
         async with open_cache_hook(cache) as requester.cache:
             yield Client(requester=requester, model=model, retry=policy)

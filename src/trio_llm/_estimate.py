@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_COMPLETION_TOKENS", "estimate_tokens"]
+__all__ = ["DEFAULT_COMPLETION_TOKENS", "estimate_tokens", "token_bounds"]
 
 DEFAULT_COMPLETION_TOKENS = 256
 """Completion tokens assumed for a chat request that sets no ``max_tokens``."""
@@ -110,6 +110,45 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
         completion = DEFAULT_COMPLETION_TOKENS
     choices = _non_negative_int(body.get("n")) or 1
     return fixed + _count_text(texts) + completion * choices
+
+
+def _requested_completion(body: Mapping[str, Any]) -> int | None:
+    """``max_completion_tokens`` or ``max_tokens``, times ``n``; ``None`` if neither is set."""
+    completion = _non_negative_int(body.get("max_completion_tokens"))
+    if completion is None:
+        completion = _non_negative_int(body.get("max_tokens"))
+    if completion is None:
+        return None
+    return completion * (_non_negative_int(body.get("n")) or 1)
+
+
+def token_bounds(body: Mapping[str, Any], *, default_completion: int) -> tuple[int, int]:
+    """Bound the prompt and completion tokens of a request, before sending it (a budget's).
+
+    The prompt counts the UTF-8 bytes of its text, which no byte-level tokenizer exceeds
+    (each token is at least one byte), plus the framing and media parts counted as in
+    :func:`estimate_tokens` (a media part's 765 tokens are an estimate, not a bound). The
+    completion counts ``max_completion_tokens`` or ``max_tokens`` (times ``n``), else
+    ``default_completion``; an embeddings body (``input``) has none.
+    """
+    texts: list[str] = []
+    fixed = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        fixed += _TOKENS_REPLY_PRIMING + _TOKENS_PER_MESSAGE * len(messages)
+        fixed += _collect(messages, texts)
+    for key in ("system", "prompt", "input"):
+        fixed += _collect(body.get(key), texts)
+    if isinstance(body.get("input"), list):  # token ids: one token each
+        fixed += sum(len(x) if isinstance(x, list) else 1 for x in body["input"])
+    tools = body.get("tools")
+    if tools:
+        texts.append(json.dumps(tools, separators=(",", ":"), default=str))
+    prompt = fixed + sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if "input" in body and messages is None and "prompt" not in body:
+        return prompt, 0
+    completion = _requested_completion(body)
+    return prompt, default_completion if completion is None else completion
 
 
 def _count_input(value: object) -> int:

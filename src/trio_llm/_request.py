@@ -16,9 +16,11 @@ from . import _json
 from ._errors import ConfigurationError, redact_url
 from ._estimate import estimate_tokens
 from ._routing import CHAT, STREAM, Route, Router
+from ._telemetry import instruments as _instruments
 
 if TYPE_CHECKING:
     from ._cache import CacheHook
+    from ._telemetry import CallTrace
 
 __all__ = ["Request", "sole_route"]
 
@@ -36,6 +38,8 @@ class Request:
     waiting for now, for the message of a deadline that passes before any response.
     ``cache_key`` is set when the client's cache is to be consulted and filled, for the
     body of the endpoint ``cache_for`` names (:meth:`trio_llm._cache.CacheHook.address`).
+    ``model`` is the model the body sent names (what a reply is priced as when its own
+    model has no price); ``telemetry`` is the call's trace, if OpenTelemetry is configured.
     ``method`` and ``headers`` (every header, when not the endpoint's usual set) are a
     call's of the provider's other APIs (:meth:`for_api`).
     """
@@ -51,10 +55,12 @@ class Request:
         "headers",
         "kind",
         "method",
+        "model",
         "route",
         "shown_url",
         "source",
         "stream",
+        "telemetry",
         "url",
         "waiting_for",
     )
@@ -75,6 +81,8 @@ class Request:
         self.avoid: list[Route] | None = None
         self.cache_key: str | None = None
         self.cache_for: tuple[str, str | None] | None = None
+        self.model = ""  # as the body names it (set by for_call and retarget)
+        self.telemetry: CallTrace | None = None
         self.method = "POST"
         self.headers: list[tuple[bytes, bytes]] | None = None
 
@@ -106,7 +114,8 @@ class Request:
     ) -> Request:
         """Build one call's request, encoded once (with its token estimate if ``estimate``).
 
-        With ``cache``, the request gets its cache key from the body built here.
+        With ``cache``, the request gets its cache key from the body built here; with
+        OpenTelemetry configured (:mod:`trio_llm._telemetry`), its trace.
 
         Args:
             router: the client's endpoints.
@@ -125,8 +134,12 @@ class Request:
         request = cls(route, kind, _json.dumps(body), estimate_tokens(body) if estimate else 0)
         if not router.uniform:
             request.source = (source, model, params)
+        request.model = _model_of(body)
         if cache is not None:
             cache.address(request, body)
+        instruments = _instruments()
+        if instruments is not None:
+            request.telemetry = instruments.call(request, body, provider=route.provider.name)
         return request
 
     @classmethod
@@ -174,7 +187,9 @@ class Request:
         if route.body_key != self.body_key:
             assert self.source is not None  # kept whenever the endpoints' bodies differ
             source, model, params = self.source
-            self.content = _json.dumps(route.build(kind, source, model, params))
+            body = route.build(kind, source, model, params)
+            self.content = _json.dumps(body)
+            self.model = _model_of(body)
             self.body_key = route.body_key
         self.route = route
         self.url = route.urls[kind] or ""
@@ -198,3 +213,8 @@ def sole_route(router: Router) -> Route:
             "--base-url, not endpoints= or --endpoints)"
         )
     return router.primary
+
+
+def _model_of(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""

@@ -14,7 +14,7 @@ import math
 import urllib.request
 import zlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, Protocol, final
+from typing import Final, Protocol, final
 from urllib.parse import urlsplit
 
 import httpx2
@@ -24,16 +24,12 @@ from ._config import Timeouts
 from ._errors import APIResponseError
 from ._http import BodyTooLarge, TrioTransport
 
-if TYPE_CHECKING:
-    from ._request import Request
-
 __all__ = [
     "Decompressor",
     "HttpxResponse",
     "PhaseLimits",
     "direct_transport_for",
     "environment_proxy_for",
-    "send_through_httpx",
     "stream_decoder",
 ]
 
@@ -117,17 +113,6 @@ class HttpxResponse:
         with trio.move_on_after(_CLOSE_GRACE, shield=True):
             await self._parts.aclose()
             await self._response.aclose()
-
-
-async def send_through_httpx(http: httpx2.AsyncClient, request: Request) -> HttpxResponse:
-    """Send ``request`` through httpx2's client layer; its response once its head arrived.
-
-    The request's own headers (``Request.headers``, a Batch API call's) replace a
-    stream's ``accept``; httpx2 adds the client's other headers.
-    """
-    extra = request.headers or ({"accept": "text/event-stream"} if request.stream else None)
-    built = http.build_request(request.method, request.url, content=request.content, headers=extra)
-    return HttpxResponse(await http.send(built, stream=True))
 
 
 class Decompressor(Protocol):

@@ -167,12 +167,12 @@ class StreamReader:
         exchange = self._exchange
         try:
             await self._pump(channel, index)
-        except StreamError:
-            exchange.fail()
+        except StreamError as exc:
+            exchange.fail(exc)
             raise
-        self.response = response = self._aggregate.to_response(exchange.request_id)
+        response = self._aggregate.to_response(exchange.request_id)
         set_chat_endpoint(response, exchange.route.name)
-        exchange.finish(response.usage, response.raw)
+        self.response = exchange.finish(response, response.raw)
 
     async def _pump(self, channel: trio.MemorySendChannel[Any], index: int | None) -> None:
         idle = self._idle

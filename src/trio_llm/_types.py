@@ -14,7 +14,15 @@ from typing import Any, Generic, TypeVar, final
 
 import attrs
 
-__all__ = ["ChatChunk", "ChatResponse", "Choice", "EmbeddingResponse", "Result", "Usage"]
+__all__ = [
+    "ChatChunk",
+    "ChatResponse",
+    "Choice",
+    "EmbeddingResponse",
+    "Result",
+    "Usage",
+    "set_cost",
+]
 
 T = TypeVar("T")
 
@@ -28,21 +36,48 @@ def _int(value: object) -> int:
 @final
 @attrs.frozen(kw_only=True)
 class Usage:
-    """Token counts the server reported for one request."""
+    """Token counts the server reported for one request.
+
+    Attributes:
+        prompt_tokens: tokens of the prompt, those read from or written to the
+            provider's prompt cache included.
+        completion_tokens: tokens of the reply (reasoning tokens included).
+        total_tokens: both.
+        cache_read_tokens: of ``prompt_tokens``, those read from the prompt cache
+            (OpenAI's ``prompt_tokens_details.cached_tokens``, Anthropic's
+            ``cache_read_input_tokens``).
+        cache_write_tokens: of ``prompt_tokens``, those written to the prompt cache
+            (Anthropic's ``cache_creation_input_tokens``).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @classmethod
     def from_json(cls, payload: object) -> Usage:
-        """Parse an OpenAI ``usage`` object (missing or ``null`` gives zeros)."""
+        """Parse an OpenAI ``usage`` object (missing or ``null`` gives zeros).
+
+        Cache writes are read from ``cache_creation_input_tokens`` (Anthropic's name, which
+        the Anthropic adapter and some OpenAI-compatible proxies put there).
+        """
         if not isinstance(payload, Mapping):
             return cls()
         prompt = _int(payload.get("prompt_tokens"))
         completion = _int(payload.get("completion_tokens"))
         total = _int(payload.get("total_tokens")) or prompt + completion
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+        details = payload.get("prompt_tokens_details")
+        read = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+        write = _int(payload.get("cache_creation_input_tokens"))
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            cache_read_tokens=read,
+            cache_write_tokens=write,
+        )
 
 
 @final
@@ -92,6 +127,9 @@ class ChatResponse:
         choices: every choice, for ``n`` > 1.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        cost: what the call cost in USD (the model's list price, or the client's
+            ``prices``), ``None`` when unknown (see ``docs/howto-cost.md``); ``0.0`` for
+            a reply from the client's response cache: nothing was spent. Not compared.
         cached: ``True`` for a reply from the client's response cache, ``False`` for one
             from the server. Not compared: a cached reply equals the one it replays.
         endpoint: the name of the endpoint that answered (:attr:`Endpoint.name`; for a
@@ -108,6 +146,7 @@ class ChatResponse:
     choices: tuple[Choice, ...]
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    cost: float | None = attrs.field(default=None, eq=False)
     cached: bool = attrs.field(default=False, eq=False)
     endpoint: str | None = attrs.field(default=None, eq=False)
 
@@ -227,6 +266,8 @@ class EmbeddingResponse:
         usage: token counts.
         raw: the whole decoded payload.
         request_id: the server's id for the request (the provider's header), if it sent one.
+        cost: what the call cost in USD, ``None`` when unknown, ``0.0`` from the cache
+            (as ``ChatResponse.cost``; not compared).
         cached: ``True`` for a reply from the client's response cache (not compared).
         endpoint: the name of the endpoint that answered, as for :class:`ChatResponse`.
     """
@@ -236,6 +277,7 @@ class EmbeddingResponse:
     usage: Usage
     raw: JSONObject = attrs.field(repr=False)
     request_id: str | None = None
+    cost: float | None = attrs.field(default=None, eq=False)
     cached: bool = attrs.field(default=False, eq=False)
     endpoint: str | None = attrs.field(default=None, eq=False)
 
@@ -261,6 +303,23 @@ class EmbeddingResponse:
             raw=payload,
             request_id=request_id,
         )
+
+
+# The cost slots' own setters, for set_cost.
+_COST_SETTERS = {
+    ChatResponse: ChatResponse.__dict__["cost"].__set__,
+    EmbeddingResponse: EmbeddingResponse.__dict__["cost"].__set__,
+}
+
+
+def set_cost(reply: ChatResponse | EmbeddingResponse, cost: float) -> None:
+    """Give a reply its cost, once priced; only before anyone else holds the reply.
+
+    The request lifecycle prices a reply right after parsing it (``Exchange.finish``);
+    setting the slot there, as ``ChatChunk.from_json`` builds its chunks, spares copying
+    every field of every reply with ``attrs.evolve``.
+    """
+    _COST_SETTERS[type(reply)](reply, cost)
 
 
 @final

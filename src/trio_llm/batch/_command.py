@@ -18,6 +18,7 @@ from .._cli_options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_OVER_BUDGET,
     EXIT_STOPPED,
     EXIT_USAGE,
     add_connection_options,
@@ -29,6 +30,7 @@ from .._cli_options import (
     whole_number,
 )
 from .._client import Client
+from .._cost import format_usd
 from .._errors import (
     APIConnectionError,
     APIResponseError,
@@ -63,6 +65,7 @@ _NOT_WITH: Final = {
     "--endpoints": "sends the job's batches to one server (--base-url)",
     "--cache": "neither reads nor fills a response cache",
     "--shard": "submits the whole job: the provider runs it, no machines to split it",
+    "--max-cost": "submits the whole job at once: no budget can stop it halfway",
 }
 
 _DESCRIPTION = """\
@@ -75,7 +78,8 @@ skipped. Ctrl-C stops gently (a second Ctrl-C at once). A 401, 403 or 404, or a 
 failures with no success in between (a dead endpoint), stops the run at once, leaving
 the lines not answered for the rerun. Exit status: 0 every line answered OK, 1 some
 answered with an error, 2 bad usage or input, 3 stopped (the server refuses every
-request or keeps failing, or a file cannot be written): fix it and rerun, 130 interrupted.
+request or keeps failing, or a file cannot be written): fix it and rerun, 4 stopped at the
+--max-cost budget: rerun to go on with a new one, 130 interrupted.
 Example: trio-llm batch examples/data/sample_batch.jsonl -o out.jsonl --simulate"""
 
 
@@ -122,12 +126,8 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     add_connection_options(batch)
     add_cache_option(batch)
     limits = batch.add_argument_group("rate limits (default: adopt the server's headers)")
-    limits.add_argument(
-        "--rpm", metavar="N", type=positive_float, help="requests per minute, at most"
-    )
-    limits.add_argument(
-        "--tpm", metavar="N", type=positive_float, help="tokens per minute, at most"
-    )
+    for flag, what in (("--rpm", "requests"), ("--tpm", "tokens")):
+        limits.add_argument(flag, metavar="N", type=positive_float, help=f"{what}/minute, at most")
     add_shared_limit_options(batch)
     run = batch.add_argument_group("run")
     run.add_argument(
@@ -166,6 +166,15 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "stay unanswered for the rerun; 0 never stops so (default: %(default)s)",
     )
     _add_provider_options(batch)
+    run.add_argument(
+        "--max-cost",
+        metavar="USD",
+        type=positive_float,
+        help="a budget: send a line only if what the run spent, plus the most the requests "
+        "in flight and this one can cost, stays within USD; then stop starting requests, "
+        "let those in flight finish, and exit with status 4 (every model needs a price: "
+        "genai-prices' or --price)",
+    )
     run.add_argument(
         "--progress-interval",
         metavar="SECONDS",
@@ -246,6 +255,7 @@ async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> Batc
             grace=args.grace,
             max_consecutive_failures=args.max_consecutive_failures or None,
             shard=None if args.shard is None else (args.shard.index, args.shard.count),
+            max_cost=args.max_cost,
         )
         # Kept before the client closes: a Ctrl-C from here on still gets the summary.
         finished.append(summary)
@@ -299,6 +309,7 @@ def _resume_command(args: argparse.Namespace) -> str:
         "grace": 30.0,
         "max_consecutive_failures": DEFAULT_MAX_CONSECUTIVE_FAILURES,
         "progress_interval": 10.0,
+        "max_cost": None,
         "via": "online",
         "poll_interval": None,
         "max_batch_lines": None,
@@ -311,6 +322,8 @@ def _resume_command(args: argparse.Namespace) -> str:
             if name in ("base_url", "redis"):  # printed: a password in it is not
                 shown = redact_url(shown)
             words += ["--" + name.replace("_", "-"), shown]
+    for text in args.price or ():
+        words += ["--price", text]
     for name in ("simulate", "skip_invalid", "retry_failed"):
         if getattr(args, name):
             words.append("--" + name.replace("_", "-"))
@@ -384,6 +397,10 @@ def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
         _say(f"stopped: {summary.stopped}; {_stop_hint(summary.stop_error, args)}")
         _say(f"{answered}. Once fixed, resume with: {_resume_command(args)}")
         return EXIT_STOPPED
+    if summary.over_budget:
+        _say(f"stopped at the budget: {_budget_text(summary)}; the requests in flight finished")
+        _say(f"{answered}. To go on with a new budget of the same size: {_resume_command(args)}")
+        return EXIT_OVER_BUDGET
     if summary.interrupted:
         _say(
             f"interrupted: {answered}. "
@@ -405,6 +422,11 @@ def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
         return EXIT_ERROR
     _say(f"done: all {summary.total:,} lines answered OK in {summary.output_path}")
     return EXIT_OK
+
+
+def _budget_text(summary: BatchSummary) -> str:
+    spent = "an unknown amount" if summary.cost is None else format_usd(summary.cost)
+    return f"spent {spent} of --max-cost {format_usd(summary.max_cost or 0)}"
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -496,10 +518,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.cancel and args.via != "provider":
         _say("error: --cancel cancels a job's batches at the provider: add --via provider")
         return EXIT_USAGE
-    if args.via == "provider" and (args.endpoints or args.cache or args.shard):
-        flag = "--endpoints" if args.endpoints else "--cache" if args.cache else "--shard"
-        _say(f"error: --via provider {_NOT_WITH[flag]}: drop {flag}")
-        return EXIT_USAGE
+    if args.via == "provider":
+        for flag, why in _NOT_WITH.items():
+            if getattr(args, flag[2:].replace("-", "_")):
+                _say(f"error: --via provider {why}: drop {flag}")
+                return EXIT_USAGE
     try:
         if not _has_requests(args.input):
             _say(f"error: {args.input} holds no requests (it is empty, or blank); nothing to do")

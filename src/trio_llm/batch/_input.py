@@ -77,6 +77,7 @@ class InputPlan:
             line repeating an earlier ``custom_id``.
         identity: the input file's (device, inode, size, mtime), to notice a change.
         unsendable: url -> why the client cannot send it (such lines are invalid).
+        models: the models the lines to send name (``""``: the client's default).
         scan_elapsed: seconds the passes before sending took (scanning OUTPUT, then
             this check), as the run measured them.
         shard: the shard the run handles (``None``: the whole file); ``total`` and the
@@ -97,6 +98,7 @@ class InputPlan:
     scan_elapsed: float = 0.0
     shard: Shard | None = None
     other_shards: int = 0
+    models: set[str] = attrs.Factory(set)
 
 
 async def _locate_duplicates(
@@ -205,6 +207,7 @@ class _Planner:
             plan.to_record += 1
         else:
             plan.to_send += 1
+            plan.models.add(item.body.get("model") or "")
         plan.handle.set(item.line)
 
     def _add_problem(self, item: Invalid) -> None:

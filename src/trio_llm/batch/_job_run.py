@@ -98,6 +98,7 @@ class JobRun:
         via: ViaProvider,
     ) -> None:
         self._client = client
+        self._pricer = client._requester.pricers[client._provider.name]
         self._api = api
         self._encoder = encoder
         self._input = input_file
@@ -270,6 +271,7 @@ class JobRun:
             if ok:
                 counters.succeeded += 1
                 counters.prompt_tokens += result.usage.prompt_tokens
+                counters.add_cost(self._cost(result))
                 counters.completion_tokens += result.usage.completion_tokens
             else:
                 counters.failed += 1
@@ -300,6 +302,12 @@ class JobRun:
     async def _each_id(self, part: Part, on_id: Callable[[str], None]) -> None:
         with naming(self._plan.path):
             await each_id(self._input, self._plan.path, part, on_id)
+
+    def _cost(self, result: ResultLine) -> float | None:
+        """What an answered line cost, at the provider's Batch API price (``None``: unknown)."""
+        body = result.body
+        model = body.get("model") if isinstance(body, dict) else None
+        return self._pricer.cost(result.usage, model if isinstance(model, str) else "", batch=True)
 
     @staticmethod
     def _not_answered(part: Part) -> tuple[str, str]:
@@ -474,6 +482,7 @@ class JobRun:
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
+            cost=None if counters.unpriced else counters.cost,
             scan_elapsed=plan.scan_elapsed,
             via="provider",
             batches=tuple(

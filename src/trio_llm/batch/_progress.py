@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from .._cost import format_usd
 from .._errors import APIConnectionError, APIStatusError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from .._client import Client, ClientStatistics
-    from ._runner import BatchSummary
+    from ._budget import Budget
+    from ._summary import BatchSummary
 
 __all__ = [
     "SCAN_SHOWN_AFTER",
@@ -35,6 +37,7 @@ __all__ = [
     "ScanProgress",
     "Snapshot",
     "Watched",
+    "cost_text",
     "format_duration",
     "format_size",
     "open_reporter",
@@ -61,11 +64,31 @@ class Counters:
     invalid: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost: float = 0.0  # USD of the answers with a known price
+    unpriced: int = 0  # answers with no known price
 
     @property
     def handled(self) -> int:
         """Lines answered (or recorded) by this run."""
         return self.succeeded + self.failed + self.invalid
+
+    def add_cost(self, cost: float | None) -> None:
+        """Count an answer's cost (``None``: unknown)."""
+        if cost is None:
+            self.unpriced += 1
+        else:
+            self.cost += cost
+
+
+def cost_text(s: Snapshot) -> str:
+    """Say what a run has cost (``$0.0123``, ``$0.0123 of $5.00``).
+
+    ``""`` when unknown, or nothing yet and there is no budget.
+    """
+    if s.cost is None or (not s.cost and s.max_cost is None):
+        return ""
+    budget = f" of {format_usd(s.max_cost)}" if s.max_cost is not None else ""
+    return format_usd(s.cost) + budget
 
 
 def format_duration(seconds: float) -> str:
@@ -116,6 +139,8 @@ class Snapshot:
         reason: why requests are being retried (:func:`retry_reason` of the latest
             error), while they are; ``None`` when nothing was retried lately.
         finished: every line this run had to handle is handled.
+        cost: what the run's answers cost so far, in USD (``None``: some have no price).
+        max_cost: the run's budget, if it has one.
     """
 
     done: int
@@ -129,6 +154,8 @@ class Snapshot:
     in_flight: int
     reason: str | None = None
     finished: bool = False
+    cost: float | None = None
+    max_cost: float | None = None
 
     @property
     def percent(self) -> float:
@@ -146,6 +173,7 @@ class Watched:
         total: lines in the input.
         answered_before: lines already answered in OUTPUT when the run started.
         to_handle: lines this run has to answer (or record).
+        budget: the run's budget, if it has one.
     """
 
     client: Client
@@ -153,6 +181,7 @@ class Watched:
     total: int
     answered_before: int
     to_handle: int
+    budget: Budget | None = None
 
 
 class Reporter:
@@ -164,6 +193,7 @@ class Reporter:
         self._total = watched.total
         self._before = watched.answered_before
         self._to_handle = watched.to_handle
+        self._budget = watched.budget
         self._base: ClientStatistics = watched.client.statistics()
         self._samples: deque[tuple[float, int]] = deque()
         self._retries_seen = 0
@@ -209,6 +239,8 @@ class Reporter:
             in_flight=stats.in_flight,
             reason=self._reason(retries, now),
             finished=remaining <= 0,
+            cost=None if counters.unpriced else counters.cost,
+            max_cost=None if self._budget is None else self._budget.max_cost,
         )
 
     def _reason(self, retries: int, now: float) -> str | None:
@@ -247,10 +279,12 @@ class _PlainReporter(Reporter):
     def _report(self) -> None:
         s = self.snapshot()
         reason = f" | retrying: {s.reason}" if s.reason else ""
+        cost = f" | cost {cost_text(s)}" if cost_text(s) else ""
         self._print(
             f"{s.done:,}/{s.total:,} ({s.percent:.0f}%) | {s.rate:,.1f} lines/s | "
             f"ETA {format_duration(s.eta)} | failed {s.failed:,} | retries {s.retries:,} | "
-            f"429s {s.rate_limited:,} | tokens {s.tokens:,} | in flight {s.in_flight}{reason}"
+            f"429s {s.rate_limited:,} | tokens {s.tokens:,}{cost} | in flight {s.in_flight}"
+            f"{reason}"
         )
 
     def close(self) -> None:
@@ -418,6 +452,10 @@ def print_summary(summary: BatchSummary) -> None:
         f"{summary.tokens:,} ({summary.prompt_tokens:,} prompt + "
         f"{summary.completion_tokens:,} completion)",
     )
+    cost = "unknown (a model has no price)" if summary.cost is None else format_usd(summary.cost)
+    if summary.max_cost is not None:
+        cost += f" (budget {format_usd(summary.max_cost)})"
+    table.add_row("cost", cost)
     handled = summary.succeeded + summary.failed + summary.invalid
     sending = summary.elapsed - summary.scan_elapsed
     rate = handled / sending if sending > 0 else 0.0

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import IO, TYPE_CHECKING, Any, Final, final
 
 import trio
@@ -34,6 +36,7 @@ from .._errors import (
 )
 from .._fanout import as_completed
 from .._types import Usage
+from ._budget import Budget
 from ._input import (
     CHAT_URL,
     MESSAGES_URL,
@@ -90,8 +93,10 @@ class _Run:
         counters: Counters,
         reporter: Reporter,
         max_failures: int | None,
+        budget: Budget | None = None,
     ) -> None:
         self._client = client
+        self._budget = budget
         self._input = input_file
         self._plan = plan
         self._output = output
@@ -141,11 +146,22 @@ class _Run:
             if self._write(invalid_record(self._plan.path, item)):
                 counters.invalid += 1
             return
+        budget = self._budget
+        bound = 0.0 if budget is None else budget.reserve(item.body)
+        if bound is None:  # over budget: start no more requests (this line stays unsent)
+            self._stopping = True
+            return
         try:
-            body, request_id, usage = await self._send(item)
-        except LLMError as exc:
+            body, request_id, usage, cost = await self._send(item)
+        except BaseException as exc:
+            if budget is not None:
+                budget.release(bound)
+            if not isinstance(exc, LLMError):
+                raise
             self._failed(item.custom_id, exc)
             return
+        if budget is not None:
+            budget.settle(bound, cost)
         # No checkpoint between the reply and this write: a cancellation cannot fall
         # between them, so every reply received is written, whole. A success shows the
         # failures held back were the lines' own: they are written first.
@@ -154,9 +170,13 @@ class _Run:
             counters.succeeded += 1
             counters.prompt_tokens += usage.prompt_tokens
             counters.completion_tokens += usage.completion_tokens
+            counters.add_cost(cost)
 
-    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage]:
-        """Send one request; return its reply's body, request id and the tokens it spent."""
+    async def _send(self, item: Request) -> tuple[dict[str, Any], str | None, Usage, float | None]:
+        """Send one request; return its reply's body, request id, the tokens and USD it spent.
+
+        A reply from the client's response cache spent none (its ``cost`` is ``0.0``).
+        """
         fields: dict[str, Any] = dict(item.body)
         model = fields.pop("model", None)
         self._sending += 1
@@ -164,9 +184,11 @@ class _Run:
             if item.url in (CHAT_URL, MESSAGES_URL):
                 # A provider's native body passes its adapter's translation unchanged.
                 chat = await self._client.chat(fields.pop("messages"), model=model, **fields)
-                return chat.raw, chat.request_id, Usage() if chat.cached else chat.usage
+                usage = Usage() if chat.cached else chat.usage
+                return chat.raw, chat.request_id, usage, chat.cost
             vectors = await self._client.embed(fields.pop("input"), model=model, **fields)
-            return vectors.raw, vectors.request_id, Usage() if vectors.cached else vectors.usage
+            usage = Usage() if vectors.cached else vectors.usage
+            return vectors.raw, vectors.request_id, usage, vectors.cost
         finally:
             self._sending -= 1
 
@@ -288,6 +310,9 @@ class _Run:
             stop_error=self.stop_error,
             cache_hits=after.cache_hits - before.cache_hits,
             scan_elapsed=plan.scan_elapsed,
+            cost=None if counters.unpriced else counters.cost,
+            max_cost=None if self._budget is None else self._budget.max_cost,
+            over_budget=self._budget is not None and self._budget.refused is not None,
         )
 
     def stop(self, grace: float) -> None:
@@ -340,6 +365,7 @@ async def run_batch(
     grace: float = 30.0,
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
     shard: tuple[int, int] | None = None,
+    max_cost: float | None = None,
     via: str | ViaProvider = "online",
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
@@ -350,9 +376,9 @@ async def run_batch(
     already are skipped, so running again after an interruption sends only the rest.
 
     Fails fast: a 401, 403, 404, 405 or 407, or ``max_consecutive_failures`` lines in a
-    row failing with no answer, a 5xx, a 429 or the deadline (after their retries), stop
-    the run: no new request, those in flight cancelled, ``summary.stopped`` says why, and
-    those lines stay unanswered for the rerun. See ``docs/batch.md``.
+    row failing with no answer, a 5xx, a 429 or the deadline (after their retries), stop the
+    run (those in flight cancelled; ``summary.stopped`` says why; those lines stay unanswered
+    for the rerun). Other statuses (400, 422) are the line's answer. See ``docs/batch.md``.
 
     Args:
         input_path: the JSONL file of requests.
@@ -365,8 +391,7 @@ async def run_batch(
             (their error lines are removed first, so each line still ends up once).
         skip_invalid: record invalid input lines as error lines instead of raising.
         progress: show progress on stderr: a bar on a terminal, else a line every
-            ``progress_interval`` seconds.
-        progress_interval: seconds between plain progress lines.
+            ``progress_interval`` seconds (default 10).
         handle_signals: on SIGINT or SIGTERM, start no new request and give those in
             flight ``grace`` seconds to finish and be written; a second signal cancels
             them at once. The summary then says ``interrupted``. Main thread only.
@@ -374,25 +399,25 @@ async def run_batch(
         max_consecutive_failures: see above (at least 1); ``None``: no such stop.
         shard: ``(K, N)``: handle only shard K of N (by a stable hash of ``custom_id``,
             see ``docs/several-machines.md``); the summary counts its lines only.
+        max_cost: a budget in USD: a line that might not fit is not sent, and the run ends
+            ``over_budget`` (``docs/howto-cost.md``); every line's model needs a price.
         via: ``"provider"``: through the provider's Batch API (:class:`ViaProvider`).
 
-    Returns:
-        What the run did (:class:`BatchSummary`).
+    Returns: what the run did (:class:`BatchSummary`).
 
     Raises:
         BatchInputError: invalid input lines (with ``skip_invalid`` off), or an output
             file that is not batch output; raised before any request is sent.
-        ConfigurationError: another run holds the output file, or it is the input.
+        ConfigurationError: another run holds the output file, or it is the input (or no price).
         OSError: a file cannot be read or written (``filename`` names it); a failed
             write stops the run at once and is raised alone, every line before it whole.
 
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    limit, part = _checked(client, concurrency, max_consecutive_failures, shard, via)
-    started = trio.current_time()
-    before = client.statistics()
-    async with _open_run(
+    limit, part = _checked(client, concurrency, max_consecutive_failures, via, shard, max_cost)
+    started, before = trio.current_time(), client.statistics()
+    async with _opener(via)(
         client,
         os.fspath(input_path),
         os.fspath(output_path),
@@ -402,32 +427,57 @@ async def run_batch(
         progress_interval=progress_interval,
         max_failures=max_consecutive_failures,
         shard=part,
-        via=via,
+        budget=None if max_cost is None else Budget.for_client(max_cost, client),
     ) as run:
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
+
+
+def _opener(via: str | ViaProvider) -> Callable[..., AbstractAsyncContextManager[_Run | JobRun]]:
+    """:func:`_open_run`, or its counterpart for a job through the provider's Batch API."""
+    return _open_run if via == "online" else partial(_open_job_run, via)
+
+
+@contextlib.asynccontextmanager
+async def _open_job_run(
+    via: str | ViaProvider, client: Client, input_path: str, output_path: str, **options: Any
+) -> AsyncIterator[JobRun]:
+    """:func:`_open_run`'s counterpart through the provider's Batch API (``_via_provider``).
+
+    The options of reading and progress apply; ``max_failures`` is the online runs' (and
+    ``shard`` and ``budget`` were refused by :func:`_checked`).
+    """
+    from ._via_provider import open_provider_run
+
+    for online_only in ("max_failures", "shard", "budget"):
+        del options[online_only]
+    async with open_provider_run(client, input_path, output_path, via, **options) as run:
+        yield run
 
 
 def _checked(
     client: Client,
     concurrency: int | None,
     max_failures: int | None,
-    shard: tuple[int, int] | None,
     via: str | ViaProvider,
+    shard: tuple[int, int] | None,
+    max_cost: float | None,
 ) -> tuple[int, Shard | None]:
     """Check :func:`run_batch`'s settings (``ValueError``); return its concurrency and shard.
 
-    A shard is for online runs: a job through the provider's Batch API is run whole there.
+    A shard and a budget are for online runs: a job through the provider's Batch API is
+    submitted whole.
     """
     for name, value in (("concurrency", concurrency), ("max_consecutive_failures", max_failures)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1 (or None), got {value}")
-    limit = concurrency or client.max_concurrency
-    if shard is None:
-        return limit, None
     if via != "online":
-        raise ValueError("shard= is for online runs: via='provider' submits the whole job")
-    return limit, Shard(*shard)
+        for name, setting in (("shard", shard), ("max_cost", max_cost)):
+            if setting is not None:
+                raise ValueError(
+                    f"{name}= is for online runs: via='provider' submits the whole job"
+                )
+    return concurrency or client.max_concurrency, None if shard is None else Shard(*shard)
 
 
 @contextlib.asynccontextmanager
@@ -442,31 +492,14 @@ async def _open_run(
     progress_interval: float,
     max_failures: int | None,
     shard: Shard | None = None,
-    via: str | ViaProvider = "online",
-) -> AsyncIterator[_Run | JobRun]:
+    budget: Budget | None = None,
+) -> AsyncIterator[_Run]:
     """Open both files and do steps 1 to 4; the block sends (step 5); leaving closes them.
-
-    ``via`` not ``"online"``: the run of a job through the provider's Batch API instead.
 
     Raises:
         BatchInputError, ConfigurationError, OSError: as :func:`run_batch`, before any
             request is sent.
     """
-    if via != "online":
-        from ._via_provider import open_provider_run
-
-        async with open_provider_run(
-            client,
-            input_path,
-            output_path,
-            via,
-            skip_invalid=skip_invalid,
-            retry_failed=retry_failed,
-            progress=progress,
-            progress_interval=progress_interval,
-        ) as job_run:
-            yield job_run
-        return
     # Blocking file calls on purpose: local files, buffered (see _output).
     with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
         if names(output_path, input_file):
@@ -490,6 +523,8 @@ async def _open_run(
                     )
             plan.scan_elapsed = scanning.elapsed
             scan.answered = AnsweredKeys()  # its table is not needed from here on
+            if budget is not None:  # before OUTPUT is changed: a refusal changes nothing
+                budget.check_prices(plan.models)
             notes = await output.prepare(retry_failed=retry_failed)
             counters = Counters()
             watched = Watched(
@@ -498,6 +533,7 @@ async def _open_run(
                 total=plan.total,
                 answered_before=plan.answered_ok + plan.answered_failed,
                 to_handle=plan.to_send + plan.to_record,
+                budget=budget,
             )
             reporter = open_reporter(watched, enabled=progress, interval=progress_interval)
             for note in notes:
@@ -510,6 +546,7 @@ async def _open_run(
                 counters=counters,
                 reporter=reporter,
                 max_failures=max_failures,
+                budget=budget,
             )
 
 

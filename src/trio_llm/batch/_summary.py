@@ -119,7 +119,14 @@ class BatchSummary:
             https://api.openai.com/v1 (Incorrect API key provided)"``.
         stop_error: the error that stopped the run (``None`` with ``stopped``).
         cache_hits: lines of ``succeeded`` answered from the client's response cache
-            (nothing sent; their tokens are not in ``tokens``).
+            (nothing sent; their tokens are not in ``tokens``, nor their cost in ``cost``).
+        cost: what this run's answers cost in USD (see ``reply.cost``): real spend only,
+            replies from the response cache cost nothing; ``None`` when some had no
+            known price. With ``via="provider"``, at the provider's Batch API prices.
+        max_cost: the run's budget in USD (``run_batch(max_cost=...)``), if it had one.
+        over_budget: the run stopped starting requests because the next one might not
+            have fitted in ``max_cost``; the lines not sent are ``unanswered``, and a
+            rerun sends them with a new budget.
         via: ``"online"`` (each line sent as a request) or ``"provider"`` (the
             provider's Batch API).
         batches: with ``via="provider"``, the job's batches at the provider, as this run
@@ -146,6 +153,9 @@ class BatchSummary:
     stop_error: LLMError | None = None
     cache_hits: int = 0
     scan_elapsed: float = 0.0
+    cost: float | None = None
+    max_cost: float | None = None
+    over_budget: bool = False
     via: str = "online"
     batches: tuple[ProviderBatch, ...] = ()
 

@@ -37,6 +37,7 @@ from ._progress import (
     ScanProgress,
     Snapshot,
     Watched,
+    cost_text,
     format_duration,
     format_size,
 )
@@ -75,16 +76,19 @@ DISPLAYED: Final = (
     "failed",
     "retries",
     "tokens",
+    "cost",
     "reason",
 )
 # What goes first as the terminal narrows. The label repeats the "trio-llm batch:" lines
-# above the bar; tokens, rate and percent are nice to have; why requests are retried,
-# when the run ends and what failed go last. The reason shows only while retrying.
+# above the bar; tokens, rate and percent are nice to have, then the cost (and budget);
+# why requests are retried, when the run ends and what failed go last. The reason shows
+# only while retrying, the cost only when every answer so far has a price.
 DROPPED_FIRST: Final = (
     "label",
     "tokens",
     "rate",
     "percent",
+    "cost",
     "retries",
     "spinner",
     "reason",
@@ -168,6 +172,9 @@ def bar_cells(s: Snapshot, *, final: bool = False) -> dict[str, Text]:
         "retries": Text(f"• retries {s.retries:,}"),
         "tokens": Text(f"• tokens {s.tokens:,}"),
     }
+    cost = cost_text(s)
+    if cost:
+        cells["cost"] = Text(f"• cost {cost}")
     if not final:
         cells["spinner"] = Text(" ")
     if s.reason:

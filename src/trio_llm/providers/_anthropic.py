@@ -67,22 +67,29 @@ def finish_reason(stop_reason: object) -> str | None:
 def _usage(payload: object) -> JSONObject:
     """Return an OpenAI ``usage`` object for an Anthropic one.
 
-    Cached input (written or read) is input too, so it counts in ``prompt_tokens``.
+    Cached input (written or read) is input too, so it counts in ``prompt_tokens``; the
+    cache reads are also ``prompt_tokens_details.cached_tokens`` (OpenAI's name) and the
+    cache writes ``cache_creation_input_tokens``, as :meth:`Usage.from_json` reads them.
     """
     if not isinstance(payload, Mapping):
         payload = {}
-    prompt = 0
+    counts = {}
     for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
         value = payload.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            prompt += value
+        counts[key] = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    prompt = sum(counts.values())
     output = payload.get("output_tokens")
     completion = output if isinstance(output, int) and not isinstance(output, bool) else 0
-    return {
+    usage: JSONObject = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if counts["cache_read_input_tokens"]:
+        usage["prompt_tokens_details"] = {"cached_tokens": counts["cache_read_input_tokens"]}
+    if counts["cache_creation_input_tokens"]:
+        usage["cache_creation_input_tokens"] = counts["cache_creation_input_tokens"]
+    return usage
 
 
 def _text_of(content: object) -> str:

@@ -197,7 +197,7 @@ class BatchAPI(Protocol):
 async def json_reply(exchange: Exchange) -> dict[str, Any]:
     """Read a JSON object reply (a ``read`` for ``Client._api_call``)."""
     payload = await exchange.read_json()
-    exchange.finish(_NO_USAGE)
+    exchange.finish_api_call()
     return payload
 
 
@@ -246,7 +246,7 @@ async def stream_lines(
                     on_line(line)
         if pending.strip():
             on_line(pending)
-        exchange.finish(_NO_USAGE)
+        exchange.finish_api_call()
     finally:
         await exchange.aclose()
 

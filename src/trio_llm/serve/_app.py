@@ -37,6 +37,7 @@ from ._request import (
     read_json,
     require,
 )
+from ._tracing import ContinueTrace
 from ._upstream import error_body, upstream_error
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "MAX_JSON_DEPTH", "GenerationRecord", "create_app"]
@@ -117,7 +118,8 @@ def create_app(
     lifespan ends. Each request also gets an access line on ``trio_llm.serve.access``.
 
     A caller that disconnects cancels its upstream call (retries included); it is
-    recorded with status 499.
+    recorded with status 499. With OpenTelemetry configured, a request's ``traceparent``
+    header makes the caller's span the parent of its upstream call's.
 
     Args:
         client: the client every upstream call goes through.
@@ -146,6 +148,7 @@ def create_app(
     )
     app.add_middleware(RequestCounter, counts=gateway.state.counts)
     app.add_middleware(AccessLog)  # outermost of the two: its time covers the counting too
+    app.add_middleware(ContinueTrace)  # a caller's traceparent: the parent of the calls
     app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", gateway.embeddings, methods=["POST"])
     app.add_api_route("/generate", gateway.generate, methods=["POST"])

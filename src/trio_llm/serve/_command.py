@@ -15,10 +15,12 @@ from .._cli_options import (
     DEFAULT_MODEL,
     EXIT_OK,
     add_endpoints_option,
+    add_price_option,
     add_shared_limit_options,
     api_key_from_env,
     cannot_listen,
     cli_endpoints,
+    cli_prices,
     non_negative_float,
     port_number,
     positive_float,
@@ -89,6 +91,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="attempts per upstream call, the first included (default: %(default)s)",
     )
     add_shared_limit_options(parser)
+    add_price_option(upstream)
     _add_server_options(parser.add_argument_group("server"))
 
 
@@ -161,6 +164,7 @@ async def _serve(args: argparse.Namespace) -> int:
         rate_limit=shared_rate_limit(
             args, RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
         ),
+        prices=cli_prices(args.price),
     ) as client:
         app = create_app(client, require_key=require_key, max_body_bytes=args.max_body_bytes)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

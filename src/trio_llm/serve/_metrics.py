@@ -34,6 +34,7 @@ _STAT_HELP: Final = {
     "rate_limited": ("counter", "429 responses received from upstream."),
     "prompt_tokens": ("counter", "Prompt tokens reported by upstream."),
     "completion_tokens": ("counter", "Completion tokens reported by upstream."),
+    "unpriced": ("counter", "Upstream replies with no known price (not in the cost)."),
 }
 
 
@@ -114,6 +115,12 @@ def metrics_text(
         metric = f"trio_llm_client_{name}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
         lines.append(f"{metric} {stats[name]}")
+    if stats["cost"] is not None:  # absent, never a guess, when a reply has no price
+        lines += [
+            "# HELP trio_llm_client_cost_usd_total What upstream replies cost, in USD.",
+            "# TYPE trio_llm_client_cost_usd_total counter",
+            f"trio_llm_client_cost_usd_total {stats['cost']!r}",
+        ]
     lines += _endpoint_lines(client)
     lines += [
         "# HELP trio_llm_serve_requests_total Gateway responses by route and status.",
