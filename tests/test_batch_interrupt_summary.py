@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +80,30 @@ def test_ctrl_c_while_the_client_closes_still_gets_the_summary(
     assert "before sending" not in err
     assert "lines in input" in err  # the summary table
     assert err.splitlines()[-1].startswith("trio-llm batch: done: all 3 lines answered OK")
+
+
+def test_ctrl_c_just_before_the_receiver_is_installed_interrupts_the_run(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C in the instant before the run's signal receiver is installed (delivered as
+    KeyboardInterrupt there) is the run's first signal: it stops gently, with the summary
+    and exit 130, never trio's "child exited without calling task_status.started()"."""
+    real = _runner.trio.open_signal_receiver
+    calls = 0
+
+    @contextmanager
+    def ctrl_c_first(*signums: int) -> Iterator[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyboardInterrupt
+        with real(*signums) as receiver:
+            yield receiver
+
+    monkeypatch.setattr(_runner.trio, "open_signal_receiver", ctrl_c_first)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: starting no new requests" in err
+    assert "lines in input" in err  # the summary table
+    assert "Traceback" not in err
+    assert calls == 2  # watching again for a second Ctrl-C

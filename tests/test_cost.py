@@ -542,3 +542,37 @@ def test_the_progress_bar_shows_the_cost_and_budget() -> None:
     assert bar_cells(Snapshot(**common, cost=0.0123))["cost"].plain == "• cost $0.0123"
     assert "cost" not in bar_cells(Snapshot(**common, cost=None))
     assert "cost" not in bar_cells(Snapshot(**common, cost=0.0))
+
+
+async def test_negative_token_counts_are_malformed_not_a_refund() -> None:
+    """A reply reporting negative token counts costs nothing negative and settles its limit.
+
+    A negative count is malformed, read as missing (0): it must not make a reply's cost
+    negative (which would lower a batch's spend below what it paid) nor break the call
+    while its rate-limit reservation is reconciled.
+    """
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": 100,
+            "completion_tokens": -1_000_000,
+            "total_tokens": -999_900,
+            "prompt_tokens_details": {"cached_tokens": -50},
+        },
+    }
+    transport = httpx2.MockTransport(lambda _request: httpx2.Response(200, json=body))
+    async with trio_llm.open_client(
+        base_url="http://127.0.0.1:9/v1",
+        model="gpt-4o-mini",
+        transport=transport,
+        rate_limit=trio_llm.RateLimit(tokens_per_minute=100_000),
+    ) as client:
+        reply = await client.chat("hi")
+        assert reply.usage == trio_llm.Usage(prompt_tokens=100, total_tokens=100)
+        assert reply.cost == table_cost("openai", "gpt-4o-mini", prompt=100, completion=0)
+        assert client.statistics().cost == reply.cost

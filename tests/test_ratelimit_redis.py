@@ -500,3 +500,33 @@ async def test_settlements_made_while_redis_is_away_reach_it_later(tmp_path: Pat
             async with limiter(limit) as second:
                 with trio.fail_after(3):
                     await second.acquire(0)  # the refunded request, long before a refill
+
+
+@redis_goes_away
+async def test_a_refund_sent_into_a_stalled_redis_is_not_applied_twice(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settlement whose command timed out may still run once Redis answers again (it
+    waited in the socket): sending its refund again would give the capacity back twice.
+    """
+    import os
+    import signal
+
+    monkeypatch.setattr(_redis, "COMMAND_TIMEOUT", 0.3)
+    limit = shared(redis_server, requests_per_minute=6)  # one request every 10 s
+    async with limiter(limit) as first, limiter(limit) as second:
+        reservations = [await first.acquire(0) for _ in range(6)]
+        process = redis_server._process
+        assert process is not None
+        os.kill(process.pid, signal.SIGSTOP)  # stalled: commands wait, unanswered
+        try:
+            reservations[0].refund()
+            await trio.sleep(1.0)  # the sender times out, and tries again
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        await trio.sleep(0.5)
+        with trio.fail_after(2):
+            await second.acquire(0)  # the refunded request
+        with trio.move_on_after(1) as scope:
+            await second.acquire(0)  # none more: the next one refills in 10 s
+        assert scope.cancelled_caught

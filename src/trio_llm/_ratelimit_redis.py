@@ -29,7 +29,9 @@ soon as they reach Redis.
 
 When Redis stops answering, calls wait for it and try again (backing off up to a second,
 with jitter), and raise :class:`SharedLimitError` only when the next try would come after
-their retry deadline: a call never runs without its limit.
+their retry deadline: a call never runs without its limit. Settlements that did not reach
+Redis go with the next try, except the capacity one gave back if it timed out (Redis may
+run it later): that comes back with the refill instead, never twice.
 """
 
 from __future__ import annotations
@@ -340,7 +342,9 @@ class RedisBuckets:
     ) -> tuple[bool, float]:
         """Run the script once; return (granted, seconds to wait), keeping the state.
 
-        ``pending`` goes with it; if the call fails, it is queued again.
+        ``pending`` goes with it; if the call fails, it is queued again, but for what it
+        gave back when the call may have run (a timeout): given twice, capacity would be
+        made up, while capacity not given back comes back with the refill anyway.
 
         Raises:
             RedisUnavailable: Redis refused or did not answer.
@@ -349,8 +353,11 @@ class RedisBuckets:
         args = (op, *self._configured, tokens, *settle)
         try:
             reply = await self._redis.run(self._script, self._keys, args)
-        except RedisUnavailable:
+        except RedisUnavailable as exc:
             if pending is not None:
+                if exc.maybe_ran:  # charges, the pause and levels may apply twice
+                    pending.requests = min(pending.requests, 0)
+                    pending.tokens = min(pending.tokens, 0)
                 pending.merge(self._pending)
                 self._pending = pending
             raise

@@ -39,7 +39,16 @@ class RedisUnavailable(Exception):
     """A command got no answer from Redis: not reachable, too slow, or it refused it.
 
     Internal: its callers decide what that means (wait and try again, or a public error).
+
+    Attributes:
+        maybe_ran: the command was sent and not answered in time: Redis may have it
+            (queued while it stalled) and run it later, so sending it again may run it
+            twice.
     """
+
+    def __init__(self, message: str, *, maybe_ran: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_ran = maybe_ran
 
 
 def _describe(exc: BaseException) -> str:
@@ -113,11 +122,13 @@ class RedisConnection:
 
     async def _send(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         failure = ""
+        sent = False
         with trio.move_on_after(COMMAND_TIMEOUT) as scope:
             if self._down:
                 unreachable = await _reachable(self._address)
                 if unreachable is not None:
                     raise RedisUnavailable(unreachable)
+            sent = True
             try:
                 reply = await function(*args, **kwargs)
             except self._errors as exc:
@@ -126,10 +137,11 @@ class RedisConnection:
                 self._down = False
                 return reply
         self._down = True
-        if scope.cancel_called:  # (coredis may turn the cancellation into an error)
+        timed_out = scope.cancel_called
+        if timed_out:  # (coredis may turn the cancellation into an error)
             failure = f"no answer within {COMMAND_TIMEOUT:g} s"
         # Raised out here, with no context: the client's traceback holds its connections.
-        raise RedisUnavailable(failure)
+        raise RedisUnavailable(failure, maybe_ran=sent and timed_out)
 
 
 def _coredis() -> Any:

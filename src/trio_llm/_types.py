@@ -33,6 +33,11 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _count(value: object) -> int:
+    """A token count: a negative one is malformed, read as missing (0)."""
+    return max(_int(value), 0)
+
+
 @final
 @attrs.frozen(kw_only=True)
 class Usage:
@@ -58,19 +63,19 @@ class Usage:
 
     @classmethod
     def from_json(cls, payload: object) -> Usage:
-        """Parse an OpenAI ``usage`` object (missing or ``null`` gives zeros).
+        """Parse an OpenAI ``usage`` object (missing, ``null`` or negative gives zeros).
 
         Cache writes are read from ``cache_creation_input_tokens`` (Anthropic's name, which
         the Anthropic adapter and some OpenAI-compatible proxies put there).
         """
         if not isinstance(payload, Mapping):
             return cls()
-        prompt = _int(payload.get("prompt_tokens"))
-        completion = _int(payload.get("completion_tokens"))
-        total = _int(payload.get("total_tokens")) or prompt + completion
+        prompt = _count(payload.get("prompt_tokens"))
+        completion = _count(payload.get("completion_tokens"))
+        total = _count(payload.get("total_tokens")) or prompt + completion
         details = payload.get("prompt_tokens_details")
-        read = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
-        write = _int(payload.get("cache_creation_input_tokens"))
+        read = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+        write = _count(payload.get("cache_creation_input_tokens"))
         return cls(
             prompt_tokens=prompt,
             completion_tokens=completion,

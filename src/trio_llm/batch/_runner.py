@@ -329,26 +329,38 @@ class _Run:
         The receiver stays open until the run ends (this task is cancelled then), so a
         third Ctrl-C cannot raise ``KeyboardInterrupt`` in the middle of the clean-up.
         """
-        try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        started = False
+        while True:
+            try:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    async for signum in signals:
+                        self._on_signal(signal.Signals(signum).name, grace)
+            except KeyboardInterrupt:
+                if started:
+                    # A SIGINT not read yet when the run ended is raised again as the
+                    # receiver closes; the run is over, and its summary is what is left.
+                    return
+                # A Ctrl-C in the instant before the receiver was installed: the run's
+                # first signal; then watch for the next one as usual.
                 task_status.started()
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if self.scope.cancel_called:
-                        continue  # stopping at once already
-                    if self._stopping:
-                        self.scope.cancel()
-                        self._reporter.note(f"{name} again: cancelling the requests in flight")
-                        continue
-                    self.stop(grace)
-                    self._reporter.note(
-                        f"{name}: starting no new requests; waiting up to {grace:g} s for "
-                        f"the {self._sending} in flight (press Ctrl-C again to stop at once)"
-                    )
-        except KeyboardInterrupt:
-            # A SIGINT not read yet when the run ended is raised again as the receiver
-            # closes; the run is over, and its summary is what is left to show.
-            pass
+                started = True
+                self._on_signal("SIGINT", grace)
+
+    def _on_signal(self, name: str, grace: float) -> None:
+        if self.scope.cancel_called:
+            return  # stopping at once already
+        if self._stopping:
+            self.scope.cancel()
+            self._reporter.note(f"{name} again: cancelling the requests in flight")
+            return
+        self.stop(grace)
+        self._reporter.note(
+            f"{name}: starting no new requests; waiting up to {grace:g} s for "
+            f"the {self._sending} in flight (press Ctrl-C again to stop at once)"
+        )
 
 
 async def run_batch(
