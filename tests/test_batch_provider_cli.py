@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +23,7 @@ import pytest
 import trio
 
 from trio_llm._cli import main
+from trio_llm.batch import _job_run
 from trio_llm.testing import FakeLLMConfig, FakeLLMServer, open_fake_llm
 
 ENV = {**os.environ, "PYTHONWARNINGS": "error"}
@@ -273,3 +276,30 @@ def test_online_only_flags_are_refused_in_one_line(
     err = capsys.readouterr().err
     assert err == f"trio-llm batch: error: {why}: drop {flag}\n"
     assert not target.exists()
+
+
+def test_ctrl_c_just_before_the_receiver_is_installed_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C in the instant before the job's signal receiver is installed (raised there
+    as KeyboardInterrupt) is its signal: exit 130 with the resume command, no traceback."""
+    source, target = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    real = _job_run.trio.open_signal_receiver
+    calls = 0
+
+    @contextmanager
+    def ctrl_c_first(*signums: int) -> Iterator[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyboardInterrupt
+        with real(*signums) as receiver:
+            yield receiver
+
+    monkeypatch.setattr(_job_run.trio, "open_signal_receiver", ctrl_c_first)
+    argv = ["batch", str(source), "-o", str(target), "--via", "provider", "--simulate"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping; the batches keep running" in err
+    assert "Traceback" not in err
+    assert calls == 1

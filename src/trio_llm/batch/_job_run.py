@@ -448,16 +448,24 @@ class JobRun:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """On SIGINT or SIGTERM, stop at once: nothing is lost, the batches keep running."""
+        started = False
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 task_status.started()
+                started = True
                 async for signum in signals:
-                    self.interrupted = True
-                    self.scope.cancel()
-                    name = signal.Signals(signum).name
-                    self._reporter.note(f"{name}: stopping; the batches keep running")
+                    self._on_signal(signal.Signals(signum).name)
         except KeyboardInterrupt:
-            pass  # a SIGINT not read when the run ended: the summary is what is left
+            if started:
+                return  # a SIGINT not read when the run ended: the summary is what is left
+            # A Ctrl-C in the instant before the receiver was installed: the run's signal.
+            task_status.started()
+            self._on_signal("SIGINT")
+
+    def _on_signal(self, name: str) -> None:
+        self.interrupted = True
+        self.scope.cancel()
+        self._reporter.note(f"{name}: stopping; the batches keep running")
 
     def summary(self, *, before: ClientStatistics, started: float) -> BatchSummary:
         """Say what the run did (as :class:`BatchSummary` does for online runs)."""
