@@ -262,7 +262,7 @@ class Requester:
                     await _cancel_shielded_checkpoint()
                     if isinstance(exc, httpx2.HTTPError):
                         raise error_from_transport(
-                            exc, method="POST", url=request.shown_url
+                            exc, method=request.method, url=request.shown_url
                         ) from exc
                     raise
                 exchange = Exchange(self, request, response, reservation)
@@ -337,21 +337,24 @@ class Requester:
         extra = None if trace is None else trace.sending(route)
         if direct is None:
             return self._send_through_httpx(route.http, request, extra)
-        headers = route.stream_headers if request.stream else route.headers
+        headers = request.headers or (route.stream_headers if request.stream else route.headers)
         if extra:
             headers = headers + [(k.encode(), v.encode()) for k, v in extra.items()]
         limits = self._limits
         deadline_at = request.deadline_at
         timeouts = limits.default if deadline_at == _INF else limits.before(deadline_at)
-        return direct.open_response("POST", request.url, headers, request.content, timeouts)
+        return direct.open_response(request.method, request.url, headers, request.content, timeouts)
 
     @staticmethod
     async def _send_through_httpx(
         http: httpx2.AsyncClient, request: Request, extra: dict[str, str] | None
     ) -> HttpxResponse:
-        if request.stream:
-            extra = {**(extra or {}), "accept": "text/event-stream"}
-        built = http.build_request("POST", request.url, content=request.content, headers=extra)
+        headers: list[tuple[bytes, bytes]] | dict[str, str] | None = request.headers
+        if headers is None:  # (a call of the provider's other APIs has its own: see Request)
+            headers = {**(extra or {}), "accept": "text/event-stream"} if request.stream else extra
+        built = http.build_request(
+            request.method, request.url, content=request.content, headers=headers
+        )
         return HttpxResponse(await http.send(built, stream=True))
 
     async def _raise_status_error(self, exchange: Exchange) -> None:
@@ -398,7 +401,7 @@ def _no_first_event(request: Request, idle: float | None) -> APITimeoutError:
     """The error of a stream whose first event did not come within ``stream_idle``."""
     return APITimeoutError(
         f"no event from {request.label} within stream_idle={idle}s",
-        method="POST",
+        method=request.method,
         url=request.shown_url,
     )
 

@@ -19,7 +19,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 import attrs
@@ -31,6 +31,9 @@ from ._endpoints import Endpoint, is_loopback, resolve_base_url
 from ._errors import ConfigurationError, redact_url
 from ._ratelimit import SHARED_SCHEMES, RateLimit
 from .providers._registry import provider_named
+
+if TYPE_CHECKING:
+    from .testing import FakeLLMConfig
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -433,6 +436,16 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     add_price_option(group)
 
 
+def _simulated_pace(config: FakeLLMConfig) -> str:
+    """How the ``--simulate`` server is paced, for the line that announces it."""
+    pace = ""
+    if config.tokens_per_second:
+        pace = f", paced like a model: {config.latency:g} s + {config.tokens_per_second:g} tokens/s"
+    if config.batch_delay:
+        pace += f"; its Batch API batches take {config.batch_delay:g} s"
+    return pace
+
+
 @asynccontextmanager
 async def open_cli_client(
     args: argparse.Namespace,
@@ -440,12 +453,14 @@ async def open_cli_client(
     rate_limit: RateLimit | None = _ADAPTIVE_RATE_LIMIT,
     simulate_latency: float = 0.0,
     simulate_tokens_per_second: float | None = None,
+    simulate_batch_delay: float = 0.0,
 ) -> AsyncIterator[Client]:
     """Open the client the connection flags describe (or the in-process fake server's).
 
     With ``--endpoints``, the file's endpoints; ``--model`` (or its default) goes to
     those that name no model. ``simulate_*`` pace the fake server of ``--simulate``, so
-    a demo looks like a model.
+    a demo looks like a model (``simulate_batch_delay``: how long its Batch API batches
+    take).
     With ``--redis`` (:func:`add_shared_limit_options`), the limits are shared.
     Leaving the block, cancelled or not, closes the client and stops that server.
 
@@ -477,14 +492,11 @@ async def open_cli_client(
         from .testing import FakeLLMConfig, open_fake_llm
 
         config = FakeLLMConfig(
-            latency=simulate_latency, tokens_per_second=simulate_tokens_per_second
+            latency=simulate_latency,
+            tokens_per_second=simulate_tokens_per_second,
+            batch_delay=simulate_batch_delay,
         )
-        pace = (
-            f", paced like a model: {simulate_latency:g} s + "
-            f"{simulate_tokens_per_second:g} tokens/s"
-            if simulate_tokens_per_second
-            else ""
-        )
+        pace = _simulated_pace(config)
         async with open_fake_llm(config) as server:
             # The fake server speaks both APIs; Anthropic's paths start above /v1.
             base_url = server.root_url if args.provider == "anthropic" else server.base_url

@@ -13,7 +13,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, final
 
 import attrs
 import httpx2
@@ -27,6 +27,7 @@ from ._endpoints import Endpoint, open_router, resolve_base_url
 from ._errors import ConfigurationError, redact_url
 from ._fanout import as_completed, capture_errors, map_concurrently
 from ._ratelimit import RateLimit, RateLimiter
+from ._request import Request
 from ._routing import (
     CHAT,
     EMBEDDINGS,
@@ -41,6 +42,8 @@ from .providers._base import Messages
 from .providers._registry import provider_named
 
 __all__ = ["Client", "ClientStatistics", "open_client"]
+
+T = TypeVar("T")
 
 
 class _ClientDefault(enum.Enum):
@@ -186,6 +189,38 @@ class Client:
 
     def _policy(self, retry: RetryPolicy | _ClientDefault | None) -> RetryPolicy | None:
         return self._retry if retry is CLIENT_DEFAULT else retry
+
+    def _api_call(
+        self,
+        method: str,
+        url: str,
+        read: Callable[[Exchange], Awaitable[T]],
+        *,
+        content: bytes = b"",
+        content_type: str | None = None,
+        download: bool = False,
+        no_deadline: bool = False,
+        once: bool = False,
+    ) -> Awaitable[T]:
+        """Call another API of the provider (files, batches) through the same lifecycle.
+
+        The client's connections, headers, concurrency slot, retry policy and error
+        mapping apply, as to a chat call; no token estimate is reserved. ``read`` gets the
+        open exchange of a success status (see :meth:`Requester.attempt`). With
+        ``no_deadline`` (a transfer of many megabytes) the policy's deadline is left out;
+        the per-phase timeouts still apply; ``once`` makes one attempt (a request that must
+        not be repeated blindly). Used by ``run_batch(..., via="provider")``.
+
+        Raises:
+            ConfigurationError: the client has several endpoints (:meth:`Request.for_api`).
+        """
+        request = Request.for_api(
+            self._router, method, url, content, content_type=content_type, download=download
+        )
+        policy = None if once else self._retry
+        if no_deadline and policy is not None:
+            policy = attrs.evolve(policy, deadline=None)
+        return self._requester.call(request, read, policy)
 
     def _resolve_model(self, model: str | None) -> str | None:
         """The call's model, else the client's (``None`` if every endpoint names its own)."""

@@ -117,7 +117,8 @@ class Exchange:
         try:
             body = await self._response.read(limit)
         except httpx2.HTTPError as exc:
-            raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
+            request = self.request
+            raise error_from_transport(exc, method=request.method, url=request.shown_url) from exc
         except BodyTooLarge as exc:
             raise self.bad_reply(
                 f"is larger than the {exc.limit:,}-byte limit (open_client's "
@@ -164,7 +165,8 @@ class Exchange:
                 data = await self._response.receive_some()
             return decoder.flush()
         except httpx2.HTTPError as exc:
-            raise error_from_transport(exc, method="POST", url=self.request.shown_url) from exc
+            request = self.request
+            raise error_from_transport(exc, method=request.method, url=request.shown_url) from exc
         except zlib.error as exc:
             raise self.bad_reply(f"does not decode as its content-encoding says: {exc}") from exc
 
@@ -220,6 +222,19 @@ class Exchange:
         if trace is not None:
             trace.replied(reply)
         return reply
+
+    def finish_api_call(self) -> None:
+        """Count a call of the provider's other APIs (files, batches) as succeeded.
+
+        Its answer is no model reply: no tokens, nothing to price, store or trace; the
+        reservation (of no tokens: :meth:`Request.for_api`) is kept.
+        """
+        self._requester.succeeded += 1
+        self.route.succeeded += 1
+        reservation = self._reservation
+        if reservation is not None:
+            self._reservation = None
+            reservation.keep()
 
     def settle(self, *, refund: bool) -> None:
         """Settle the reservation of an error reply: refunded, or charged no tokens."""

@@ -13,15 +13,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
 from . import _json
+from ._errors import ConfigurationError, redact_url
 from ._estimate import estimate_tokens
-from ._routing import STREAM, Route, Router
+from ._routing import CHAT, STREAM, Route, Router
 from ._telemetry import instruments as _instruments
 
 if TYPE_CHECKING:
     from ._cache import CacheHook
     from ._telemetry import CallTrace
 
-__all__ = ["Request"]
+__all__ = ["Request", "sole_route"]
 
 _INF: Final = math.inf
 
@@ -39,6 +40,8 @@ class Request:
     body of the endpoint ``cache_for`` names (:meth:`trio_llm._cache.CacheHook.address`).
     ``model`` is the model the body sent names (what a reply is priced as when its own
     model has no price); ``telemetry`` is the call's trace, if OpenTelemetry is configured.
+    ``method`` and ``headers`` (every header, when not the endpoint's usual set) are a
+    call's of the provider's other APIs (:meth:`for_api`).
     """
 
     __slots__ = (
@@ -49,7 +52,9 @@ class Request:
         "content",
         "deadline_at",
         "estimate",
+        "headers",
         "kind",
+        "method",
         "model",
         "route",
         "shown_url",
@@ -78,11 +83,14 @@ class Request:
         self.cache_for: tuple[str, str | None] | None = None
         self.model = ""  # as the body names it (set by for_call and retarget)
         self.telemetry: CallTrace | None = None
+        self.method = "POST"
+        self.headers: list[tuple[bytes, bytes]] | None = None
 
     @property
     def label(self) -> str:
         """What the request is, for messages: ``POST <url>``."""
-        return f"POST {self.shown_url} (stream)" if self.stream else f"POST {self.shown_url}"
+        what = f"{self.method} {self.shown_url}"
+        return f"{what} (stream)" if self.stream else what
 
     @property
     def endpoint(self) -> str:
@@ -134,6 +142,41 @@ class Request:
             request.telemetry = instruments.call(request, body, provider=route.provider.name)
         return request
 
+    @classmethod
+    def for_api(
+        cls,
+        router: Router,
+        method: str,
+        url: str,
+        content: bytes = b"",
+        *,
+        content_type: str | None = None,
+        download: bool = False,
+    ) -> Request:
+        """Build a request of the provider's other APIs (files, batches) to ``url``.
+
+        No token estimate, no cache key (such calls never touch the response cache), and
+        no other endpoint: the router's choice of a one-endpoint client is that endpoint.
+        ``content_type`` replaces JSON's (a multipart upload); a ``download`` is read as
+        it arrives, uncompressed, by a ``read`` that keeps the exchange (as a stream's is).
+
+        Raises:
+            ConfigurationError: the client has several endpoints (see :func:`sole_route`).
+        """
+        route = sole_route(router)
+        request = cls(route, CHAT, content, 0)
+        request.method = method
+        request.url = url
+        request.shown_url = redact_url(url)
+        request.stream = download
+        if content_type is not None or download:
+            replaced = (b"content-type", b"accept", b"accept-encoding")
+            headers = [line for line in route.headers if line[0].lower() not in replaced]
+            headers.append((b"content-type", (content_type or "application/json").encode()))
+            accept = b"*/*" if download else b"application/json"
+            request.headers = [*headers, (b"accept", accept), (b"accept-encoding", b"identity")]
+        return request
+
     def retarget(self, route: Route) -> None:
         """Address the request to ``route``, its body rebuilt if that endpoint needs another.
 
@@ -151,6 +194,25 @@ class Request:
         self.route = route
         self.url = route.urls[kind] or ""
         self.shown_url = route.shown_urls[kind]
+
+
+def sole_route(router: Router) -> Route:
+    """Return the one endpoint of a client, for calls that must all go there.
+
+    A provider's batch and the files it reads live at the server that made them, so
+    the Batch and Files APIs are not balanced or failed over between endpoints.
+
+    Raises:
+        ConfigurationError: the client has several endpoints.
+    """
+    if len(router.routes) > 1:
+        count = len(router.routes)
+        raise ConfigurationError(
+            f"the provider's Batch API needs a client of one endpoint, not {count}: a batch "
+            "and its files stay at the server that made them (give base_url= or "
+            "--base-url, not endpoints= or --endpoints)"
+        )
+    return router.primary
 
 
 def _model_of(body: Mapping[str, Any]) -> str:

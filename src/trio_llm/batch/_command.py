@@ -26,6 +26,7 @@ from .._cli_options import (
     non_negative_float,
     open_cli_client,
     positive_float,
+    positive_int,
     whole_number,
 )
 from .._client import Client
@@ -46,7 +47,7 @@ from .._ratelimit import RateLimit
 from ..providers._registry import provider_named
 from ._output import OutputWriteError
 from ._progress import print_summary
-from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES, BatchSummary, run_batch
+from ._runner import DEFAULT_MAX_CONSECUTIVE_FAILURES, BatchSummary, ViaProvider, run_batch
 from ._shard import parse_shard
 
 __all__ = ["add_batch_parser", "run_batch_command"]
@@ -54,6 +55,18 @@ __all__ = ["add_batch_parser", "run_batch_command"]
 # --simulate answers like a real model would, only faster: a visible but short run.
 _SIMULATED_LATENCY: Final = 0.2
 _SIMULATED_TOKENS_PER_SECOND: Final = 400.0
+# --via provider: the provider's batches take hours; the simulated ones a few seconds.
+_POLL_INTERVAL: Final = 30.0
+_SIMULATED_POLL_INTERVAL: Final = 0.5
+_SIMULATED_BATCH_DELAY: Final = 2.0
+
+# Why --via provider refuses a flag of online runs.
+_NOT_WITH: Final = {
+    "--endpoints": "sends the job's batches to one server (--base-url)",
+    "--cache": "neither reads nor fills a response cache",
+    "--shard": "submits the whole job: the provider runs it, no machines to split it",
+    "--max-cost": "submits the whole job at once: no budget can stop it halfway",
+}
 
 _DESCRIPTION = """\
 Send every request of INPUT.jsonl and write one answer line per input line to
@@ -152,6 +165,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "(after their retries) and none succeeds in between: a dead endpoint; their lines "
         "stay unanswered for the rerun; 0 never stops so (default: %(default)s)",
     )
+    _add_provider_options(batch)
     run.add_argument(
         "--max-cost",
         metavar="USD",
@@ -170,8 +184,51 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
 
 
+def _add_provider_options(batch: argparse.ArgumentParser) -> None:
+    group = batch.add_argument_group(
+        "provider Batch API (--via provider: half the price, results within 24 hours)"
+    )
+    group.add_argument(
+        "--via",
+        choices=("online", "provider"),
+        default="online",
+        help="online: send each line as a request (default); provider: submit the lines "
+        "through the provider's Batch API (OpenAI, Anthropic) and merge the results",
+    )
+    group.add_argument(
+        "--poll-interval",
+        metavar="SECONDS",
+        type=positive_float,
+        help=f"seconds between two polls of a batch (default: {_POLL_INTERVAL:g}; "
+        f"{_SIMULATED_POLL_INTERVAL:g} with --simulate)",
+    )
+    group.add_argument(
+        "--max-batch-lines",
+        metavar="N",
+        type=positive_int,
+        help="the most lines in one batch (default: the provider's limit, 50,000 for "
+        "OpenAI, 100,000 for Anthropic)",
+    )
+    group.add_argument(
+        "--max-batch-bytes",
+        metavar="BYTES",
+        type=positive_int,
+        help="the most bytes in one batch (default: the provider's limit, 200 MB for "
+        "OpenAI, 255 MB for Anthropic)",
+    )
+    group.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel the job's running batches, merge what they answered, submit nothing",
+    )
+
+
 def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
     rate_limit = RateLimit(requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+    if args.via == "provider":  # the simulated batches take a few seconds as a whole
+        return open_cli_client(
+            args, rate_limit=rate_limit, simulate_batch_delay=_SIMULATED_BATCH_DELAY
+        )
     return open_cli_client(
         args,
         rate_limit=rate_limit,
@@ -182,6 +239,10 @@ def _open_batch_client(args: argparse.Namespace) -> AbstractAsyncContextManager[
 
 async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> BatchSummary:
     async with _open_batch_client(args) as client:
+        if args.via == "provider":
+            summary = await _via_provider(args, client)
+            finished.append(summary)
+            return summary
         summary = await run_batch(
             args.input,
             args.output,
@@ -199,6 +260,32 @@ async def _batch(args: argparse.Namespace, finished: list[BatchSummary]) -> Batc
         # Kept before the client closes: a Ctrl-C from here on still gets the summary.
         finished.append(summary)
     return summary
+
+
+async def _via_provider(args: argparse.Namespace, client: Client) -> BatchSummary:
+    from ._via_provider import run_provider_batch
+
+    poll = args.poll_interval
+    if poll is None:
+        poll = _SIMULATED_POLL_INTERVAL if args.simulate else _POLL_INTERVAL
+    via = ViaProvider(
+        poll_interval=poll,
+        max_batch_lines=args.max_batch_lines,
+        max_batch_bytes=args.max_batch_bytes,
+        cancel=args.cancel,
+    )
+    return await run_provider_batch(
+        args.input,
+        args.output,
+        client=client,
+        via=via,
+        retry_failed=args.retry_failed,
+        skip_invalid=args.skip_invalid,
+        progress=True,
+        progress_interval=args.progress_interval,
+        handle_signals=True,
+        simulated=args.simulate,
+    )
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -223,6 +310,10 @@ def _resume_command(args: argparse.Namespace) -> str:
         "max_consecutive_failures": DEFAULT_MAX_CONSECUTIVE_FAILURES,
         "progress_interval": 10.0,
         "max_cost": None,
+        "via": "online",
+        "poll_interval": None,
+        "max_batch_lines": None,
+        "max_batch_bytes": None,
     }
     for name, default in defaults.items():
         value = getattr(args, name)
@@ -257,6 +348,11 @@ def _stop_hint(error: LLMError | None, args: argparse.Namespace) -> str:
         return f"check the API key in {key}"
     if status == 403:
         return f"check that the key in {key} may use this model and endpoint"
+    if status == 404 and getattr(args, "via", "online") == "provider":
+        return (
+            "a batch or file of the job is unknown to this key, or the server has no Batch "
+            f"API: check {key} (the key that created the job) and --base-url"
+        )
     if status in (404, 405):
         return "check --base-url, --provider and the model (--model or body.model)"
     if status == 407:
@@ -275,7 +371,24 @@ def _stop_hint(error: LLMError | None, args: argparse.Namespace) -> str:
     )
 
 
+def _provider_interrupted(summary: BatchSummary, args: argparse.Namespace) -> None:
+    running = [batch.id for batch in summary.batches if batch.status in ("running", "ended")]
+    ids = ", ".join(str(batch) for batch in running[:3]) + (", ..." if len(running) > 3 else "")
+    command = _resume_command(args)
+    if running:
+        _say(
+            f"interrupted: polling stopped; {len(running)} batch(es) keep running at the "
+            f"provider ({ids}) and their results are merged when you resume: {command}"
+        )
+        _say(f"to cancel them instead: {command} --cancel")
+    else:
+        _say(f"interrupted; to resume, run the same command again: {command}")
+
+
 def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
+    if summary.interrupted and summary.via == "provider" and summary.stopped is None:
+        _provider_interrupted(summary, args)
+        return EXIT_INTERRUPTED
     answered = (
         f"{summary.total - summary.unanswered:,} of {summary.total:,} lines answered in "
         f"{summary.output_path}, {summary.unanswered:,} not yet"
@@ -294,6 +407,12 @@ def _exit_status(summary: BatchSummary, args: argparse.Namespace) -> int:
             f"To resume, run the same command again: {_resume_command(args)}"
         )
         return EXIT_INTERRUPTED
+    if not summary.complete:  # --cancel: lines never submitted, or whose part was dropped
+        _say(
+            f"{answered}: they are in no batch at the provider (never submitted, or "
+            f"dropped by --cancel); run without --cancel to submit them: {_resume_command(args)}"
+        )
+        return EXIT_ERROR
     if summary.errors:
         _say(
             f"done: {summary.errors:,} of {summary.total:,} lines answered with an error "
@@ -396,6 +515,14 @@ def _only_interrupts(exc: BaseException) -> bool:
 def run_batch_command(args: argparse.Namespace) -> int:
     """Run ``trio-llm batch`` as parsed into ``args``; return the exit status."""
     finished: list[BatchSummary] = []
+    if args.cancel and args.via != "provider":
+        _say("error: --cancel cancels a job's batches at the provider: add --via provider")
+        return EXIT_USAGE
+    if args.via == "provider":
+        for flag, why in _NOT_WITH.items():
+            if getattr(args, flag[2:].replace("-", "_")):
+                _say(f"error: --via provider {why}: drop {flag}")
+                return EXIT_USAGE
     try:
         if not _has_requests(args.input):
             _say(f"error: {args.input} holds no requests (it is empty, or blank); nothing to do")

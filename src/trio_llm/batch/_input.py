@@ -11,7 +11,7 @@ before anything is sent. The run's own pass re-reads the file and parses only th
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Final, final
 
 import attrs
@@ -158,7 +158,6 @@ def _problem_message(path: str, problems: list[Invalid], count: int) -> str:
     return f"{path}: {count} invalid lines; nothing was sent:\n{listed}{more}"
 
 
-@final
 class _Planner:
     """Count each checked line into the plan: answered already, to send, or to record.
 
@@ -233,6 +232,33 @@ class _Planner:
         )
 
 
+@final
+class _CheckingPlanner(_Planner):
+    """A :class:`_Planner` that gives each valid line to plan to a further check first.
+
+    Used only when ``check_input`` has a ``line_check``: the common path pays nothing.
+    """
+
+    __slots__ = ("_check",)
+
+    def __init__(
+        self,
+        plan: InputPlan,
+        answered: AnsweredKeys,
+        *,
+        retry_failed: bool,
+        check: Callable[[Request], Invalid | None],
+    ) -> None:
+        super().__init__(plan, answered, retry_failed=retry_failed)
+        self._check = check
+
+    def handle(self, item: Request | Invalid) -> None:
+        """Plan ``item``'s line as :meth:`_Planner.handle`, invalid if the check says so."""
+        if isinstance(item, Request):
+            item = self._check(item) or item
+        super().handle(item)
+
+
 async def check_input(
     file: IO[bytes],
     path: str,
@@ -244,6 +270,7 @@ async def check_input(
     unsendable: Mapping[str, str] = NO_URL_REFUSED,
     shard: Shard | None = None,
     progress: ScanProgress | None = None,
+    line_check: Callable[[Request], Invalid | None] | None = None,
 ) -> InputPlan:
     """Run the first pass over the input: check every line, plan the run.
 
@@ -258,6 +285,8 @@ async def check_input(
         unsendable: url -> why the client cannot send it (see :func:`parse_line`).
         shard: plan only this shard's lines (see ``_shard``); the others are skipped.
         progress: told of each block read.
+        line_check: a further check of each valid line the run must handle (a Batch
+            API's limits): an :class:`Invalid` it returns makes the line invalid.
 
     Raises:
         BatchInputError: some lines are invalid (and not recorded in OUTPUT already), and
@@ -270,10 +299,12 @@ async def check_input(
     """
     progress = progress or ScanProgress()
     progress.phase(f"checking {path}")
-    plan = InputPlan(
-        path=path, identity=file_identity(file), unsendable=unsendable, shard=shard
+    plan = InputPlan(path=path, identity=file_identity(file), unsendable=unsendable, shard=shard)
+    planner = (
+        _Planner(plan, answered, retry_failed=retry_failed)
+        if line_check is None
+        else _CheckingPlanner(plan, answered, retry_failed=retry_failed, check=line_check)
     )
-    planner = _Planner(plan, answered, retry_failed=retry_failed)
     answered.keys.clear(SEEN)  # from an earlier check with the same keys, if any
     answered.keys.reserve(estimate_lines(file))  # (when resuming, it has room already)
     suspects = await _check_lines(file, planner, answered, default_model, progress)

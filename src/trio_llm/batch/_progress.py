@@ -439,6 +439,12 @@ def print_summary(summary: BatchSummary) -> None:
         table.add_row("invalid lines recorded", f"{summary.invalid:,}")
     if summary.unanswered:
         table.add_row("not answered yet", f"{summary.unanswered:,}")
+    if summary.batches:  # --via provider
+        statuses: dict[str, int] = {}
+        for batch in summary.batches:
+            statuses[batch.status] = statuses.get(batch.status, 0) + 1
+        shown = ", ".join(f"{count} {status}" for status, count in statuses.items())
+        table.add_row("batches of the job", shown)
     table.add_row("retries", f"{summary.retries:,}")
     table.add_row("429s received", f"{summary.rate_limited:,}")
     table.add_row(

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from typing import IO, Any, Final, final
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+from typing import IO, TYPE_CHECKING, Any, Final, final
 
 import trio
 
@@ -48,16 +50,30 @@ from ._input import (
     unsendable_urls,
 )
 from ._input import wrong_provider as _wrong_provider  # noqa: F401 - its old home; tests use it
+from ._job import refuse_if_batches_run
 from ._keys import AnsweredKeys
 from ._lines import marked_lines
 from ._locked import names
-from ._output import OutputFile, answer_record, error_record, failure_record
+from ._output import OutputFile, answer_record, failure_record
 from ._progress import Counters, Reporter, Watched, open_reporter, open_scan_progress
 from ._shard import Shard
 from ._stops import brief, is_outage, is_systematic, status_stop
-from ._summary import BatchSummary
+from ._summary import BatchSummary as BatchSummary
+from ._summary import ProviderBatch as ProviderBatch
+from ._summary import ViaProvider as ViaProvider
+from ._summary import invalid_record, naming
 
-__all__ = ["DEFAULT_MAX_CONSECUTIVE_FAILURES", "BatchSummary", "run_batch"]
+if TYPE_CHECKING:
+    from ._job_run import JobRun
+
+__all__ = [
+    "DEFAULT_MAX_CONSECUTIVE_FAILURES",
+    "BatchSummary",
+    "ProviderBatch",
+    "ViaProvider",
+    "invalid_record",
+    "run_batch",
+]
 
 #: Lines in a row that fail like a dead or failing endpoint before a run stops.
 DEFAULT_MAX_CONSECUTIVE_FAILURES: Final = 20
@@ -110,7 +126,7 @@ class _Run:
         plan = self._plan
         handle = plan.handle
         unsendable = plan.unsendable
-        with _naming(plan.path):
+        with naming(plan.path):
             for number, raw in marked_lines(self._input, handle):
                 if self._stopping:
                     return
@@ -127,13 +143,7 @@ class _Run:
         counters = self._counters
         if isinstance(item, Invalid):
             await trio.lowlevel.checkpoint()
-            line = error_record(
-                None if item.keyed_by_line else item.custom_id,
-                code=item.code,
-                message=f"{self._plan.path}:{item.line}: {item.reason}",
-                line=item.line,
-            )
-            if self._write(line):
+            if self._write(invalid_record(self._plan.path, item)):
                 counters.invalid += 1
             return
         budget = self._budget
@@ -368,6 +378,7 @@ async def run_batch(
     max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
     shard: tuple[int, int] | None = None,
     max_cost: float | None = None,
+    via: str | ViaProvider = "online",
 ) -> BatchSummary:
     """Send every request of a batch file and write each answer; resume where a run ended.
 
@@ -402,6 +413,7 @@ async def run_batch(
             see ``docs/several-machines.md``); the summary counts its lines only.
         max_cost: a budget in USD: a line that might not fit is not sent, and the run ends
             ``over_budget`` (``docs/howto-cost.md``); every line's model needs a price.
+        via: ``"provider"``: through the provider's Batch API (:class:`ViaProvider`).
 
     Returns: what the run did (:class:`BatchSummary`).
 
@@ -415,10 +427,9 @@ async def run_batch(
     Cancellation: the requests in flight are cancelled and nothing more is written; every
     line written is whole, and a later run sends the unanswered lines only.
     """
-    part = _checked(concurrency, max_consecutive_failures, shard)
-    started = trio.current_time()
-    before = client.statistics()
-    async with _open_run(
+    limit, part = _checked(client, concurrency, max_consecutive_failures, via, shard, max_cost)
+    started, before = trio.current_time(), client.statistics()
+    async with _opener(via)(
         client,
         os.fspath(input_path),
         os.fspath(output_path),
@@ -430,19 +441,55 @@ async def run_batch(
         shard=part,
         budget=None if max_cost is None else Budget.for_client(max_cost, client),
     ) as run:
-        limit = concurrency or client.max_concurrency
         await run.execute(limit, handle_signals=handle_signals, grace=grace)
     return run.summary(before=before, started=started)
 
 
+def _opener(via: str | ViaProvider) -> Callable[..., AbstractAsyncContextManager[_Run | JobRun]]:
+    """:func:`_open_run`, or its counterpart for a job through the provider's Batch API."""
+    return _open_run if via == "online" else partial(_open_job_run, via)
+
+
+@contextlib.asynccontextmanager
+async def _open_job_run(
+    via: str | ViaProvider, client: Client, input_path: str, output_path: str, **options: Any
+) -> AsyncIterator[JobRun]:
+    """:func:`_open_run`'s counterpart through the provider's Batch API (``_via_provider``).
+
+    The options of reading and progress apply; ``max_failures`` is the online runs' (and
+    ``shard`` and ``budget`` were refused by :func:`_checked`).
+    """
+    from ._via_provider import open_provider_run
+
+    for online_only in ("max_failures", "shard", "budget"):
+        del options[online_only]
+    async with open_provider_run(client, input_path, output_path, via, **options) as run:
+        yield run
+
+
 def _checked(
-    concurrency: int | None, max_failures: int | None, shard: tuple[int, int] | None
-) -> Shard | None:
-    """Check :func:`run_batch`'s numbers (``ValueError``); return its shard."""
+    client: Client,
+    concurrency: int | None,
+    max_failures: int | None,
+    via: str | ViaProvider,
+    shard: tuple[int, int] | None,
+    max_cost: float | None,
+) -> tuple[int, Shard | None]:
+    """Check :func:`run_batch`'s settings (``ValueError``); return its concurrency and shard.
+
+    A shard and a budget are for online runs: a job through the provider's Batch API is
+    submitted whole.
+    """
     for name, value in (("concurrency", concurrency), ("max_consecutive_failures", max_failures)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1 (or None), got {value}")
-    return None if shard is None else Shard(*shard)
+    if via != "online":
+        for name, setting in (("shard", shard), ("max_cost", max_cost)):
+            if setting is not None:
+                raise ValueError(
+                    f"{name}= is for online runs: via='provider' submits the whole job"
+                )
+    return concurrency or client.max_concurrency, None if shard is None else Shard(*shard)
 
 
 @contextlib.asynccontextmanager
@@ -469,11 +516,12 @@ async def _open_run(
     with open(input_path, "rb", buffering=1 << 20) as input_file:  # noqa: ASYNC230
         if names(output_path, input_file):
             raise ConfigurationError(f"the output file {output_path} is the input file")
-        with _naming(output_path), OutputFile.open(output_path) as output:
+        with naming(output_path), OutputFile.open(output_path) as output:
+            refuse_if_batches_run(output.path)
             size = os.fstat(input_file.fileno()).st_size + output.size()
             with open_scan_progress(size, enabled=progress, interval=progress_interval) as scanning:
                 scan = await output.scan(progress=scanning)
-                with _naming(input_path):
+                with naming(input_path):
                     plan = await check_input(
                         input_file,
                         input_path,
@@ -512,17 +560,6 @@ async def _open_run(
                 max_failures=max_failures,
                 budget=budget,
             )
-
-
-@contextlib.contextmanager
-def _naming(path: str) -> Iterator[None]:
-    """Name ``path`` in the ``OSError``\\ s of descriptor calls (``write``, ``fsync``...)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = path
-        raise
 
 
 def _plan_text(plan: InputPlan, output: str, answered_before: int) -> str:

@@ -1,14 +1,85 @@
-"""What a batch run did: :class:`BatchSummary`."""
+"""What a batch run did (:class:`BatchSummary`), and what both kinds of run share."""
 
 from __future__ import annotations
 
-from typing import final
+import contextlib
+from collections.abc import Iterator
+from typing import Any, final
 
 import attrs
 
 from .._errors import LLMError
+from ._input import Invalid
+from ._output import error_record
 
-__all__ = ["BatchSummary"]
+__all__ = [
+    "BatchSummary",
+    "ProviderBatch",
+    "ViaProvider",
+    "invalid_record",
+    "naming",
+]
+
+
+def _at_least_one(_instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name} must be an int >= 1 (or None), not {value!r}")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0 seconds, not {value!r}")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ViaProvider:
+    """How ``run_batch(..., via=ViaProvider(...))`` uses the provider's Batch API.
+
+    ``via="provider"`` is ``via=ViaProvider()``. See ``docs/batch.md`` (``--via provider``).
+
+    Attributes:
+        poll_interval: seconds between two polls of a batch.
+        max_batch_lines: the most lines in one batch (``None``: the provider's limit,
+            50,000 for OpenAI, 100,000 for Anthropic).
+        max_batch_bytes: the most bytes in one batch (``None``: the provider's limit,
+            200 MB for OpenAI, 255 MB for Anthropic).
+        cancel: cancel the job's running batches, merge what they answered, and submit
+            nothing new.
+    """
+
+    poll_interval: float = attrs.field(default=30.0, validator=_positive)
+    max_batch_lines: int | None = attrs.field(default=None, validator=_at_least_one)
+    max_batch_bytes: int | None = attrs.field(default=None, validator=_at_least_one)
+    cancel: bool = False
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ProviderBatch:
+    """One batch of a ``via="provider"`` job, as the run left it.
+
+    Attributes:
+        part: its number in the job (from 0).
+        id: the provider's batch id (``None`` if it was never created).
+        status: the job's word for it: ``planned``, ``uploading``, ``creating``,
+            ``running``, ``ended`` (results not merged yet), ``merged`` or ``dropped``
+            (``--cancel`` before it was created).
+        remote_status: the provider's own status (``in_progress``, ``completed``, ...).
+        outcome: how it ended: ``completed``, ``failed``, ``expired``, ``cancelled``.
+        lines: its input lines.
+        done: requests the provider processed.
+        failed: requests that ended in an error, as the provider counts them.
+    """
+
+    part: int
+    id: str | None
+    status: str
+    remote_status: str | None
+    outcome: str | None
+    lines: int
+    done: int
+    failed: int
 
 
 @final
@@ -51,11 +122,15 @@ class BatchSummary:
             (nothing sent; their tokens are not in ``tokens``, nor their cost in ``cost``).
         cost: what this run's answers cost in USD (see ``reply.cost``): real spend only,
             replies from the response cache cost nothing; ``None`` when some had no
-            known price.
+            known price. With ``via="provider"``, at the provider's Batch API prices.
         max_cost: the run's budget in USD (``run_batch(max_cost=...)``), if it had one.
         over_budget: the run stopped starting requests because the next one might not
             have fitted in ``max_cost``; the lines not sent are ``unanswered``, and a
             rerun sends them with a new budget.
+        via: ``"online"`` (each line sent as a request) or ``"provider"`` (the
+            provider's Batch API).
+        batches: with ``via="provider"``, the job's batches at the provider, as this run
+            left them.
     """
 
     input_path: str
@@ -81,6 +156,8 @@ class BatchSummary:
     cost: float | None = None
     max_cost: float | None = None
     over_budget: bool = False
+    via: str = "online"
+    batches: tuple[ProviderBatch, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -96,3 +173,24 @@ class BatchSummary:
     def all_succeeded(self) -> bool:
         """Whether every input line is answered, and successfully."""
         return self.complete and self.errors == 0
+
+
+def invalid_record(path: str, item: Invalid) -> bytes:
+    """Return the output line of an invalid input line of ``path`` (``skip_invalid``)."""
+    return error_record(
+        None if item.keyed_by_line else item.custom_id,
+        code=item.code,
+        message=f"{path}:{item.line}: {item.reason}",
+        line=item.line,
+    )
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Name ``path`` in the ``OSError``\\ s of descriptor calls (``write``, ``fsync``...)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise

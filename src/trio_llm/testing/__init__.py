@@ -10,7 +10,10 @@ Endpoints: ``POST /v1/chat/completions`` (JSON, or SSE with ``stream: true``; ``
 ``max_tokens``/``max_completion_tokens``, ``tools``/``tool_choice``, ``response_format``
 ``json_object``/``json_schema``, ``stream_options.include_usage``), ``POST /v1/embeddings``
 (float or base64, ``dimensions``), ``GET /v1/models`` and ``GET /v1/models/{id}``, and
-Anthropic's ``POST /v1/messages`` (JSON and SSE; base URL ``server.root_url``).
+Anthropic's ``POST /v1/messages`` (JSON and SSE; base URL ``server.root_url``), and the
+provider Batch APIs: OpenAI ``/v1/files`` and ``/v1/batches``, Anthropic
+``/v1/messages/batches`` (lines answered like the online endpoints, after
+``batch_delay``; files and results kept in memory; ``server.hold(route)`` for crash tests).
 
 Replies are deterministic: the text depends only on the conversation's text (message
 contents, strings or text parts, joined), ``max_tokens`` and the seed; never on ``stream``.

@@ -22,6 +22,17 @@ import attrs
 import trio
 
 from . import _anthropic, _openai
+from ._batch_anthropic import AnthropicBatches
+from ._batch_openai import OpenAIBatches
+from ._batch_store import (
+    BATCH_ROUTES,
+    FILES,
+    MESSAGE_BATCHES,
+    BatchRequest,
+    BatchStore,
+    RouteHold,
+    match_batch_route,
+)
 from ._limits import Admission, RateLimits, go_duration
 from ._types import BadRequest, Generation
 
@@ -30,6 +41,7 @@ if TYPE_CHECKING:
 
     from ._config import FakeLLMConfig
     from ._server import FakeLLMServer
+    from ._stats import FakeLLMStats
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -42,6 +54,9 @@ _METHODS = {CHAT: b"POST", EMBEDDINGS: b"POST", MODELS: b"GET", MESSAGES: b"POST
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream; charset=utf-8"
 _INJECTED_RETRY_AFTER = 1
+MAX_BODY = 32 * 1024 * 1024
+# File uploads (OpenAI: 512 MB a file) and message batches (Anthropic: 256 MB a batch).
+_BATCH_BODY = 512 * 1024 * 1024
 # Bodies up to this size are parsed and answered once, then served from a cache.
 _CACHED_BODY_SIZE = 16 * 1024
 
@@ -60,6 +75,7 @@ class Reply:
             ``"stall"`` or ``"disconnect"``.
         stall: Never answer.
         disconnect: Cut the response off halfway and close the connection.
+        hold: Wait for this hold's release before answering (``FakeLLMServer.hold``).
         prompt_tokens: Prompt tokens to count once the response is completely sent.
         completion_tokens: Completion tokens to count once the response is completely sent.
     """
@@ -72,6 +88,7 @@ class Reply:
         "fault",
         "generation",
         "headers",
+        "hold",
         "latency",
         "prompt_tokens",
         "stall",
@@ -96,6 +113,7 @@ class Reply:
         self.fault = fault
         self.stall = False
         self.disconnect = False
+        self.hold: RouteHold | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -108,6 +126,7 @@ class Reply:
             and not self.generation
             and not self.stall
             and not self.disconnect
+            and self.hold is None
         )
 
 
@@ -138,6 +157,15 @@ def _prepare(endpoint: str, body: bytes, seed: int, invalid_replies: int = 0) ->
     Raises:
         BadRequest: The body is not a JSON object, or a field is missing or invalid.
     """
+    return prepare_payload(endpoint, parse_json_object(body), seed, invalid_replies)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object.
+
+    Raises:
+        BadRequest: It is not valid JSON, or not an object.
+    """
     try:
         payload = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -146,6 +174,17 @@ def _prepare(endpoint: str, body: bytes, seed: int, invalid_replies: int = 0) ->
         ) from None
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
+    return payload
+
+
+def prepare_payload(
+    endpoint: str, payload: dict[str, Any], seed: int, invalid_replies: int = 0
+) -> _Prepared:
+    """Answer a parsed POST body (pure, like ``_prepare``, whose arguments it takes).
+
+    Raises:
+        BadRequest: A field is missing or invalid.
+    """
     if endpoint == EMBEDDINGS:
         rest, tokens = _openai.parse_embeddings(payload, seed)
         return _Prepared(payload["model"], None, rest, tokens, 0)
@@ -164,13 +203,25 @@ _prepare_cached = lru_cache(maxsize=1024)(_prepare)
 
 
 def endpoint_of(target: bytes) -> tuple[str, str]:
-    """Return the path of a request target and its key in ``requests_by_endpoint``."""
+    """Return the path of a request target and its key in ``requests_by_endpoint``.
+
+    The key is the path for fixed paths, ``/v1/models`` for a model, and the route template
+    (``/v1/batches/{batch_id}``) for the Batch APIs.
+    """
     path = target.split(b"?", 1)[0].decode("ascii", "replace")
     if path in _METHODS:
         return path, path
     if path.startswith(MODELS + "/") and len(path) > len(MODELS) + 1:
         return path, MODELS
+    route = match_batch_route(path)
+    if route is not None:
+        return path, route[0]
     return path, OTHER
+
+
+def body_limit(endpoint: str) -> int:
+    """Return the largest request body the server reads for an endpoint (413 beyond)."""
+    return _BATCH_BODY if endpoint in (FILES, MESSAGE_BATCHES) else MAX_BODY
 
 
 class App:
@@ -182,8 +233,52 @@ class App:
         self._seed = server.config.seed
         self._rng = random.Random(self._seed)
         self._fingerprint = _fingerprint(self._seed)
+        self.batches = BatchStore()
+        self._openai_batches = OpenAIBatches(self)
+        self._anthropic_batches = AnthropicBatches(self)
+
+    @property
+    def stats(self) -> FakeLLMStats:
+        """The server's live counters."""
+        return self._server.stats
+
+    @property
+    def root_url(self) -> str:
+        """The server's URL without ``/v1``."""
+        return self._server.root_url
+
+    def throttle(self, config: FakeLLMConfig, polls: int, anthropic: bool) -> Reply | None:
+        """Answer a batch retrieval with 429 while it is among the first throttled ones."""
+        if polls > config.batch_poll_throttle:
+            return None
+        self._server.stats.rate_limited += 1
+        reply = self.error(
+            config,
+            429,
+            "Rate limit reached for batch retrievals. Please try again later.",
+            anthropic=anthropic,
+            kind="requests",
+            code="rate_limit_exceeded",
+            retry_after=config.batch_retry_after,
+        )
+        reply.fault = "rate_limited"
+        return reply
+
+    def draw(self) -> float:
+        """Draw the next fault decision from the server's seeded generator."""
+        return self._rng.random()
 
     def handle(
+        self, method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> Reply:
+        """Answer one complete request, holding the answer when its route is held."""
+        reply = self._handle(method, target, headers, body)
+        if self.batches.holds:
+            route = method.decode("latin-1") + " " + endpoint_of(target)[1]
+            reply.hold = self.batches.holds.get(route)
+        return reply
+
+    def _handle(
         self, method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes
     ) -> Reply:
         """Answer one complete request (never raises for a bad request: it becomes a reply).
@@ -197,29 +292,42 @@ class App:
             self._rng = random.Random(self._seed)
             self._fingerprint = _fingerprint(self._seed)
         path, endpoint = endpoint_of(target)
-        anthropic = endpoint == MESSAGES
+        anthropic = endpoint in (MESSAGES, MESSAGE_BATCHES) or endpoint.startswith(
+            MESSAGE_BATCHES + "/"
+        )
         if endpoint == OTHER:
             verb = method.decode("latin-1")
             return self.error(config, 404, f"Invalid URL ({verb} {path})", anthropic=False)
-        allowed = _METHODS[endpoint]
-        if method != allowed:
+        allowed = (_METHODS[endpoint],) if endpoint in _METHODS else BATCH_ROUTES[endpoint]
+        if method not in allowed:
+            names = ", ".join(verb.decode() for verb in allowed)
             reply = self.error(
                 config,
                 405,
-                f"Method {method.decode('latin-1')} not allowed on {path}; use {allowed.decode()}.",
+                f"Method {method.decode('latin-1')} not allowed on {path}; use {names}.",
                 anthropic=anthropic,
             )
-            reply.headers.append((b"allow", allowed))
+            reply.headers.append((b"allow", names.encode()))
             return reply
         if config.api_key is not None:
             refusal = self._authenticate(config, headers, anthropic)
             if refusal is not None:
                 return refusal
+        if endpoint in BATCH_ROUTES:
+            request = BatchRequest(method, path, target, headers, body)
+            try:
+                if anthropic:
+                    return self._anthropic_batches.handle(config, endpoint, request)
+                return self._openai_batches.handle(config, endpoint, request)
+            except BadRequest as exc:
+                return self.error(
+                    config, exc.status, exc.message, anthropic=anthropic, param=exc.param
+                )
         if endpoint == MODELS:
             if path == MODELS:
-                return self._ok(config, _openai.models_body(config.models))
+                return self.ok(config, _openai.models_body(config.models))
             name = path[len(MODELS) + 1 :]
-            return self._ok(config, json.dumps(_openai.model_object(name)).encode())
+            return self.ok(config, json.dumps(_openai.model_object(name)).encode())
         prepare = _prepare_cached if len(body) <= _CACHED_BODY_SIZE else _prepare
         try:
             prepared = prepare(endpoint, body, config.seed, config.invalid_structured_replies)
@@ -273,27 +381,23 @@ class App:
             *limit_headers,
         ]
         seconds_per_token = 1.0 / config.tokens_per_second if config.tokens_per_second else 0.0
-        if generation is None:
-            reply = Reply(200, headers, prepared.rest)
-        elif anthropic:
+        if anthropic:
             headers.append((b"request-id", headers[1][1]))
+        if generation is None or not stream:
+            reply = Reply(200, headers, self._render(endpoint, prepared))
+        elif anthropic:
             message_id = "msg_" + os.urandom(12).hex()
-            if stream:
-                events = _anthropic.message_events(generation, message_id, seconds_per_token)
-                reply = Reply(200, headers, events=events)
-            else:
-                reply = Reply(200, headers, _openai.with_identity(prepared.rest, message_id))
+            events = _anthropic.message_events(generation, message_id, seconds_per_token)
+            reply = Reply(200, headers, events=events)
         else:
-            completion_id = "chatcmpl-" + os.urandom(12).hex()
-            created = int(time.time())
-            if stream:
-                events = _openai.chat_events(
-                    generation, completion_id, created, self._fingerprint, seconds_per_token
-                )
-                reply = Reply(200, headers, events=events)
-            else:
-                body = _openai.with_identity(prepared.rest, completion_id, created)
-                reply = Reply(200, headers, body)
+            events = _openai.chat_events(
+                generation,
+                "chatcmpl-" + os.urandom(12).hex(),
+                int(time.time()),
+                self._fingerprint,
+                seconds_per_token,
+            )
+            reply = Reply(200, headers, events=events)
         reply.latency = config.latency
         if generation is not None and not stream:
             reply.generation = generation.longest * seconds_per_token
@@ -303,6 +407,43 @@ class App:
         reply.prompt_tokens = prepared.prompt_tokens
         reply.completion_tokens = prepared.completion_tokens
         return reply
+
+    @staticmethod
+    def _render(endpoint: str, prepared: _Prepared) -> bytes:
+        """Render the JSON body of a prepared request that does not stream."""
+        if prepared.generation is None:
+            return prepared.rest
+        if endpoint == MESSAGES:
+            return _openai.with_identity(prepared.rest, "msg_" + os.urandom(12).hex())
+        completion_id = "chatcmpl-" + os.urandom(12).hex()
+        return _openai.with_identity(prepared.rest, completion_id, int(time.time()))
+
+    def answer_line(
+        self, endpoint: str, payload: dict[str, Any], seed: int, invalid_replies: int = 0
+    ) -> tuple[int, bytes]:
+        """Answer one Batch API line's body as a POST to ``endpoint`` would be answered.
+
+        The same parsing and replies as the online endpoints, without rate limits, faults
+        or waits (``invalid_replies``: the config's ``invalid_structured_replies``).
+        Returns the HTTP status and the JSON body (an error object when not 200, in the
+        endpoint's wire format).
+        """
+        anthropic = endpoint == MESSAGES
+        try:
+            prepared = prepare_payload(endpoint, payload, seed, invalid_replies)
+            if prepared.generation is not None and prepared.generation.stream:
+                raise BadRequest("Streaming is not supported in batches.", "stream")
+        except BadRequest as exc:
+            return exc.status, self.error_body(exc.status, exc.message, exc.param, anthropic)
+        return 200, self._render(endpoint, prepared)
+
+    @staticmethod
+    def error_body(status: int, message: str, param: str | None, anthropic: bool) -> bytes:
+        """Render an error object in the OpenAI or the Anthropic wire format."""
+        if anthropic:
+            return _anthropic.error_body(message, _anthropic.error_type(status))
+        kind, code = _openai_error_kind(status)
+        return _openai.error_body(message, kind, param, code)
 
     def _admit(
         self, config: FakeLLMConfig, model: str, tokens: int, anthropic: bool
@@ -346,7 +487,7 @@ class App:
             return reply
         return None
 
-    def _ok(self, config: FakeLLMConfig, body: bytes) -> Reply:
+    def ok(self, config: FakeLLMConfig, body: bytes) -> Reply:
         headers = [
             (b"content-type", _JSON),
             (b"x-request-id", b"req_" + os.urandom(16).hex().encode()),
@@ -378,7 +519,7 @@ class App:
                 kind, default_code = _openai_error_kind(status)
                 code = code or default_code
             body = _openai.error_body(message, kind, param, code)
-        reply = self._ok(config, body)
+        reply = self.ok(config, body)
         reply.status = status
         if anthropic:
             reply.headers.append((b"request-id", reply.headers[1][1]))

@@ -68,6 +68,14 @@ class FakeLLMConfig:
     ``error_status``; ``stall_rate`` never answers (until the client or the server goes);
     ``disconnect_rate`` sends half the body (or half the stream's events) and closes.
 
+    Batch APIs (``/v1/batches``, ``/v1/messages/batches``): a batch reads the config once,
+    when it is created. It ends ``batch_delay`` seconds (trio time) later: the first tenth
+    validating (OpenAI), eight tenths answering its lines in order, the last tenth
+    finalizing. ``batch_fail_rate`` and ``batch_expire_rate`` are drawn per batch;
+    ``batch_error_rate`` and ``batch_line_expire_rate`` per line, from the same
+    ``random.Random(seed)`` as the faults above. Batch lines are never rate-limited and never
+    see ``error_rate``, ``stall_rate``, ``latency`` or ``disconnect_rate``.
+
     Repairs: with ``invalid_structured_replies=N``, a structured reply (``response_format``
     ``json_schema``, or the arguments of a forced tool call, through either API) breaks its
     schema while its conversation has fewer than N assistant turns; so a client that sends
@@ -138,6 +146,58 @@ class FakeLLMConfig:
         converter=_to_names,
         validator=_models,
         metadata={"help": "Model names listed by /v1/models (any name is accepted)."},
+    )
+    batch_delay: float = attrs.field(
+        default=0.0,
+        validator=_non_negative,
+        metadata={
+            "help": "Seconds a Batch API batch takes from creation to its end (validating, "
+            "in progress, finalizing), in trio time."
+        },
+    )
+    batch_error_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of batch lines answered with a 400 error (0 to 1)."},
+    )
+    batch_error_ids: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_to_names,
+        metadata={"help": "custom_ids of batch lines answered with a 400 error."},
+    )
+    batch_line_expire_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={
+            "help": "Fraction of batch lines that expire unanswered (an OpenAI batch with "
+            "one then ends 'expired')."
+        },
+    )
+    batch_fail_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={
+            "help": "Fraction of batches that fail validation (OpenAI 'failed'; Anthropic: "
+            "every request errored)."
+        },
+    )
+    batch_expire_rate: float = attrs.field(
+        default=0.0,
+        validator=_fraction,
+        metadata={"help": "Fraction of batches that expire with no line answered (0 to 1)."},
+    )
+    batch_poll_throttle: int = attrs.field(
+        default=0,
+        validator=attrs.validators.ge(0),
+        metadata={
+            "help": "The first N retrievals of each batch are answered 429 with Retry-After "
+            "batch_retry_after."
+        },
+    )
+    batch_retry_after: float = attrs.field(
+        default=1.0,
+        validator=_non_negative,
+        metadata={"help": "Retry-After seconds of a throttled batch retrieval."},
     )
 
 

@@ -14,18 +14,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from http import HTTPStatus
-from typing import final
+from typing import Any, final
 
 import h11
 import trio
 
-from ._app import MESSAGES, App, Reply, endpoint_of
+from ._app import MESSAGES, App, Reply, body_limit, endpoint_of
+from ._batch_store import RouteHold
 from ._config import FakeLLMConfig
 from ._stats import FakeLLMStats
 
 logger = logging.getLogger("trio_llm.testing")
 
-MAX_BODY = 32 * 1024 * 1024
 _MAX_HEAD = 64 * 1024
 _RECEIVE_SIZE = 64 * 1024
 _MAX_BUFFERED = 1024 * 1024
@@ -51,6 +51,33 @@ class FakeLLMServer:
         self.port = port
         self.stats = FakeLLMStats()
         self._app = App(self)
+
+    def hold(self, route: str, *, partial: float | None = None) -> RouteHold:
+        """Hold the answers of one route until ``release()`` (for crash and resume tests).
+
+        ``route`` is ``"METHOD /template"``, the template as counted in
+        ``stats.requests_by_endpoint``: ``"POST /v1/batches"``, ``"POST /v1/files"``,
+        ``"GET /v1/files/{file_id}/content"``, ``"POST /v1/messages/batches"``... A held
+        request has had its effect (the batch exists); only its answer waits, after sending
+        its head and ``partial`` of its body when given (whole lines). ``await
+        hold.wait_arrived()`` waits for one to arrive.
+
+        Raises:
+            ValueError: The route is unknown or already held, or ``partial`` is not in [0, 1).
+        """
+        return self._app.batches.hold(route, partial)
+
+    @property
+    def openai_batches(self) -> list[dict[str, Any]]:
+        """The OpenAI batch objects, oldest first, as ``GET /v1/batches/{id}`` shows them."""
+        return [batch.to_json() for batch in self._app.batches.batches.values()]
+
+    @property
+    def message_batches(self) -> list[dict[str, Any]]:
+        """The Anthropic message batch objects, oldest first, as their retrieve shows them."""
+        return [
+            batch.to_json(self.root_url) for batch in self._app.batches.message_batches.values()
+        ]
 
     @property
     def root_url(self) -> str:
@@ -131,12 +158,13 @@ class _Exchange:
         self.status = None
         fault: str | None = None
         try:
-            body = await self._read_body(request)
+            limit = body_limit(endpoint)
+            body = await self._read_body(request, limit)
             if body is None:
                 reply = server._app.error(
                     server.config,
                     413,
-                    f"Request body too large (limit {MAX_BODY} bytes).",
+                    f"Request body too large (limit {limit} bytes).",
                     anthropic=endpoint == MESSAGES,
                 )
                 reply.headers.append((b"connection", b"close"))
@@ -176,10 +204,10 @@ class _Exchange:
                     " client-gone" if self.gone else "",
                 )
 
-    async def _read_body(self, request: h11.Request) -> bytes | None:
-        """Read the request body; None when it is larger than ``MAX_BODY``."""
+    async def _read_body(self, request: h11.Request, limit: int) -> bytes | None:
+        """Read the request body; None when it is larger than ``limit`` bytes."""
         for name, value in request.headers:
-            if name == b"content-length" and int(value) > MAX_BODY:
+            if name == b"content-length" and int(value) > limit:
                 return None
         if self.conn.they_are_waiting_for_100_continue:
             continue_ = h11.InformationalResponse(status_code=100, headers=[])
@@ -190,7 +218,7 @@ class _Exchange:
             event = await self.next_event()
             if isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > MAX_BODY:
+                if size > limit:
                     return None
                 parts.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -245,13 +273,33 @@ class _Exchange:
             self.gone = True
             scope.cancel()
 
+    async def _send_held(self, reply: Reply, hold: RouteHold) -> None:
+        """Send the head and part of the body (whole lines), wait for the hold, then the rest."""
+        body = reply.body
+        assert hold.partial is not None
+        cut = body.rfind(b"\n", 0, int(len(body) * hold.partial)) + 1
+        headers = [*reply.headers, (b"content-length", str(len(body)).encode())]
+        data = self._head(reply, headers)
+        if cut:
+            data += self._bytes(h11.Data(data=body[:cut]))
+        await self.stream.send_all(data)
+        await hold.pass_through()
+        data = self._bytes(h11.Data(data=body[cut:])) if cut < len(body) else b""
+        await self.stream.send_all(data + self._bytes(h11.EndOfMessage()))
+        self.complete = True
+
     async def _act(self, reply: Reply) -> None:
         stream = self.stream
+        events = reply.events
         if reply.stall:
             await trio.sleep_forever()
         if reply.latency:
             await trio.sleep(reply.latency)
-        events = reply.events
+        if reply.hold is not None:
+            if reply.hold.partial is not None and events is None:
+                await self._send_held(reply, reply.hold)
+                return
+            await reply.hold.pass_through()
         if events is None:
             if reply.generation:
                 await trio.sleep(reply.generation)
@@ -354,6 +402,7 @@ async def serve_fake_llm(
                     handler_nursery=nursery,
                 )
             )
+            server._app.batches.nursery = nursery
             task_status.started(server)
     finally:
         for listener in listeners:
