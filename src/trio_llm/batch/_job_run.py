@@ -42,7 +42,7 @@ from ._progress import Counters
 from ._provider_plan import LineEncoder, each_id, plan_parts, read_part
 from ._provider_progress import ProviderReporter
 from ._stops import brief
-from ._summary import BatchSummary, ProviderBatch, ViaProvider, invalid_record, naming
+from ._summary import BatchSummary, ProviderBatch, ViaProvider, invalid_record, naming, summarize
 
 __all__ = ["JobRun", "result_record"]
 
@@ -469,29 +469,17 @@ class JobRun:
 
     def summary(self, *, before: ClientStatistics, started: float) -> BatchSummary:
         """Say what the run did (as :class:`BatchSummary` does for online runs)."""
-        plan, counters = self._plan, self.counters
-        after = self._client.statistics()
-        return BatchSummary(
-            input_path=plan.path,
-            output_path=self._output.path,
-            total=plan.total,
-            succeeded=counters.succeeded,
-            failed=counters.failed,
-            invalid=counters.invalid,
+        return summarize(
+            self._plan,
+            self._output.path,
+            self.counters,
             skipped=self.skipped,
-            skipped_failed=plan.answered_failed,
-            unanswered=plan.total - self.skipped - counters.handled,
-            retries=after.retried - before.retried,
-            rate_limited=after.rate_limited - before.rate_limited,
-            prompt_tokens=counters.prompt_tokens,
-            completion_tokens=counters.completion_tokens,
-            tokens=counters.prompt_tokens + counters.completion_tokens,
-            elapsed=trio.current_time() - started,
+            before=before,
+            after=self._client.statistics(),
+            started=started,
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
-            cost=None if counters.unpriced else counters.cost,
-            scan_elapsed=plan.scan_elapsed,
             via="provider",
             batches=tuple(
                 ProviderBatch(

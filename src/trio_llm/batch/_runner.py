@@ -61,7 +61,7 @@ from ._stops import brief, is_outage, is_systematic, status_stop
 from ._summary import BatchSummary as BatchSummary
 from ._summary import ProviderBatch as ProviderBatch
 from ._summary import ViaProvider as ViaProvider
-from ._summary import invalid_record, naming
+from ._summary import invalid_record, naming, summarize
 
 if TYPE_CHECKING:
     from ._job_run import JobRun
@@ -287,30 +287,17 @@ class _Run:
 
     def summary(self, *, before: ClientStatistics, started: float) -> BatchSummary:
         """Say what the run did, given the client's statistics and the clock at its start."""
-        plan, counters = self._plan, self._counters
-        after = self._client.statistics()
-        return BatchSummary(
-            input_path=plan.path,
-            output_path=self._output.path,
-            total=plan.total,
-            succeeded=counters.succeeded,
-            failed=counters.failed,
-            invalid=counters.invalid,
+        return summarize(
+            self._plan,
+            self._output.path,
+            self._counters,
             skipped=self._answered_before,
-            skipped_failed=plan.answered_failed,
-            unanswered=plan.total - self._answered_before - counters.handled,
-            retries=after.retried - before.retried,
-            rate_limited=after.rate_limited - before.rate_limited,
-            prompt_tokens=counters.prompt_tokens,
-            completion_tokens=counters.completion_tokens,
-            tokens=counters.prompt_tokens + counters.completion_tokens,
-            elapsed=trio.current_time() - started,
+            before=before,
+            after=self._client.statistics(),
+            started=started,
             interrupted=self.interrupted,
             stopped=self.stopped,
             stop_error=self.stop_error,
-            cache_hits=after.cache_hits - before.cache_hits,
-            scan_elapsed=plan.scan_elapsed,
-            cost=None if counters.unpriced else counters.cost,
             max_cost=None if self._budget is None else self._budget.max_cost,
             over_budget=self._budget is not None and self._budget.refused is not None,
         )

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
+import trio
 
 from .._errors import LLMError
 from ._input import Invalid
 from ._output import error_record
+
+if TYPE_CHECKING:
+    from .._client import ClientStatistics
+    from ._input import InputPlan
+    from ._progress import Counters
 
 __all__ = [
     "BatchSummary",
@@ -18,6 +24,7 @@ __all__ = [
     "ViaProvider",
     "invalid_record",
     "naming",
+    "summarize",
 ]
 
 
@@ -194,3 +201,46 @@ def naming(path: str) -> Iterator[None]:
         if exc.filename is None:
             exc.filename = path
         raise
+
+
+def summarize(
+    plan: InputPlan,
+    output_path: str,
+    counters: Counters,
+    *,
+    skipped: int,
+    before: ClientStatistics,
+    after: ClientStatistics,
+    started: float,
+    interrupted: bool,
+    stopped: str | None,
+    stop_error: LLMError | None,
+    **particular: Any,
+) -> BatchSummary:
+    """Say what a run did (online or through the provider's Batch API), from its plan, its
+    counters, the client's statistics before and after, and the clock at its start;
+    ``particular``: the fields only one kind of run sets."""
+    return BatchSummary(
+        input_path=plan.path,
+        output_path=output_path,
+        total=plan.total,
+        succeeded=counters.succeeded,
+        failed=counters.failed,
+        invalid=counters.invalid,
+        skipped=skipped,
+        skipped_failed=plan.answered_failed,
+        unanswered=plan.total - skipped - counters.handled,
+        retries=after.retried - before.retried,
+        rate_limited=after.rate_limited - before.rate_limited,
+        prompt_tokens=counters.prompt_tokens,
+        completion_tokens=counters.completion_tokens,
+        tokens=counters.prompt_tokens + counters.completion_tokens,
+        elapsed=trio.current_time() - started,
+        interrupted=interrupted,
+        stopped=stopped,
+        stop_error=stop_error,
+        cache_hits=after.cache_hits - before.cache_hits,
+        scan_elapsed=plan.scan_elapsed,
+        cost=None if counters.unpriced else counters.cost,
+        **particular,
+    )
