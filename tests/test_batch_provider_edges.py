@@ -609,3 +609,34 @@ async def test_an_unpriced_model_leaves_the_cost_unknown(
         )
     assert summary.succeeded == 2
     assert summary.cost is None
+
+
+async def test_a_lost_anthropic_create_is_not_confused_with_another_jobs_batch(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Another job's batch of as many requests, made just before, is not taken for ours.
+
+    Shards of equal size run side by side: the batch found for a create whose answer
+    was lost must be the one made after the create began, not an earlier one.
+    """
+    other = write_jsonl(tmp_path / "other.jsonl", prompts(3))
+    rows = [{"custom_id": f"y{i}", "prompt": f"question {i}"} for i in range(3)]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    target = tmp_path / "out.jsonl"
+    async with open_fake_llm(FakeLLMConfig(batch_delay=100.0)) as server:
+        await stop_at(
+            server,
+            "GET /v1/messages/batches/{message_batch_id}",
+            partial(run, server, other, tmp_path / "other.out.jsonl", provider="anthropic"),
+        )
+        await trio.sleep(60)
+        await stop_at(
+            server,
+            "POST /v1/messages/batches",
+            partial(run, server, source, target, provider="anthropic"),
+        )
+        summary = await run(server, source, target, provider="anthropic")
+        ours = server.message_batches[-1]["id"]
+    assert creates(server) == 2
+    assert [b.id for b in summary.batches] == [ours]
+    assert summary.all_succeeded

@@ -7,7 +7,8 @@ errored | canceled | expired, ...}}``.
 
 Batches carry no metadata, so a batch whose creation's answer was lost (the process was
 killed with the request in flight) is found by what the API does show: the earliest
-batch created since the attempt began that holds as many requests as the lost one, and
+batch created since the attempt began (else the latest in the margin left for the
+clocks, just before it) that holds as many requests as the lost one, and
 is not one the job knows already (:meth:`AnthropicBatchAPI.find_created`).
 """
 
@@ -199,7 +200,8 @@ class AnthropicBatchAPI:
         """Return the earliest unknown batch of ``count`` requests created since ``since``.
 
         The listing is newest first; it is read back to a little before ``since`` (the
-        clocks may differ).
+        clocks may differ). One created before ``since`` (another job's, made just
+        before) is taken only if none was created after it: then the latest such.
         """
         found: RemoteBatch | None = None
         after = ""
@@ -211,7 +213,8 @@ class AnthropicBatchAPI:
             for batch in items:
                 if batch.created_at < since - CLOCK_SKEW:
                     return found
-                if batch.total == count and batch.id not in known:
+                ours = batch.total == count and batch.id not in known
+                if ours and (found is None or batch.created_at >= since):
                     found = batch  # an earlier one further down the list wins
             if not payload.get("has_more") or not items:
                 return found
