@@ -187,19 +187,20 @@ class JobRun:
                 self._running(part, found)
                 return
         lines: list[bytes] = []
-        if not api.uploads:
+        files = api.files
+        if files is None:
             lines = await self._read(part)
         elif part.file_id is None and part.status == UPLOADING:
             assert part.intent_at is not None
-            part.file_id = await api.find_upload(job.file_name(part), part.size, part.intent_at)
+            part.file_id = await files.find_upload(job.file_name(part), part.size, part.intent_at)
             if part.file_id is not None:
                 self._reporter.note(f"part {part.index}: found {part.file_id}, uploaded before")
-        if api.uploads and part.file_id is None:
+        if files is not None and part.file_id is None:
             lines = await self._read(part)
             self._intend(part, UPLOADING)
-            part.file_id = await api.upload(job.file_name(part), lines)
+            part.file_id = await files.upload(job.file_name(part), lines)
             lines = []  # its memory goes before the batch is created
-        elif api.uploads:  # uploaded by an earlier run: its lines must still be INPUT's
+        elif files is not None:  # uploaded by an earlier run: its lines must still be INPUT's
             await self._each_id(part, _ignore)
         self._intend(part, CREATING)
         batch = await api.create(

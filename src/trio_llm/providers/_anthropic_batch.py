@@ -147,7 +147,7 @@ class AnthropicBatchAPI:
     name: Final = "anthropic"
     max_lines: Final = MAX_LINES
     max_bytes: Final = MAX_BYTES
-    uploads: Final = False
+    files: Final = None  # the requests go in the create request itself
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -169,14 +169,6 @@ class AnthropicBatchAPI:
     def line(self, custom_id: str, url: str, body: Mapping[str, Any]) -> bytes:
         """Return one item of the ``requests`` array."""
         return _json.dumps({"custom_id": custom_id, "params": body})
-
-    async def upload(self, name: str, lines: list[bytes]) -> str:  # pragma: no cover
-        """Never called: the requests go in the create request (``uploads`` is false)."""
-        raise NotImplementedError("Anthropic batches are created with their requests")
-
-    async def find_upload(self, name: str, size: int, since: float) -> str | None:
-        """Return ``None``: nothing is uploaded."""
-        return None
 
     async def create(
         self, *, file_id: str | None, lines: list[bytes], url: str, metadata: Mapping[str, str]

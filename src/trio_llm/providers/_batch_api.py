@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchAPI",
+    "FileUploads",
     "RemoteBatch",
     "ResultLine",
     "batch_api_for",
@@ -103,11 +104,23 @@ class ResultLine:
     error_message: str | None = None
 
 
+class FileUploads(Protocol):
+    """A provider's file store, for Batch APIs whose batches name an uploaded file."""
+
+    async def upload(self, name: str, lines: list[bytes]) -> str:
+        """Upload ``lines`` as a file called ``name``; return its id."""
+        ...
+
+    async def find_upload(self, name: str, size: int, since: float) -> str | None:
+        """Return the id of a file called ``name`` of ``size`` bytes uploaded after ``since``."""
+        ...
+
+
 class BatchAPI(Protocol):
     """One provider's Batch API. Methods that call the provider raise ``LLMError``\\ s.
 
     A job creates each batch in steps, recording its intent before each one, so that a
-    process killed in between can find what it created (:meth:`find_upload`,
+    process killed in between can find what it created (:meth:`FileUploads.find_upload`,
     :meth:`find_created`) instead of creating it twice.
     """
 
@@ -127,8 +140,9 @@ class BatchAPI(Protocol):
         ...
 
     @property
-    def uploads(self) -> bool:
-        """Whether the lines are uploaded as a file before the batch is created."""
+    def files(self) -> FileUploads | None:
+        """Where the lines are uploaded as a file before the batch is created; ``None``
+        when the create request carries them itself."""
         ...
 
     def check_custom_id(self, custom_id: str) -> str | None:
@@ -141,14 +155,6 @@ class BatchAPI(Protocol):
 
     def line(self, custom_id: str, url: str, body: Mapping[str, Any]) -> bytes:
         """Return one request of a batch, encoded (a JSONL line, or a ``requests`` item)."""
-        ...
-
-    async def upload(self, name: str, lines: list[bytes]) -> str:
-        """Upload ``lines`` as a file called ``name``; return its id."""
-        ...
-
-    async def find_upload(self, name: str, size: int, since: float) -> str | None:
-        """Return the id of a file called ``name`` of ``size`` bytes uploaded after ``since``."""
         ...
 
     async def create(

@@ -158,11 +158,15 @@ class OpenAIBatchAPI:
     name: Final = "openai"
     max_lines: Final = MAX_LINES
     max_bytes: Final = MAX_BYTES
-    uploads: Final = True
 
     def __init__(self, client: Client) -> None:
         self._client = client
         self._base = client.base_url
+
+    @property
+    def files(self) -> OpenAIBatchAPI:
+        """``/v1/files``: each batch names the file of its lines."""
+        return self
 
     def check_custom_id(self, custom_id: str) -> str | None:
         """Return ``None``: any non-empty string is a ``custom_id`` here."""
