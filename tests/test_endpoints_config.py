@@ -53,8 +53,8 @@ def test_endpoint_refuses_bad_settings(kwargs: dict[str, Any], message: str) -> 
 
 def test_endpoint_defaults() -> None:
     """The name defaults to host and port; the URL loses its trailing slash; no key in repr."""
-    assert Endpoint("http://10.0.0.1:8000/v1/").name == "10.0.0.1:8000"
-    assert Endpoint("http://10.0.0.1:8000/v1/").base_url == "http://10.0.0.1:8000/v1"
+    assert Endpoint("http://127.0.0.2:8000/v1/").name == "127.0.0.2:8000"
+    assert Endpoint("http://127.0.0.2:8000/v1/").base_url == "http://127.0.0.2:8000/v1"
     assert Endpoint("https://api.openai.com/v1").name == "api.openai.com:443"
     assert Endpoint("http://replica/v1").name == "replica:80"
     assert Endpoint("http://[::1]:8000/v1").name == "[::1]:8000"
