@@ -130,11 +130,11 @@ def test_load_endpoints_reads_every_field(tmp_path: Path) -> None:
         tmp_path,
         """
         [[endpoint]]
-        base_url = "http://10.0.0.1:8000/v1"
+        base_url = "http://127.0.0.2:8000/v1"
         model = "llama-3.3-70b"
 
         [[endpoint]]
-        base_url = "http://10.0.0.2:8000/v1"
+        base_url = "http://127.0.0.3:8000/v1"
         name = "big"
         weight = 2
         max_concurrency = 32
@@ -149,8 +149,8 @@ def test_load_endpoints_reads_every_field(tmp_path: Path) -> None:
         """,
     )
     first, second, third = load_endpoints(path)
-    assert first == Endpoint("http://10.0.0.1:8000/v1", model="llama-3.3-70b")
-    assert second == Endpoint("http://10.0.0.2:8000/v1", name="big", weight=2, max_concurrency=32)
+    assert first == Endpoint("http://127.0.0.2:8000/v1", model="llama-3.3-70b")
+    assert second == Endpoint("http://127.0.0.3:8000/v1", name="big", weight=2, max_concurrency=32)
     assert third == Endpoint(
         "https://api.anthropic.com",
         provider="anthropic",
