@@ -90,26 +90,35 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     Reconcile the estimate with the response's real usage (:meth:`Reservation.reconcile`).
     """
     texts: list[str] = []
+    fixed = _collect_prompt(body, ("system", "prompt"), texts)
+    if _embeddings(body):
+        return fixed + _count_input(body["input"])
+    completion = _requested_completion(body)
+    if completion is None:
+        completion = DEFAULT_COMPLETION_TOKENS * (_non_negative_int(body.get("n")) or 1)
+    return fixed + _count_text(texts) + completion
+
+
+def _collect_prompt(body: Mapping[str, Any], keys: tuple[str, ...], texts: list[str]) -> int:
+    """Add the prompt's texts (messages, ``keys``, tool schemas) to ``texts``; return the
+    tokens counted without them (message framing, media parts)."""
     fixed = 0
     messages = body.get("messages")
     if isinstance(messages, list):
         fixed += _TOKENS_REPLY_PRIMING + _TOKENS_PER_MESSAGE * len(messages)
         fixed += _collect(messages, texts)
-    for key in ("system", "prompt"):
+    for key in keys:
         fixed += _collect(body.get(key), texts)
     tools = body.get("tools")
     if tools:
         # Schemas count by their JSON: keys and punctuation are tokens too.
         texts.append(json.dumps(tools, separators=(",", ":"), default=str))
-    if "input" in body and messages is None and "prompt" not in body:
-        return fixed + _count_input(body["input"])
-    completion = _non_negative_int(body.get("max_completion_tokens"))
-    if completion is None:
-        completion = _non_negative_int(body.get("max_tokens"))
-    if completion is None:
-        completion = DEFAULT_COMPLETION_TOKENS
-    choices = _non_negative_int(body.get("n")) or 1
-    return fixed + _count_text(texts) + completion * choices
+    return fixed
+
+
+def _embeddings(body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` is an embeddings request (``input``, no messages, no prompt)."""
+    return "input" in body and body.get("messages") is None and "prompt" not in body
 
 
 def _requested_completion(body: Mapping[str, Any]) -> int | None:
@@ -132,20 +141,11 @@ def token_bounds(body: Mapping[str, Any], *, default_completion: int) -> tuple[i
     ``default_completion``; an embeddings body (``input``) has none.
     """
     texts: list[str] = []
-    fixed = 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        fixed += _TOKENS_REPLY_PRIMING + _TOKENS_PER_MESSAGE * len(messages)
-        fixed += _collect(messages, texts)
-    for key in ("system", "prompt", "input"):
-        fixed += _collect(body.get(key), texts)
+    fixed = _collect_prompt(body, ("system", "prompt", "input"), texts)
     if isinstance(body.get("input"), list):  # token ids: one token each
         fixed += sum(len(x) if isinstance(x, list) else 1 for x in body["input"])
-    tools = body.get("tools")
-    if tools:
-        texts.append(json.dumps(tools, separators=(",", ":"), default=str))
     prompt = fixed + sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
-    if "input" in body and messages is None and "prompt" not in body:
+    if _embeddings(body):
         return prompt, 0
     completion = _requested_completion(body)
     return prompt, default_completion if completion is None else completion
