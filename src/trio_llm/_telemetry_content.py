@@ -41,38 +41,10 @@ def _parts(content: object) -> list[dict[str, Any]]:
     return parts
 
 
-def input_messages(body: Mapping[str, Any]) -> dict[str, str]:
-    """``gen_ai.input.messages`` (and ``gen_ai.system_instructions``) of a request body."""
-    attributes: dict[str, str] = {}
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        converted = []
-        for message in messages:
-            if not isinstance(message, Mapping):
-                continue
-            parts = _parts(message.get("content"))
-            for call in message.get("tool_calls") or ():
-                if isinstance(call, Mapping):
-                    function = call.get("function") or {}
-                    parts.append(
-                        {
-                            "type": "tool_call",
-                            "id": call.get("id"),
-                            "name": function.get("name"),
-                            "arguments": function.get("arguments"),
-                        }
-                    )
-            converted.append({"role": str(message.get("role", "user")), "parts": parts})
-        attributes["gen_ai.input.messages"] = _json.dumps(converted).decode()
-    system = body.get("system")
-    if system is not None:
-        attributes["gen_ai.system_instructions"] = _json.dumps(_parts(system)).decode()
-    return attributes
-
-
-def output_message(choice: Choice) -> dict[str, Any]:
-    parts = _parts(choice.text) if choice.text else []
-    for call in choice.message.get("tool_calls") or ():
+def _tool_calls(calls: Any) -> list[dict[str, Any]]:
+    """OpenAI-style ``tool_calls`` as the semantic conventions' ``tool_call`` parts."""
+    parts: list[dict[str, Any]] = []
+    for call in calls or ():
         if isinstance(call, Mapping):
             function = call.get("function") or {}
             parts.append(
@@ -83,4 +55,28 @@ def output_message(choice: Choice) -> dict[str, Any]:
                     "arguments": function.get("arguments"),
                 }
             )
+    return parts
+
+
+def input_messages(body: Mapping[str, Any]) -> dict[str, str]:
+    """``gen_ai.input.messages`` (and ``gen_ai.system_instructions``) of a request body."""
+    attributes: dict[str, str] = {}
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        converted = []
+        for message in messages:
+            if not isinstance(message, Mapping):
+                continue
+            parts = _parts(message.get("content")) + _tool_calls(message.get("tool_calls"))
+            converted.append({"role": str(message.get("role", "user")), "parts": parts})
+        attributes["gen_ai.input.messages"] = _json.dumps(converted).decode()
+    system = body.get("system")
+    if system is not None:
+        attributes["gen_ai.system_instructions"] = _json.dumps(_parts(system)).decode()
+    return attributes
+
+
+def output_message(choice: Choice) -> dict[str, Any]:
+    parts = _parts(choice.text) if choice.text else []
+    parts += _tool_calls(choice.message.get("tool_calls"))
     return {"role": "assistant", "parts": parts, "finish_reason": choice.finish_reason or ""}
